@@ -1,0 +1,326 @@
+"""The ingestion job: landing JSON-lines files -> Ray Data parse -> GX gate -> Delta, exactly once.
+
+One run handles the landing files it has not seen, in name order, in batches of about
+`ingest.max_batch_bytes`. Per batch:
+
+1. Plan: append (batch_no, files, now) to the `_ingest_batches` Delta table. The plan is the
+   write-ahead record: a batch is redone from its plan, never re-planned, so a replay reads the
+   same files with the same clock and produces the same rows.
+2. Parse the files with Ray Data (one task per file), de-duplicate event_ids (first occurrence in
+   the lake or in the batch wins), run the Great Expectations gate.
+3. Append valid rows to `events`, then rejects to `events_quarantine`. Each append carries the
+   Delta application transaction (app, batch_no) in its own atomic commit and is skipped when
+   the table already holds that batch (see `ingestion.lake`).
+
+A run first finishes the last planned batch if a crash left it half-committed. Killing the job at
+any moment and running it again therefore leaves every input line in exactly one table, once.
+Landing files are immutable once they appear under their final name (producers write a temp
+name and rename): a changed file under a known name is not read again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray
+from deltalake import DeltaTable
+
+from config.schema import PlatformConfig
+from ingestion.contract import (
+    EVENTS_PARTITION_BY,
+    EVENTS_SCHEMA,
+    QUARANTINE_SCHEMA,
+    TS_TYPE,
+    EventTimeBounds,
+)
+from ingestion.expectations import ExpectationGate
+from ingestion.lake import append_once, committed_version, open_or_create
+from ingestion.parse import PARSED_SCHEMA, parse_landing_files, read_lines_at
+
+log = logging.getLogger("ingestion")
+
+BATCHES_SCHEMA = pa.schema([
+    pa.field("batch", pa.int64(), nullable=False),
+    pa.field("files", pa.string(), nullable=False),  # JSON list of [name, size]
+    pa.field("now_ms", pa.int64(), nullable=False),
+    pa.field("planned_at", TS_TYPE, nullable=False),
+])
+
+
+# Reasons whose text after the colon is detail (grouped by prefix in reports).
+_DETAILED_REASONS = ("malformed JSON", "corrupt gzip", "batch expectation")
+
+
+@dataclass
+class BatchPlan:
+    batch_no: int
+    files: list[tuple[str, int]]  # (name relative to the landing folder, size in bytes)
+    now_ms: int
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+@dataclass
+class BatchReport:
+    batch_no: int
+    files: int
+    lines: int
+    valid: int
+    quarantined: int
+    reasons: dict[str, int]
+    failed_expectations: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    batches: list[BatchReport] = field(default_factory=list)
+    docs_path: str | None = None
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for b in self.batches for name in b.failed_expectations]
+
+    def totals(self) -> dict[str, int]:
+        keys = ("files", "lines", "valid", "quarantined")
+        return {k: sum(getattr(b, k) for b in self.batches) for k in keys}
+
+
+def _day_strings(ts_ms: pa.Array) -> pa.Array:
+    days = pc.divide(ts_ms, 86_400_000)
+    unique = pc.unique(days)
+    labels = pa.array([datetime.fromtimestamp(int(d) * 86400, tz=UTC).strftime("%Y-%m-%d")
+                       for d in unique.to_pylist()], pa.string())
+    return pc.take(labels, pc.index_in(days, value_set=unique))
+
+
+class IngestJob:
+    """Runs ingestion batches against one lake. Ray must already be initialised.
+
+    >>> # job = IngestJob(config.load()); report = job.run_once()   # see ray_jobs.ingest
+    """
+
+    def __init__(self, cfg: PlatformConfig):
+        self.cfg = cfg
+        opts = cfg.lake.storage_options
+        self.events = open_or_create(cfg.lake.events, EVENTS_SCHEMA, EVENTS_PARTITION_BY, opts)
+        self.quarantine = open_or_create(cfg.lake.quarantine, QUARANTINE_SCHEMA, None, opts)
+        self.batches = open_or_create(cfg.lake.ingest_batches, BATCHES_SCHEMA, None, opts)
+        self.landing_uri = self._abs(cfg.ingest.landing_dir).rstrip("/")
+        self.fs, self.landing = pafs.FileSystem.from_uri(self.landing_uri)
+        min_ts = datetime.fromisoformat(cfg.ingest.min_event_time.replace("Z", "+00:00"))
+        self.bounds = EventTimeBounds(min_ts_ms=int(min_ts.timestamp() * 1000),
+                                      max_future_ms=cfg.ingest.max_future_s * 1000)
+        self.gate = ExpectationGate(cfg.lake.gx_root, cfg.ingest)
+
+    @staticmethod
+    def _abs(path: str) -> str:
+        return path if "://" in path else Path(path).resolve().as_uri()
+
+    def _uri(self, name: str) -> str:
+        return f"{self.landing_uri}/{name}"
+
+    # -- planning ---------------------------------------------------------------------------
+    def _plans(self) -> list[BatchPlan]:
+        self.batches.update_incremental()
+        rows = self.batches.to_pyarrow_table().sort_by("batch").to_pylist()
+        return [BatchPlan(r["batch"], [tuple(f) for f in json.loads(r["files"])], r["now_ms"]) for r in rows]
+
+    def pending_files(self) -> list[tuple[str, int]]:
+        seen = {name for plan in self._plans() for name, _ in plan.files}
+        infos = self.fs.get_file_info(pafs.FileSelector(self.landing, recursive=False, allow_not_found=True))
+        files = []
+        for info in infos:
+            name = info.base_name
+            if info.type != pafs.FileType.File or name.startswith("."):
+                continue
+            if any(fnmatch(name, pat) for pat in self.cfg.ingest.file_patterns) and name not in seen:
+                files.append((name, info.size))
+        return sorted(files)
+
+    def _plan_next(self, files: list[tuple[str, int]], batch_no: int) -> BatchPlan:
+        chosen, total = [], 0
+        for name, size in files:
+            if chosen and total + size > self.cfg.ingest.max_batch_bytes:
+                break
+            chosen.append((name, size))
+            total += size
+        plan = BatchPlan(batch_no, chosen, int(time.time() * 1000))
+        row = pa.table({"batch": [batch_no], "files": [json.dumps(chosen)], "now_ms": [plan.now_ms],
+                        "planned_at": pa.array([plan.now_ms * 1000], TS_TYPE)}, schema=BATCHES_SCHEMA)
+        append_once(self.batches, row, BATCHES_SCHEMA, batch_no,
+                    storage_options=self.cfg.lake.storage_options)
+        return plan
+
+    # -- one batch --------------------------------------------------------------------------
+    def _parse(self, plan: BatchPlan) -> pa.Table:
+        files = [{"name": name, "uri": self._uri(name)} for name, _ in plan.files]
+        ds = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
+        ds = ds.map_batches(parse_landing_files, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"bounds": self.bounds, "now_ms": plan.now_ms})
+        tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
+        parsed = pa.concat_tables(tables) if tables else PARSED_SCHEMA.empty_table()
+        # Put rows back in plan order (file, then line) whatever order the tasks finished in.
+        order = {name: i for i, (name, _) in enumerate(plan.files)}
+        file_idx = pc.index_in(parsed["source_file"], value_set=pa.array(list(order)))
+        keyed = parsed.append_column("_file", file_idx)
+        return keyed.sort_by([("_file", "ascending"), ("line_no", "ascending"),
+                              ("source_offset", "ascending")]).drop_columns(["_file"])
+
+    def _raw_lines(self, rows: pa.Table) -> list[bytes]:
+        """Fetch the original bytes of rows that parsed as valid (to quarantine them)."""
+        raws: list[bytes] = [b""] * rows.num_rows
+        files = rows["source_file"].to_pylist()
+        offsets = rows["source_offset"].to_pylist()
+        by_file: dict[str, list[int]] = {}
+        for i, name in enumerate(files):
+            by_file.setdefault(name, []).append(i)
+        for name, idx in by_file.items():
+            with self.fs.open_input_stream(f"{self.landing}/{name}", compression=None) as fh:
+                data = fh.read()
+            for i, line in zip(idx, read_lines_at(name, data, [offsets[i] for i in idx])):
+                raws[i] = line
+        return raws
+
+    def _duplicates(self, valid: pa.Table, batch_no: int) -> np.ndarray:
+        """Mask of rows whose event_id is already in the lake or earlier in this batch."""
+        dup = np.zeros(valid.num_rows, dtype=bool)
+        if valid.num_rows == 0:
+            return dup
+        self.events.update_incremental()
+        known = self.events.to_pyarrow_table(columns=["event_id"], filters=[("ingest_batch", "<", batch_no)])
+        if known.num_rows:
+            dup |= np.asarray(pc.is_in(valid["event_id"], value_set=known["event_id"]))
+        rows = pa.table({"event_id": valid["event_id"], "row": pa.array(np.arange(valid.num_rows))})
+        firsts = rows.group_by("event_id", use_threads=False).aggregate([("row", "min"), ("row", "count")])
+        if pc.max(firsts["row_count"]).as_py() > 1:
+            first_rows = np.zeros(valid.num_rows, dtype=bool)
+            first_rows[np.asarray(firsts["row_min"])] = True
+            dup |= ~first_rows
+        return dup
+
+    def run_batch(self, plan: BatchPlan) -> BatchReport:
+        start = time.perf_counter()
+        parsed = self._parse(plan)
+        is_reject = np.asarray(pc.is_valid(parsed["reason"]))
+        valid = parsed.filter(pa.array(~is_reject))
+        rejects = parsed.filter(pa.array(is_reject))
+        dup = self._duplicates(valid, plan.batch_no)
+        if dup.any():
+            dups = valid.filter(pa.array(dup))
+            rejects = pa.concat_tables([rejects, self._as_rejects(dups, "duplicate event_id")])
+            valid = valid.filter(pa.array(~dup))
+
+        gate = self.gate.validate(valid.select(["event_id", "ts", "user_id", "item_id", "author_id",
+                                                "request_id", "action", "value"]).to_pandas(),
+                                  plan.batch_no, self.bounds, plan.now_ms)
+        if not gate.success:
+            reason = "batch expectation failed: " + "; ".join(gate.failed)
+            rejects = pa.concat_tables([rejects, self._as_rejects(valid, reason)])
+            valid = valid.slice(0, 0)
+
+        opts = self.cfg.lake.storage_options
+        append_once(self.events, self._to_events(valid, plan.batch_no), EVENTS_SCHEMA, plan.batch_no,
+                    EVENTS_PARTITION_BY, opts)
+        append_once(self.quarantine, self._to_quarantine(rejects, plan), QUARANTINE_SCHEMA, plan.batch_no,
+                    None, opts)
+        reasons: dict[str, int] = {}
+        for r in rejects["reason"].to_pylist():
+            key = r.split(":", 1)[0] if r.startswith(_DETAILED_REASONS) else r
+            reasons[key] = reasons.get(key, 0) + 1
+        lines = int(parsed.num_rows - pc.sum(pc.equal(parsed["line_no"], -1)).as_py() or 0)
+        return BatchReport(plan.batch_no, len(plan.files), lines, valid.num_rows, rejects.num_rows, reasons,
+                           gate.failed, time.perf_counter() - start)
+
+    def _as_rejects(self, rows: pa.Table, reason: str) -> pa.Table:
+        rows = rows.set_column(rows.schema.get_field_index("raw"), "raw",
+                               pa.array(self._raw_lines(rows), pa.large_binary()))
+        return rows.set_column(rows.schema.get_field_index("reason"), "reason",
+                               pa.array([reason] * rows.num_rows, pa.string()))
+
+    @staticmethod
+    def _to_events(valid: pa.Table, batch_no: int) -> pa.Table:
+        n = valid.num_rows
+        ts = pc.cast(pc.multiply(valid["ts"], 1000), pa.int64()).cast(TS_TYPE)
+        return pa.table({
+            "event_id": valid["event_id"], "ts": ts, "user_id": valid["user_id"], "item_id": valid["item_id"],
+            "author_id": valid["author_id"], "request_id": valid["request_id"], "action": valid["action"],
+            "value": valid["value"], "dt": _day_strings(valid["ts"]),
+            "ingest_batch": pa.array(np.full(n, batch_no, dtype=np.int64)),
+            "source_file": valid["source_file"], "source_offset": valid["source_offset"],
+        }).cast(EVENTS_SCHEMA)
+
+    @staticmethod
+    def _to_quarantine(rejects: pa.Table, plan: BatchPlan) -> pa.Table:
+        n = rejects.num_rows
+        return pa.table({
+            "raw": rejects["raw"], "source_file": rejects["source_file"],
+            "source_offset": rejects["source_offset"], "line_no": rejects["line_no"],
+            "reason": rejects["reason"], "ingest_batch": pa.array(np.full(n, plan.batch_no, dtype=np.int64)),
+            "ingested_at": pa.array(np.full(n, plan.now_ms * 1000, dtype=np.int64)).cast(TS_TYPE),
+        }).cast(QUARANTINE_SCHEMA)
+
+    # -- runs -------------------------------------------------------------------------------
+    def recover(self) -> BatchReport | None:
+        """Finish the last planned batch if a crash left it uncommitted in either table."""
+        plans = self._plans()
+        if not plans:
+            return None
+        last = plans[-1]
+        if min(committed_version(self.events), committed_version(self.quarantine)) >= last.batch_no:
+            return None
+        log.warning("batch %d was planned but not fully committed: redoing it", last.batch_no)
+        return self.run_batch(last)
+
+    def run_once(self) -> RunReport:
+        """Ingest every pending file, then return. Batches that fail an expectation are reported."""
+        report = RunReport()
+        redone = self.recover()
+        if redone is not None:
+            report.batches.append(redone)
+        pending = self.pending_files()
+        next_no = max([p.batch_no for p in self._plans()], default=0) + 1
+        while pending:
+            plan = self._plan_next(pending, next_no)
+            batch = self.run_batch(plan)
+            report.batches.append(batch)
+            log.info("batch %d: %d files, %d lines -> %d valid, %d quarantined (%.2fs)", batch.batch_no,
+                     batch.files, batch.lines, batch.valid, batch.quarantined, batch.seconds)
+            taken = {name for name, _ in plan.files}
+            pending = [f for f in pending if f[0] not in taken]
+            next_no += 1
+        report.docs_path = self.gate.docs_path()
+        return report
+
+    def follow(self, max_seconds: float | None = None, on_batch=None) -> RunReport:
+        """Poll the landing folder and ingest new files until `max_seconds` or KeyboardInterrupt."""
+        report = RunReport()
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                step = self.run_once()
+                report.batches += step.batches
+                report.docs_path = step.docs_path
+                for batch in step.batches:
+                    if on_batch is not None:
+                        on_batch(batch)
+                time.sleep(self.cfg.ingest.poll_interval_s)
+        except KeyboardInterrupt:
+            log.info("follow mode stopped")
+        return report
+
+
+def events_table(cfg: PlatformConfig) -> DeltaTable:
+    return DeltaTable(cfg.lake.events, storage_options=cfg.lake.storage_options or None)
