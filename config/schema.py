@@ -84,8 +84,8 @@ class SimulatorConfig(Section):
     streamers: int = 500
     videos_per_streamer: int = 4
     topics: int = Field(20, ge=1, description="interest topics shared by users' tastes and items")
-    # With ~2.5 requests per session and ~10 events per request, 5,000 users make ~500k events a day.
-    sessions_per_user_day: float = Field(4.0, gt=0, description="how often an average user opens the app")
+    # With ~2.5 requests per session and ~10 events per request, 5,000 users make ~1M events a day.
+    sessions_per_user_day: float = Field(8.0, gt=0, description="how often an average user opens the app")
     start: str = "2026-01-05T00:00:00Z"
     impressions_per_request: int = 8
     events_per_file: int = 100_000

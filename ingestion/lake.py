@@ -9,12 +9,18 @@ batch therefore never duplicates rows, whatever moment a previous run died at.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 INGEST_APP_ID = "streamrec-ingest"
+
+
+def to_uri(path: str) -> str:
+    """A local path as a file:// URI (remote URIs unchanged), for pyarrow.fs.FileSystem.from_uri."""
+    return path if "://" in path else Path(path).resolve().as_uri()
 
 
 def open_or_create(path: str, schema: pa.Schema, partition_by: list[str] | None = None,

@@ -15,6 +15,10 @@ DATASETS = REPO.parent / "shared" / "datasets"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when none is present")
+    # Small test models run fastest single-threaded, and Ray's workers need the other core.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

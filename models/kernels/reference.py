@@ -71,7 +71,7 @@ def hstu_attention_reference(
     >>> tuple(out.shape), bool(out[1, 3:].abs().sum() == 0)
     ((2, 5, 1, 4), True)
     """
-    b, n, h, _ = q.shape
+    b, n = q.shape[:2]
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, N, D]
     scores = attn_scale * torch.matmul(qf, kf.transpose(-1, -2))
     if bias is not None:
