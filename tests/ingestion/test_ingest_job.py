@@ -101,3 +101,24 @@ def test_failed_batch_expectation_quarantines_the_batch_and_exits_nonzero(tmp_pa
     assert all(q["reason"].startswith("batch expectation failed: expect_column_values_to_not_be_in_set")
                for q in quarantine)
     assert sorted(json.loads(q["raw"])["event_id"] for q in quarantine) == sorted(f"e{i}" for i in range(30))
+
+
+def test_follow_mode_picks_up_files_as_they_arrive(lake):
+    import threading
+
+    tmp, cfg = lake
+    cfg.ingest.poll_interval_s = 0.2
+    write_lines(tmp / "landing", "a-001.jsonl", [good_event(i) for i in range(10)])
+    # A producer publishes the second file while the job is polling (temp name, then rename).
+    def publish() -> None:
+        write_lines(tmp / "landing", ".a-002.jsonl.tmp", [good_event(i) for i in range(10, 25)])
+        (tmp / "landing" / ".a-002.jsonl.tmp").rename(tmp / "landing" / "a-002.jsonl")
+
+    timer = threading.Timer(2.0, publish)
+    timer.start()
+    batches = []
+    report = IngestJob(cfg).follow(max_seconds=6.0, on_batch=batches.append)
+    timer.join()
+    events, _ = lake_rows(cfg)
+    assert sorted(e["event_id"] for e in events) == sorted(f"e{i}" for i in range(25))
+    assert [b.files for b in report.batches] == [1, 1] and len(batches) == 2
