@@ -30,11 +30,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
+	@# The Redis tests need a real redis-server (Debian's); install it where it is missing (CI runs as root).
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+		|| { echo "redis-server is required by the tests: apt-get install redis-server"; exit 1; }
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.models
+	$(BIN)/python -m bench.features
 
 # Re-freeze the pins from the current venv (after changing pyproject.toml's direct needs).
 lock: $(STAMP)

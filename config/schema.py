@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -105,12 +105,49 @@ class OnlineStoreConfig(Section):
     type: Literal["sqlite", "redis"] = "sqlite"
     path: str = "data/feast/online.db"
     connection_string: str | None = None
+    # The serving client's socket timeout: past it the store counts as unreachable (serving falls back).
+    timeout_ms: int = Field(200, gt=0)
 
 
 class FeaturesConfig(Section):
-    windows_s: list[int] = Field(default_factory=lambda: [300, 3600, 86400])
-    sequence_length: int = 256
+    windows_s: list[int] = Field(default_factory=lambda: [300, 3600, 86400],
+                                 description="stat windows; each a multiple of hop_s (MovieLens: 1 d, 7 d, 30 d)")
+    hop_s: int = Field(60, gt=0, description="offline stats rows are computed at multiples of this")
+    sequence_length: int = Field(256, gt=0, description="N: the last N engagements kept per user")
+    sequence_hop_s: int = Field(3600, gt=0, description="offline sequence snapshots at multiples of this")
+    # Engagements that become sequence tokens (impressions are exposures, not engagements).
+    sequence_actions: list[str] = Field(default_factory=lambda: [
+        "click", "view", "like", "comment", "share", "follow", "gift", "rate"])
+    # Smoothed rates: (events + strength * prior) / (impressions + strength).
+    ctr_prior: float = 0.05
+    ltr_prior: float = 0.01
+    rate_prior_strength: float = Field(20.0, gt=0)
+    project: str = "streamrec"
+    feast_dir: str = Field("data/feast", description="local folder for the rendered Feast repo")
+    registry: str | None = Field(None, description="Feast registry path or URI; None = <feast_dir>/registry.db")
+    partitions: int = Field(4, gt=0, description="Ray Data hash partitions of the feature and sample jobs")
     online_store: OnlineStoreConfig = Field(default_factory=OnlineStoreConfig)
+
+    @model_validator(mode="after")
+    def _windows_fit_hop(self) -> FeaturesConfig:
+        if not self.windows_s or any(w <= 0 or w % self.hop_s for w in self.windows_s):
+            raise ValueError(f"features.windows_s {self.windows_s} must be positive multiples of hop_s={self.hop_s}")
+        return self
+
+
+class SamplesConfig(Section):
+    """Training samples (DESIGN.md, "Training samples")."""
+
+    kind: Literal["auto", "livestream", "ratings"] = Field(
+        "auto", description="auto: ratings when the events hold `rate` actions and no impressions")
+    long_view_s: float = Field(30.0, description="a view of at least this many seconds is a long view")
+    # Engagements with the impression's request_id count as its labels if they come within this time.
+    label_window_s: int = Field(6 * 3600, gt=0)
+    # Ratings: one user's ratings within one window (aligned to the epoch) form one exposure group.
+    group_window_s: int = Field(60, gt=0)
+    max_candidates: int = Field(64, gt=0)
+    retrieval_actions: list[str] = Field(default_factory=lambda: ["click", "rate"])
+    retrieval_max_length: int = Field(512, gt=1)
 
 
 class PlatformConfig(Section):
@@ -121,3 +158,4 @@ class PlatformConfig(Section):
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     datasets: DatasetsConfig = Field(default_factory=DatasetsConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)

@@ -3,8 +3,10 @@
     python -m ray_jobs.demo [--events 200000] [--malformed-rate 0.002] [--keep]
 
 Stages so far: simulate live-stream logs (with a few malformed lines) -> ingest them with Ray Data
-through the Great Expectations gate into Delta -> audit that every line landed exactly once.
-Later stages (features, training, serving) extend this same command.
+through the Great Expectations gate into Delta -> audit that every line landed exactly once ->
+windowed stats and sequence tokens into Delta and Feast (SQLite online store) -> real-time pushes of
+new events with their freshness -> point-in-time training samples. Later stages (training, serving)
+extend this same command.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import config
 from ray_jobs.ingest import print_report
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(None, [
         f"lake.root={DEMO_ROOT / 'lake'}", f"ingest.landing_dir={DEMO_ROOT / 'landing'}",
         f"simulator.oracle_dir={DEMO_ROOT / 'oracle'}", f"simulator.events={args.events}",
-        f"simulator.malformed_rate={args.malformed_rate}",
+        f"simulator.malformed_rate={args.malformed_rate}", f"features.feast_dir={DEMO_ROOT / 'feast'}",
+        f"features.online_store.path={DEMO_ROOT / 'feast' / 'online.db'}",
     ])
 
     t = stage(f"1. simulate {args.events:,} live-stream events into {cfg.ingest.landing_dir}")
@@ -62,8 +67,60 @@ def main(argv: list[str] | None = None) -> int:
     audit = audit_lake(cfg)
     print(f"   lines={audit.lines:,} valid={audit.valid:,} quarantined={audit.quarantined:,} "
           f"lost={audit.lost} duplicated={audit.duplicated} ({time.perf_counter() - t:.1f}s)")
-    print(f"\nDelta tables: {cfg.lake.events}, {cfg.lake.quarantine}")
-    return 0 if audit.ok and not report.failed else 1
+    if not audit.ok or report.failed:
+        return 1
+    feature_stages(cfg)
+    print(f"\nDelta tables under {cfg.lake.root}: events, events_quarantine, features_*, samples_*; "
+          f"Feast repo: {cfg.features.feast_dir}/repo")
+    return 0
+
+
+def live_events(updater, count: int) -> tuple[int, list[dict]]:
+    """New events just after the lake's newest one: the most active user clicks and watches popular items."""
+    users = updater.buckets["user"]
+    user = max(users, key=lambda u: int(users[u].sums[:, 1].sum())) if users else 1
+    items = sorted(updater.buckets["item"], key=lambda i: -int(updater.buckets["item"][i].sums[:, 0].sum()))[:10] or [1]
+    start = (updater.watermark_ms or int(time.time() * 1000)) + 1000
+    actions = [("impression", None), ("click", None), ("view", 45.0), ("like", None)]
+    events = []
+    for i in range(count):
+        action, value = actions[i % len(actions)]
+        item = items[(i // len(actions)) % len(items)]
+        events.append({"event_id": f"live-{i}", "ts": start + 250 * i, "user_id": user, "item_id": item,
+                       "author_id": updater.item_author.get(item), "request_id": f"live-r{i // 4}",
+                       "action": action, "value": value})
+    return user, events
+
+
+def feature_stages(cfg) -> None:
+    """Stages 4-6: the feature job and Feast, real-time pushes, training samples."""
+    t = stage("4. features: Ray Data windowed stats + sequence tokens -> Delta -> Feast (apply, materialize)")
+    from features.job import FeatureJob
+    from ray_jobs.features import print_report as print_features
+
+    print_features(FeatureJob(cfg).run())
+    print(f"   ({time.perf_counter() - t:.1f}s)")
+
+    t = stage("5. real-time: new events -> online store (sequence append, window counters, expiry)")
+    from features.online import OnlineFeatureClient, describe
+    from features.realtime import start_from_lake, time_to_visible
+
+    updater = start_from_lake(cfg)
+    client = OnlineFeatureClient(cfg, store=updater.store)
+    user, events = live_events(updater, count=50)
+    freshness = [1000 * time_to_visible(updater, client, event) for event in events]
+    p50, p99 = np.percentile(freshness, [50, 99])
+    print(f"   {len(events)} live events for user {user}: event in -> visible online p50 {p50:.1f} ms, "
+          f"p99 {p99:.1f} ms ({time.perf_counter() - t:.1f}s incl. replaying the lake's last window)")
+    items = list(dict.fromkeys(e["item_id"] for e in events))[:5]
+    print("   " + describe(client.get(user, items)).replace("\n", "\n   "))
+
+    t = stage("6. training samples: ranking rows (point in time) and retrieval sequences -> Delta")
+    from features.samples import SampleBuilder
+    from ray_jobs.samples import print_report as print_samples
+
+    print_samples(SampleBuilder(cfg).run(), cfg)
+    print(f"   ({time.perf_counter() - t:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m ray_jobs.ingest --config embedded --once
     python -m ray_jobs.ingest --follow --set ingest.poll_interval_s=2
+    python -m ray_jobs.ingest --follow --push-features     # also update the online features per batch
     ray job submit --working-dir . -- python -m ray_jobs.ingest --config cluster --once
 
 Exit status 0 when every batch passed its expectations, 2 when a batch was quarantined whole by
@@ -34,6 +35,20 @@ def print_report(report) -> None:
         print(f"  FAILED expectation: {name}", file=sys.stderr)
 
 
+def _feature_pusher(cfg):
+    """An on_batch callback that sends each committed batch's events through the real-time feature updater."""
+    from features.realtime import events_of_batch, start_from_lake
+
+    updater = start_from_lake(cfg)
+
+    def push(batch) -> None:
+        if batch.valid:
+            report = updater.update(events_of_batch(cfg, batch.batch_no))
+            print(f"  features: pushed batch {batch.batch_no} ({report.events} events, {report.seconds:.2f}s)")
+
+    return push
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--once", action="store_true", help="ingest all new files, then exit (default)")
     mode.add_argument("--follow", action="store_true", help="keep polling the landing folder")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop --follow after this long")
+    parser.add_argument("--push-features", action="store_true",
+                        help="with --follow: push each batch's events to the online feature store")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config.from_args(args)
@@ -49,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from ingestion.job import IngestJob  # after Ray is up: importing GX is slow, keep --help fast
 
     job = IngestJob(cfg)
-    report = job.follow(args.max_seconds) if args.follow else job.run_once()
+    report = job.follow(args.max_seconds, on_batch=_feature_pusher(cfg) if args.push_features else None) \
+        if args.follow else job.run_once()
     print_report(report)
     return 2 if report.failed else 0
 

@@ -48,6 +48,15 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on 127.0.0.1 (free port, no persistence) for the session; fails if not installed."""
+    from tests.redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server
+
+
 @pytest.fixture
 def datasets_dir() -> Path:
     if not DATASETS.exists():

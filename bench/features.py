@@ -1,0 +1,183 @@
+"""Feature-store benchmark: online read latency, freshness, and the feature job's throughput.
+
+    python -m bench.features                      # 1M simulator events
+    python -m bench.features --events 200000 --reads 300     # a quick look
+
+Prints a table and writes bench/results/features.json. In one run, on the same lake:
+- online reads of 1 user + `--items` candidates (the user's stats and sequence, the candidates' and their
+  authors' stats), p50/p99, on SQLite and on a local redis-server, through Feast's own
+  `get_online_features` (the baseline) and through the serving client's fast path;
+- freshness: one event handed to the real-time updater until an online read of its user reflects it;
+- the feature job (windowed stats + sequences, Ray Data) on the whole events table, events/s, against a
+  plain read of the same columns from Delta (the baseline: the ratio says what the computation costs).
+Simulation and ingestion are set-up, reported but not benchmarked here (see bench/ingest.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from deltalake import DeltaTable
+
+import config
+from bench.ingest import RESULTS, machine
+from config.schema import OnlineStoreConfig, PlatformConfig
+
+
+def percentiles(samples_s: list[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    p50, p99 = np.percentile(np.asarray(samples_s) * 1000, [50, 99])
+    return round(float(p50), 3), round(float(p99), 3)
+
+
+def build_lake(root: Path, events: int) -> tuple[PlatformConfig, dict]:
+    """Simulate and ingest `events` events under `root` (set-up, timed but not the benchmark)."""
+    from ingestion.job import IngestJob
+    from ingestion.simulator import simulate
+
+    cfg = config.load(None, [f"lake.root={root / 'lake'}", f"ingest.landing_dir={root / 'landing'}",
+                             f"simulator.oracle_dir={root / 'oracle'}", f"simulator.events={events}",
+                             "ingest.build_data_docs=false", f"features.feast_dir={root / 'feast-sqlite'}",
+                             f"features.online_store.path={root / 'feast-sqlite' / 'online.db'}"])
+    t = time.perf_counter()
+    simulate(cfg.simulator, cfg.ingest.landing_dir)
+    setup = {"simulate_s": round(time.perf_counter() - t, 2)}
+    t = time.perf_counter()
+    IngestJob(cfg).run_once()
+    setup["ingest_s"] = round(time.perf_counter() - t, 2)
+    return cfg, setup
+
+
+def read_latency(cfg: PlatformConfig, store, ids: dict, n_items: int, reads: int, feast_reads: int) -> dict:
+    from features.online import OnlineFeatureClient
+
+    rng = np.random.default_rng(0)
+    clients = {"client": (OnlineFeatureClient(cfg, store=store), reads),
+               "feast": (OnlineFeatureClient(cfg, fast=False, store=store), feast_reads)}
+    out = {}
+    for name, (client, n) in clients.items():
+        times = []
+        for i in range(n + 10):
+            user = int(rng.choice(ids["users"]))
+            items = rng.choice(ids["items"], n_items, replace=False).tolist()
+            started = time.perf_counter()
+            client.get(user, items)
+            if i >= 10:  # warm-up: connections, registry, first-use imports
+                times.append(time.perf_counter() - started)
+        out[name] = percentiles(times)
+    return out
+
+
+def freshness(cfg: PlatformConfig, store, ids: dict, events: int) -> dict:
+    from features.online import OnlineFeatureClient
+    from features.realtime import start_from_lake, time_to_visible
+
+    t = time.perf_counter()
+    updater = start_from_lake(cfg, store)
+    bootstrap_s = time.perf_counter() - t
+    client = OnlineFeatureClient(cfg, store=store)
+    rng = np.random.default_rng(1)
+    actions = ("impression", "click", "view", "like")
+    times = []
+    for i in range(events):
+        item = int(rng.choice(ids["items"]))
+        event = {"event_id": f"fresh-{i}", "ts": updater.watermark_ms + 100, "user_id": int(rng.choice(ids["users"])),
+                 "item_id": item, "author_id": updater.item_author.get(item), "action": actions[i % 4],
+                 "value": 40.0 if actions[i % 4] == "view" else None}
+        times.append(time_to_visible(updater, client, event))
+    return {"p50_p99_ms": percentiles(times), "bootstrap_s": round(bootstrap_s, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--reads", type=int, default=1000, help="timed reads per path through the client")
+    parser.add_argument("--feast-reads", type=int, default=200, help="timed reads through Feast's SDK")
+    parser.add_argument("--fresh-events", type=int, default=200)
+    parser.add_argument("--keep", action="store_true", help="keep the temp lake")
+    args = parser.parse_args(argv)
+
+    from features.job import FeatureJob
+    from features.repo import apply_definitions
+    from ray_jobs.runtime import init_ray
+    from tests.redis_server import RedisServer
+
+    root = Path(tempfile.mkdtemp(prefix="bench-features-"))
+    given = sys.argv[1:] if argv is None else argv
+    results: dict = {"command": " ".join(["python -m bench.features", *given]), "events": args.events,
+                     "items_per_read": args.items, "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+    try:
+        cfg, results["setup"] = build_lake(root, args.events)
+        init_ray(cfg.ray)
+        events = DeltaTable(cfg.lake.events)
+        n_events = events.count()
+        t = time.perf_counter()
+        raw = events.to_pyarrow_table(columns=["user_id", "item_id", "author_id", "ts", "action", "value"])
+        raw_s = time.perf_counter() - t
+        job = FeatureJob(cfg)
+        report = job.run(materialize=False)
+        job_s = report.seconds["compute"]
+        results.update({
+            "feature_job_s": job_s, "feature_job_events_per_s": round(n_events / job_s),
+            "raw_read_events_per_s": round(n_events / raw_s), "ratio_vs_raw_read": round(raw_s / job_s, 4),
+            "feature_rows": report.rows, "feature_job_phases_s": report.seconds,
+        })
+        ids = {"users": np.unique(raw["user_id"].to_numpy()), "items": np.unique(raw["item_id"].to_numpy())}
+        with RedisServer() as redis:
+            backends = {"sqlite": cfg}
+            redis_cfg = cfg.model_copy(deep=True)
+            redis_cfg.features.feast_dir = str(root / "feast-redis")
+            redis_cfg.features.online_store = OnlineStoreConfig(type="redis", connection_string=redis.connection_string)
+            backends["redis"] = redis_cfg
+            for name, backend in backends.items():
+                t = time.perf_counter()
+                store = apply_definitions(backend)
+                job.materialize(report, store)
+                results[f"materialize_s_{name}"] = round(time.perf_counter() - t, 2)
+                latency = read_latency(backend, store, ids, args.items, args.reads, args.feast_reads)
+                results[f"client_p50_ms_{name}"], results[f"client_p99_ms_{name}"] = latency["client"]
+                results[f"feast_p50_ms_{name}"], results[f"feast_p99_ms_{name}"] = latency["feast"]
+                fresh = freshness(backend, store, ids, args.fresh_events)
+                results[f"freshness_p50_ms_{name}"], results[f"freshness_p99_ms_{name}"] = fresh["p50_p99_ms"]
+                results[f"realtime_bootstrap_s_{name}"] = fresh["bootstrap_s"]
+        results["freshness_p99_ms"] = max(results["freshness_p99_ms_sqlite"], results["freshness_p99_ms_redis"])
+        results["client_vs_feast_speedup_sqlite"] = round(results["feast_p99_ms_sqlite"]
+                                                          / results["client_p99_ms_sqlite"], 1)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    results.update({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "features.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0
+
+
+def print_table(r: dict) -> None:
+    print(f"\nfeatures benchmark: {r['events']:,} events, 1 user + {r['items_per_read']} items per read")
+    print(f"machine: {r['machine']}")
+    print(f"{'online read (ms)':<34}{'p50':>10}{'p99':>10}")
+    for store in ("sqlite", "redis"):
+        for path, label in (("feast", "Feast get_online_features"), ("client", "serving client (fast path)")):
+            print(f"  {store:<7}{label:<27}{r[f'{path}_p50_ms_{store}']:>10.2f}{r[f'{path}_p99_ms_{store}']:>10.2f}")
+    for store in ("sqlite", "redis"):
+        print(f"  {store:<7}{'freshness (event -> visible)':<27}{r[f'freshness_p50_ms_{store}']:>10.2f}"
+              f"{r[f'freshness_p99_ms_{store}']:>10.2f}")
+    print(f"feature job: {r['feature_job_events_per_s']:,} events/s ({r['feature_job_s']}s); plain Delta read "
+          f"{r['raw_read_events_per_s']:,} events/s; ratio {r['ratio_vs_raw_read']}")
+    print(f"materialize: sqlite {r['materialize_s_sqlite']}s, redis {r['materialize_s_redis']}s; written to "
+          f"{RESULTS / 'features.json'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The feature tables in the lake (Delta) and the DuckDB that reads them the way Feast's offline store does.
+
+Feast reads the feature tables through its DuckDB offline store (`FileSource(file_format=DeltaFormat())`),
+which scans them with DuckDB's delta extension: it follows the Delta log, so files that a rewrite or
+compaction removed are never read, however long they stay on disk before a vacuum. The extension binary
+comes from the `duckdb-ext-delta` wheel and is installed with DuckDB's own `INSTALL '<file>'` into DuckDB's
+extension folder, so every process (including the `feast` CLI) finds it without network access.
+
+Writes go through `replace_from`: one Delta commit that replaces every row at or after a time with the
+new rows (a predicate overwrite). A re-run after a crash, or after late events, therefore rewrites the
+same range instead of appending duplicates.
+
+>>> con = duckdb_connection()
+>>> con.execute("SELECT loaded FROM duckdb_extensions() WHERE extension_name = 'delta'").fetchone()
+(True,)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, FeatureSpec
+
+TS_TYPE = pa.timestamp("us", tz="UTC")
+PARTITION_BY = ["dt"]
+FEATURE_TABLES = {"item": "features_item_stats", "author": "features_author_stats",
+                  "user": "features_user_stats", "sequence": "features_user_sequence"}
+
+
+@functools.cache
+def install_delta_extension() -> None:
+    """Install DuckDB's delta extension from the PyPI wheel (no download), once per process."""
+    import duckdb_ext
+
+    binary = next(Path(duckdb_ext.__path__[0]).glob(f"extensions/v{duckdb.__version__}/*/delta.duckdb_extension"))
+    con = duckdb.connect()
+    if not con.execute("SELECT installed FROM duckdb_extensions() WHERE extension_name = 'delta'").fetchone()[0]:
+        con.execute(f"INSTALL '{binary}'")
+    con.close()
+
+
+def duckdb_connection() -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the delta extension loaded (`delta_scan('<table path>')`)."""
+    install_delta_extension()
+    con = duckdb.connect()
+    con.execute("LOAD delta")
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+def stats_schema(spec: FeatureSpec, entity: str) -> pa.Schema:
+    """Columns of an entity's stats table: key, time, the named stats, the packed `stats` vector, dt."""
+    fields = [pa.field(ENTITY_KEYS[entity], pa.int64(), nullable=False),
+              pa.field("event_timestamp", TS_TYPE, nullable=False), pa.field("asof_ms", pa.int64())]
+    if entity == "item":
+        fields.append(pa.field("item_author_id", pa.int64()))
+    counts = set(spec.count_stat_names)
+    fields += [pa.field(name, pa.int64() if name in counts else pa.float64()) for name in spec.stat_names]
+    fields += [pa.field("stats", pa.list_(pa.float64())), pa.field("dt", pa.string(), nullable=False)]
+    return pa.schema(fields)
+
+
+SEQUENCE_SCHEMA = pa.schema([
+    pa.field("user_id", pa.int64(), nullable=False), pa.field("event_timestamp", TS_TYPE, nullable=False),
+    pa.field("asof_ms", pa.int64()), *(pa.field(f, pa.list_(pa.int64())) for f in SEQUENCE_FIELDS),
+    pa.field("dt", pa.string(), nullable=False),
+])
+
+
+def table_schema(spec: FeatureSpec, kind: str) -> pa.Schema:
+    """The schema of a feature table: kind is an entity (`item`, `author`, `user`) or `sequence`."""
+    return SEQUENCE_SCHEMA if kind == "sequence" else stats_schema(spec, kind)
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def day_strings(ms: pa.Array) -> pa.Array:
+    """Epoch milliseconds -> 'YYYY-MM-DD' (UTC), the `dt` partition."""
+    import pyarrow.compute as pc
+
+    return pc.strftime(pc.cast(pc.multiply(pc.cast(ms, pa.int64()), 1000), TS_TYPE), format="%Y-%m-%d")
+
+
+def open_table(path: str, storage_options: dict[str, str] | None = None) -> DeltaTable | None:
+    """The Delta table at `path`, or None when there is none yet."""
+    try:
+        return DeltaTable(path, storage_options=storage_options or None)
+    except TableNotFoundError:
+        return None
+
+
+def replace_from(path: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema, from_ms: int,
+                 storage_options: dict[str, str] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Replace every row with event_timestamp >= from_ms by `batches`, in one Delta commit."""
+    opts = storage_options or None
+    if open_table(path, storage_options) is None:
+        DeltaTable.create(path, schema, partition_by=PARTITION_BY, mode="ignore", storage_options=opts)
+    since = ms_to_datetime(from_ms).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    reader = pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches))
+    write_deltalake(path, reader, mode="overwrite", predicate=f"event_timestamp >= '{since}'",
+                    partition_by=PARTITION_BY, storage_options=opts,
+                    commit_properties=CommitProperties(custom_metadata=metadata or {}))

@@ -1,0 +1,135 @@
+"""The serving client and the real-time updater, against SQLite and a real redis-server."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from features.job import FeatureJob
+from features.online import MAX_CANDIDATES, FeatureStoreUnavailable, OnlineFeatureClient, OnlineFeatures
+from features.realtime import start_from_lake
+from features.spec import STATS_ENTITIES
+from tests.features.conftest import materialized_store, online_config
+from tests.redis_server import free_port
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def online(request, feature_lake, tmp_path):
+    """The shared lake, materialised into a fresh online store of each kind."""
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    if redis is not None:
+        import redis as redis_client
+
+        redis_client.Redis(port=redis.port).flushall()
+    cfg = online_config(feature_lake.cfg, tmp_path / "feast", request.param, redis)
+    return cfg, materialized_store(cfg, feature_lake.report)
+
+
+def assert_same(a: OnlineFeatures, b: OnlineFeatures) -> None:
+    for name in a.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, dict):
+            assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), name
+        else:
+            assert np.array_equal(np.asarray(x), np.asarray(y)), name
+
+
+def test_fast_path_returns_exactly_what_feast_returns(online, feature_lake):
+    cfg, store = online
+    fast, feast = OnlineFeatureClient(cfg, store=store), OnlineFeatureClient(cfg, fast=False, store=store)
+    items = [*range(1, 31), 999, 3, 1000]  # unknown ids and a repeat among them
+    for user in (1, 2, 7, 999):
+        assert_same(fast.get(user, items), feast.get(user, items))
+    got = fast.get(2, items)
+    state = FeatureJob(cfg).last_state()
+    t_hi = state.stats_k_hi * feature_lake.spec.hop_ms
+    for i, item in enumerate(items[:30]):
+        assert np.array_equal(got.item_stats[i], feature_lake.ref.stats("item", item, t_hi))
+        assert got.author_stats[i].shape == got.item_stats[i].shape
+
+
+def test_unknown_entities_get_defaults_flagged_missing(online):
+    cfg, store = online
+    got = OnlineFeatureClient(cfg, store=store).get(123456, [1, 654321])
+    assert got.user_missing and got.sequence_missing and got.sequence["item_ids"].size == 0
+    assert got.item_missing.tolist() == [False, True] and got.author_missing.tolist() == [False, True]
+    assert np.array_equal(got.item_stats[1], got.user_stats) and got.item_author_ids[1] == 0
+    with pytest.raises(ValueError, match="at most"):
+        OnlineFeatureClient(cfg, store=store).get(1, list(range(MAX_CANDIDATES + 1)))
+
+
+def test_unreachable_store_raises_one_exception_type(feature_lake, tmp_path):
+    missing = online_config(feature_lake.cfg, tmp_path / "nothing-here", "sqlite")
+    with pytest.raises(FeatureStoreUnavailable):
+        OnlineFeatureClient(missing).get(1, [1])
+
+    class Closed:  # nothing listens on this port
+        connection_string = f"127.0.0.1:{free_port()},db=0"
+
+    down = online_config(feature_lake.cfg, tmp_path / "down", "redis", Closed())
+    with pytest.raises(FeatureStoreUnavailable):
+        OnlineFeatureClient(down).get(1, [1])
+
+
+def test_realtime_updates_equal_the_batch_definition(online, feature_lake):
+    """Live events after the lake's end: sequences append, counters add up and expire exactly."""
+    cfg, store = online
+    spec, ref = feature_lake.spec, feature_lake.ref
+    updater = start_from_lake(cfg, store)
+    client = OnlineFeatureClient(cfg, store=store)
+    end = int(ref.ts.max())
+    live = [{"event_id": f"live{i}", "ts": end + 1000 * (i + 1), "user_id": 1 + i % 3, "item_id": 1 + i % 5,
+             "author_id": int(ref.keys["author_id"][ref.keys["item_id"] == 1 + i % 5][0]),
+             "request_id": None, "action": ("click", "like", "impression")[i % 3], "value": None} for i in range(12)]
+    started = time.perf_counter()
+    updater.update(live)
+    assert time.perf_counter() - started < 5
+    everything = type(ref)(spec, feature_lake.events + live)
+    now = max(e["ts"] for e in live)
+    boundary = (now // spec.hop_ms + 1) * spec.hop_ms
+    got = client.get(1, list(range(1, 31)))
+    for i, item in enumerate(range(1, 31)):
+        assert np.array_equal(got.item_stats[i], everything.stats("item", item, boundary, until_ms=now)), item
+    assert list(zip(got.sequence["item_ids"], got.sequence["actions"])) == \
+        [(s[0], s[2]) for s in everything.sequence(1, now + 1)]
+    assert got.sequence_asof_ms == now + 1
+
+    # An hour later one event arrives: every entity's 5-minute and 1-hour windows have emptied, online too.
+    later = now + 3600 * 1000
+    updater.update([{"event_id": "late", "ts": later, "user_id": 3, "item_id": 29, "author_id": 1,
+                     "action": "impression"}])
+    boundary = (later // spec.hop_ms + 1) * spec.hop_ms
+    got = client.get(2, list(range(1, 31)))
+    for entity, stats in (("item", got.item_stats[0]), ("user", got.user_stats)):
+        expected = everything.stats(entity, 1 if entity == "item" else 2, boundary, until_ms=later)
+        assert np.array_equal(stats, expected), entity
+    five_min = [i for i, n in enumerate(spec.stat_names) if n.endswith("_count_5m")]
+    assert got.item_stats[:28, five_min].sum() == 0 and got.item_stats[:, -14:].sum() > 0
+    assert set(updater.buckets) == set(STATS_ENTITIES)
+
+
+def test_ingest_follow_pushes_each_batch_online(tmp_path, ray_local):
+    """`python -m ray_jobs.ingest --follow --push-features`: each committed batch reaches the online store."""
+    from features.job import FeatureJob
+    from ingestion.job import IngestJob
+    from ray_jobs.ingest import _feature_pusher
+    from tests.ingestion.lake_checks import good_event, make_config, write_lines
+
+    cfg = make_config(tmp_path, "ingest.build_data_docs=false", "ingest.poll_interval_s=0.1",
+                      f"features.feast_dir={tmp_path / 'feast'}",
+                      f"features.online_store.path={tmp_path / 'online.db'}")
+    write_lines(tmp_path / "landing", "a.jsonl", [good_event(i) for i in range(300)])
+    IngestJob(cfg).run_once()
+    FeatureJob(cfg).run()
+    push = _feature_pusher(cfg)
+    newest = good_event(299)["ts"]
+    live = [{**good_event(i, "live"), "ts": newest + 1000 * (i + 1), "user_id": 99, "item_id": 7, "action": "click"}
+            for i in range(3)]
+    write_lines(tmp_path / "landing", "b.jsonl", live)
+    report = IngestJob(cfg).follow(max_seconds=1.0, on_batch=push)
+    assert [b.valid for b in report.batches] == [3]
+    got = OnlineFeatureClient(cfg).get(99, [7])
+    assert got.sequence["item_ids"].tolist() == [7, 7, 7]
+    assert got.item_stats[0][got.stat_names.index("click_count_5m")] >= 3
