@@ -1,0 +1,256 @@
+"""The model artifact (DESIGN.md "Model artifact"): everything serving needs, in one folder, no pickle.
+
+    <folder>/
+      manifest.json            format, version string, model class, UTC time, sha256 of every file below
+      config.json              model class name + constructor arguments (dataclasses tagged by name)
+      weights.safetensors      the state dict
+      metadata.json            feature / vocabulary metadata (e.g. dense item id -> source item id)
+      metrics.json             the metrics the model was trained to
+      semantic_ids.safetensors optional: the item -> semantic-ID table of a retrieval model
+
+The model is rebuilt from a registry of known classes: `config` is either one registered config
+dataclass (the constructor's only argument, e.g. `DLRM(DLRMConfig(...))`) or a dict of keyword
+arguments whose values may be registered dataclasses, numbers, strings, lists, tuples and dicts
+(e.g. `HSTURetrieval(cfg=HSTUConfig(...), num_items=3615)`). Nested dataclasses and tuples
+round-trip exactly. Only registered names are ever instantiated, so loading a folder cannot run
+arbitrary code.
+
+>>> import tempfile, torch
+>>> from models.hstu import HSTUConfig
+>>> from models.retrieval import HSTURetrieval
+>>> cfg = HSTUConfig(d_model=8, num_blocks=1, num_heads=1, d_qk=8, d_v=8, max_len=10, dropout=0.0)
+>>> model = HSTURetrieval(cfg, num_items=30)
+>>> folder = tempfile.mkdtemp() + "/hstu"
+>>> manifest = save_artifact(folder, model, {"cfg": cfg, "num_items": 30}, {"dataset": "toy"}, {"hr@10": 0.5})
+>>> loaded, manifest = load_artifact(folder)
+>>> type(loaded).__name__, manifest.config["cfg"] == cfg, manifest.metrics
+('HSTURetrieval', True, {'hr@10': 0.5})
+>>> manifest.version.startswith("hsturetrieval-")
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from models.dlrm import DLRM, DLRMConfig
+from models.features import FeatureSpec
+from models.genrank import GenRank, HSTURanking
+from models.heads import RankerConfig
+from models.hstu import HSTUConfig
+from models.retrieval import HSTURetrieval
+from models.sasrec import SASRec
+from models.zenith import Zenith, ZenithConfig
+
+FORMAT_VERSION = 1
+MANIFEST, CONFIG, WEIGHTS = "manifest.json", "config.json", "weights.safetensors"
+METADATA, METRICS, SEMANTIC_IDS = "metadata.json", "metrics.json", "semantic_ids.safetensors"
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {}
+CONFIG_CLASSES: dict[str, type] = {}
+
+
+def register_model(cls: type[nn.Module]) -> type[nn.Module]:
+    """Make a model class loadable by its class name (usable as a decorator)."""
+    _register(MODEL_CLASSES, cls)
+    return cls
+
+
+def register_config(cls: type) -> type:
+    """Make a config dataclass decodable by its class name (usable as a decorator)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    _register(CONFIG_CLASSES, cls)
+    return cls
+
+
+def _register(registry: dict[str, type], cls: type) -> None:
+    known = registry.get(cls.__name__)
+    if known is not None and known is not cls:
+        raise ValueError(f"another class is already registered as {cls.__name__!r}: {known.__module__}")
+    registry[cls.__name__] = cls
+
+
+for _model in (HSTURetrieval, SASRec, HSTURanking, GenRank, DLRM, Zenith):
+    register_model(_model)
+for _config in (HSTUConfig, RankerConfig, FeatureSpec, DLRMConfig, ZenithConfig):
+    register_config(_config)
+
+
+def encode_config(value: Any, path: str = "config") -> Any:
+    """JSON-ready form of a constructor config: dataclasses become {"__dataclass__": name, "fields": {...}},
+    tuples {"__tuple__": [...]}; `path` names the offending value in errors.
+
+    >>> encode_config({"dims": (2, 3), "rate": 0.5})
+    {'dims': {'__tuple__': [2, 3]}, 'rate': 0.5}
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = type(value).__name__
+        if CONFIG_CLASSES.get(name) is not type(value):
+            raise TypeError(f"{path}: dataclass {name} is not registered (training.artifact.register_config)")
+        fields = {f.name: encode_config(getattr(value, f.name), f"{path}.{f.name}")
+                  for f in dataclasses.fields(value) if f.init}
+        return {"__dataclass__": name, "fields": fields}
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode_config(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode_config(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{path}: dict keys must be strings")
+        return {k: encode_config(v, f"{path}.{k}") for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"{path}: cannot store a {type(value).__name__} in a model config")
+
+
+def decode_config(value: Any) -> Any:
+    """Inverse of `encode_config`; only registered dataclasses are instantiated.
+
+    >>> decode_config(encode_config(HSTUConfig(d_model=8))) == HSTUConfig(d_model=8)
+    True
+    """
+    if isinstance(value, list):
+        return [decode_config(v) for v in value]
+    if isinstance(value, dict):
+        if "__dataclass__" in value:
+            name = value["__dataclass__"]
+            if name not in CONFIG_CLASSES:
+                raise ValueError(f"unknown config class {name!r}; known: {sorted(CONFIG_CLASSES)}")
+            return CONFIG_CLASSES[name](**{k: decode_config(v) for k, v in value["fields"].items()})
+        if "__tuple__" in value:
+            return tuple(decode_config(v) for v in value["__tuple__"])
+        return {k: decode_config(v) for k, v in value.items()}
+    return value
+
+
+def build_model(model_class: str, config: Any) -> nn.Module:
+    """Instantiate a registered model from its constructor config (one dataclass or a kwargs dict)."""
+    if model_class not in MODEL_CLASSES:
+        raise ValueError(f"unknown model class {model_class!r}; known: {sorted(MODEL_CLASSES)}")
+    cls = MODEL_CLASSES[model_class]
+    return cls(**config) if isinstance(config, dict) else cls(config)
+
+
+@dataclass
+class Manifest:
+    """What `load_artifact` returns next to the model (and `save_artifact` returns alone)."""
+
+    folder: Path
+    version: str
+    model_class: str
+    created_utc: str
+    config: Any  # the decoded constructor config
+    metadata: dict
+    metrics: dict
+    semantic_ids: torch.Tensor | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=False) + "\n")
+
+
+def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: dict | None = None,
+                  metrics: dict | None = None, *, name: str | None = None,
+                  semantic_ids: torch.Tensor | None = None) -> Manifest:
+    """Write `model` as an artifact folder; returns its manifest.
+
+    `config` must rebuild the model: `type(model)(config)` for a dataclass, `type(model)(**config)`
+    for a dict (checked here by building it, so a wrong config fails at save time, not in serving).
+    The folder appears whole or not at all (written next to it, then renamed); it must not exist
+    yet. The version is `<name>-<UTC time>-<first 8 hex of the weights' sha256>`, name defaulting
+    to the lower-cased class name.
+    """
+    folder = Path(folder)
+    model_class = type(model).__name__
+    if MODEL_CLASSES.get(model_class) is not type(model):
+        raise TypeError(f"model class {model_class} is not registered (training.artifact.register_model)")
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"artifact folder {folder} already exists and is not empty")
+    encoded = encode_config(config)
+    rebuilt = build_model(model_class, decode_config(encoded))
+    expected = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != got:
+        wrong = sorted(set(expected.items()) ^ set(got.items()))[:4]
+        raise ValueError(f"config does not rebuild this model: state dict keys or shapes differ, e.g. {wrong}")
+    metadata, metrics = dict(metadata or {}), dict(metrics or {})
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the artifact from a serving process of another user
+        _write_json(tmp / CONFIG, {"model_class": model_class, "config": encoded})
+        save_model(model, str(tmp / WEIGHTS))
+        _write_json(tmp / METADATA, metadata)
+        _write_json(tmp / METRICS, metrics)
+        if semantic_ids is not None:
+            save_file({"semantic_ids": semantic_ids.detach().cpu().contiguous()}, str(tmp / SEMANTIC_IDS))
+        created = datetime.now(UTC)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        version = f"{name or model_class.lower()}-{created:%Y%m%dT%H%M%SZ}-{files[WEIGHTS][:8]}"
+        _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "version": version,
+                                     "model_class": model_class, "created_utc": created.isoformat(),
+                                     "files": files})
+        if folder.exists():
+            folder.rmdir()  # empty, checked above
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Manifest(folder, version, model_class, created.isoformat(), decode_config(encoded), metadata, metrics,
+                    semantic_ids)
+
+
+def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
+    """Rebuild the model of an artifact folder (in eval mode, on `device`) and read its manifest.
+
+    Every file's sha256 is checked against the manifest first, so a half-copied or edited artifact
+    fails loudly instead of serving wrong weights.
+    """
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: unsupported artifact format {manifest.get('format_version')!r}")
+    for file_name, digest in manifest["files"].items():
+        if _sha256(folder / file_name) != digest:
+            raise ValueError(f"{folder / file_name}: sha256 does not match the manifest")
+    stored = json.loads((folder / CONFIG).read_text())
+    config = decode_config(stored["config"])
+    model = build_model(stored["model_class"], config)
+    load_model(model, str(folder / WEIGHTS), strict=True, device=str(device))
+    model.to(device).eval()
+    semantic_ids = None
+    if SEMANTIC_IDS in manifest["files"]:
+        semantic_ids = load_file(str(folder / SEMANTIC_IDS), device=str(device))["semantic_ids"]
+    return model, Manifest(
+        folder=folder,
+        version=manifest["version"],
+        model_class=stored["model_class"],
+        created_utc=manifest["created_utc"],
+        config=config,
+        metadata=json.loads((folder / METADATA).read_text()),
+        metrics=json.loads((folder / METRICS).read_text()),
+        semantic_ids=semantic_ids,
+    )

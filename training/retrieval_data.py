@@ -1,0 +1,179 @@
+"""Per-user chronological item sequences for next-item retrieval, and the leave-one-out split.
+
+The public sequential protocol (datasets README, HSTU's repository): each user's interactions in
+time order; the last item is the test target, the second-to-last the validation target, the rest
+is training; at most `max_len` positions (the most recent) per sequence, target slot included.
+
+The files are read directly (small numpy readers, no landing events): `ingestion.datasets` turns
+the same files into contract events, but training needs only the sequences, and `training/` does
+not import `ingestion/`. Item ids are re-numbered densely 1..num_items in order of source id
+(0 = padding); `SequenceData.item_vocab` maps back. S3-Rec files are already dense, so their ids
+stay as they are.
+
+>>> data = sequences_from_interactions(users=[7, 7, 7, 7, 9, 9, 9], items=[30, 10, 20, 40, 10, 50, 30],
+...                                    times=[5, 1, 3, 9, 2, 2, 1])
+>>> [s.tolist() for s in data.items], data.item_vocab.tolist()   # ties (user 9 at t=2) keep file order
+([[1, 2, 3, 4], [3, 1, 5]], [0, 10, 20, 30, 40, 50])
+>>> split = leave_one_out(data, max_len=3)
+>>> split.train.items.tolist(), split.valid.targets.tolist(), split.test.targets.tolist()
+([[1, 2], [3, 0]], [3, 1], [4, 5])
+>>> split.test.items.tolist()   # history of max_len - 1 = 2 items, then the target's slot
+[[2, 3, 0], [3, 1, 0]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Dataset name -> candidate files under the datasets root (the first that exists is used).
+DATASET_FILES: dict[str, tuple[str, ...]] = {
+    "ml-1m": ("ml-1m/ratings.dat", "ml-1m/ratings_users_1-2999.dat"),  # the CI copy holds users 1..2999
+    "beauty": ("amazon/Beauty.txt",),
+    "sports": ("amazon/Sports_and_Outdoors.txt",),
+    "yelp": ("yelp/Yelp.txt",),
+}
+
+
+@dataclass
+class SequenceData:
+    """Per-user chronological sequences: `items[u]` dense item ids, `times[u]` seconds (int64)."""
+
+    name: str
+    items: list[np.ndarray]
+    times: list[np.ndarray]
+    user_ids: np.ndarray  # source user id of each sequence
+    item_vocab: np.ndarray  # item_vocab[dense id] = source item id; item_vocab[0] = 0 (padding)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_vocab) - 1
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.items))
+
+
+def sequences_from_interactions(users, items, times, name: str = "sequences") -> SequenceData:
+    """Group (user, item, time) rows into per-user sequences sorted by time; ties keep row order."""
+    users, items, times = (np.asarray(a, dtype=np.int64) for a in (users, items, times))
+    vocab, dense = np.unique(items, return_inverse=True)
+    order = np.lexsort((times, users))  # stable: equal (user, time) rows stay in file order
+    users, dense, times = users[order], dense[order] + 1, times[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    return SequenceData(name=name, items=np.split(dense, starts[1:]), times=np.split(times, starts[1:]),
+                        user_ids=users[starts], item_vocab=np.r_[0, vocab])
+
+
+def read_movielens_dat(path: str | Path) -> SequenceData:
+    """MovieLens `UserID::MovieID::Rating::Timestamp` (seconds); every rating is an interaction."""
+    text = Path(path).read_bytes().decode("latin-1")
+    table = np.array(text.replace("::", " ").split(), dtype=np.int64).reshape(-1, 4)
+    return sequences_from_interactions(table[:, 0], table[:, 1], table[:, 3], name=Path(path).stem)
+
+
+def read_s3rec_txt(path: str | Path) -> SequenceData:
+    """S3-Rec `user item item ...` lines (chronological, no timestamps).
+
+    Times are ordinal (position in the sequence, in seconds), as in `ingestion.datasets`, so time
+    features only see order. Items keep their ids when they are already 1..num_items.
+    """
+    users, items = [], []
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1:
+                users.append(int(fields[0]))
+                items.append(np.array(fields[1:], dtype=np.int64))
+    times = [np.arange(len(s), dtype=np.int64) for s in items]
+    data = sequences_from_interactions(np.repeat(users, [len(s) for s in items]), np.concatenate(items),
+                                       np.concatenate(times), name=Path(path).stem)
+    return data
+
+
+def load_sequences(dataset: str, root: str | Path = "../shared/datasets") -> SequenceData:
+    """A named dataset (`DATASET_FILES`) under `root`, or a path to a `.dat` / `.txt` file.
+
+    FileNotFoundError names every path it looked for.
+    """
+    if dataset in DATASET_FILES:
+        candidates = [Path(root) / p for p in DATASET_FILES[dataset]]
+    else:
+        candidates = [Path(dataset)]
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"dataset {dataset!r} not found: looked for {', '.join(map(str, candidates))}")
+    reader = read_movielens_dat if path.suffix == ".dat" else read_s3rec_txt
+    data = reader(path)
+    data.name = dataset if dataset in DATASET_FILES else data.name
+    return data
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded sequences: items/times [U, max_len] (0 = padding), lengths [U].
+
+    For evaluation sets, position `lengths - 1` is the target's slot: its item id is 0 and its time
+    is the target's time, so HSTU's last history token sees "the time the prediction is made" (as
+    in HSTU's research code); `targets` [U] holds the item to rank.
+    """
+
+    items: np.ndarray
+    times: np.ndarray
+    lengths: np.ndarray
+    targets: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class LeaveOneOut:
+    """Training sequences, validation and test sets of one dataset; `skipped_users` had < 3 items."""
+
+    train: SequenceBatch
+    valid: SequenceBatch
+    test: SequenceBatch
+    num_items: int
+    skipped_users: int
+
+
+def _pad(rows: list[np.ndarray]) -> np.ndarray:
+    """Right-pad to the longest row (not to max_len: most Amazon sequences are ~10 items)."""
+    out = np.zeros((len(rows), max((len(r) for r in rows), default=0)), dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _eval_set(items: list[np.ndarray], times: list[np.ndarray], cut: int, max_len: int) -> SequenceBatch:
+    """History = everything before position `cut` from the end (last max_len - 1 items), then the slot."""
+    hist = [s[:-cut][-(max_len - 1):] for s in items]
+    hist_t = [t[:-cut][-(max_len - 1):] for t in times]
+    targets = np.array([s[-cut] for s in items], dtype=np.int64)
+    slot_items = [np.r_[h, 0] for h in hist]
+    slot_times = [np.r_[h, t[-cut]] for h, t in zip(hist_t, times)]
+    return SequenceBatch(items=_pad(slot_items), times=_pad(slot_times),
+                         lengths=np.array([len(h) for h in slot_items], dtype=np.int64), targets=targets)
+
+
+def leave_one_out(data: SequenceData, max_len: int = 200) -> LeaveOneOut:
+    """Split every user with >= 3 interactions: last = test, second-to-last = validation, rest = train.
+
+    Training sequences keep their most recent `max_len` items (each position predicts the next);
+    evaluation histories keep the most recent `max_len - 1` items plus the target slot, so every
+    sequence fits the model's `max_len` positions.
+    """
+    if max_len < 2:
+        raise ValueError("max_len must be >= 2 (one history item plus the target)")
+    keep = [i for i, s in enumerate(data.items) if len(s) >= 3]
+    items = [data.items[i] for i in keep]
+    times = [data.times[i] for i in keep]
+    train_items = [s[:-2][-max_len:] for s in items]
+    train_times = [t[:-2][-max_len:] for t in times]
+    train = SequenceBatch(items=_pad(train_items), times=_pad(train_times),
+                          lengths=np.array([len(s) for s in train_items], dtype=np.int64))
+    return LeaveOneOut(train=train, valid=_eval_set(items, times, 2, max_len), test=_eval_set(items, times, 1, max_len),
+                       num_items=data.num_items, skipped_users=len(data.items) - len(keep))
