@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.models
 	$(BIN)/python -m bench.features
+	$(BIN)/python -m bench.quality_retrieval --dataset ml-1m
 
 # Re-freeze the pins from the current venv (after changing pyproject.toml's direct needs).
 lock: $(STAMP)

@@ -16,15 +16,6 @@ from models.inputs import RankingInputs, random_ranking_inputs
 SPEC = FeatureSpec(num_users=50, num_items=100, num_authors=20, num_actions=9, embed_dim=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core box: intra-op threads only spin against the other processes
-    (measured 20x slower under load), so this module runs single-threaded and restores the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_model(rank: int | None = None, num_tasks: int = 2) -> DLRM:
     torch.manual_seed(0)

@@ -16,18 +16,8 @@ from models.genrank import GenRank, HSTURanking, RankerConfig, request_features
 from models.inputs import random_ranking_inputs
 
 FAST = settings(max_examples=10, deadline=None)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with 2 threads on a busy 2-core runner, OpenMP syncing makes steps ~20x slower;
-    denormal Adam states slow the overfitting loops too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(n)
 NUM_TASKS = 3
 
 

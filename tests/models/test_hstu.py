@@ -25,18 +25,8 @@ from models.kernels.reference import attention_mask
 from models.stochastic_length import kept_length, stochastic_length
 
 FAST = settings(max_examples=12, deadline=None)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with 2 threads on a busy 2-core runner, OpenMP syncing makes steps ~20x slower;
-    denormal Adam states slow the overfitting loops too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(n)
 
 
 def small_cfg(**kw) -> HSTUConfig:

@@ -19,14 +19,6 @@ FAST = settings(max_examples=10, deadline=None)
 KINDS = ["genrank", "research", "production"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with 2 threads on a busy 2-core runner, OpenMP syncing dominates."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(kind: str, seed: int = 0):
     torch.manual_seed(seed)

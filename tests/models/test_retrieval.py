@@ -17,18 +17,9 @@ from models.retrieval import HSTURetrieval
 from models.sasrec import SASRec
 
 FAST = settings(max_examples=10, deadline=None)
+pytestmark = pytest.mark.usefixtures("flush_denormals")
 KINDS = ["research", "production", "sasrec"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with 2 threads on a busy 2-core runner, OpenMP syncing dominates."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(n)
 
 
 def make(kind: str, num_items: int = 40, d: int = 16, dropout: float = 0.0, seed: int = 0):
