@@ -32,7 +32,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
-from deltalake import DeltaTable
 
 from config.schema import PlatformConfig
 from ingestion.contract import (
@@ -141,8 +140,9 @@ class IngestJob:
         rows = self.batches.to_pyarrow_table().sort_by("batch").to_pylist()
         return [BatchPlan(r["batch"], [tuple(f) for f in json.loads(r["files"])], r["now_ms"]) for r in rows]
 
-    def pending_files(self) -> list[tuple[str, int]]:
-        seen = {name for plan in self._plans() for name, _ in plan.files}
+    def pending_files(self, plans: list[BatchPlan]) -> list[tuple[str, int]]:
+        """Landing files that no batch plan names yet, in name order."""
+        seen = {name for plan in plans for name, _ in plan.files}
         infos = self.fs.get_file_info(pafs.FileSelector(self.landing, recursive=False, allow_not_found=True))
         files = []
         for info in infos:
@@ -299,8 +299,9 @@ class IngestJob:
         redone = self.recover()
         if redone is not None:
             report.batches.append(redone)
-        pending = self.pending_files()
-        next_no = max([p.batch_no for p in self._plans()], default=0) + 1
+        plans = self._plans()
+        pending = self.pending_files(plans)
+        next_no = max([p.batch_no for p in plans], default=0) + 1
         while pending:
             plan = self._plan_next(pending, next_no)
             batch = self.run_batch(plan)
@@ -330,7 +331,3 @@ class IngestJob:
         except KeyboardInterrupt:
             log.info("follow mode stopped")
         return report
-
-
-def events_table(cfg: PlatformConfig) -> DeltaTable:
-    return DeltaTable(cfg.lake.events, storage_options=cfg.lake.storage_options or None)

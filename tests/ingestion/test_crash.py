@@ -52,17 +52,25 @@ def assert_exactly_once(tmp: Path, overrides: list[str], valid_ids: set[str], to
 @pytest.mark.slow
 def test_kill_at_random_points_then_rerun(tmp_path):
     valid_ids, total = build_landing(tmp_path / "landing", files=30, lines_per_file=120, seed=3)
-    overrides = [f"lake.root={tmp_path / 'lake'}", f"ingest.landing_dir={tmp_path / 'landing'}",
-                 "ingest.max_batch_bytes=20000", "ingest.build_data_docs=false", "ray.num_cpus=2"]
+
+    def overrides(lake: str) -> list[str]:
+        return [f"lake.root={tmp_path / lake}", f"ingest.landing_dir={tmp_path / 'landing'}",
+                "ingest.max_batch_bytes=20000", "ingest.build_data_docs=false", "ray.num_cpus=2"]
+
+    # How long a whole run takes on this machine right now: kill times are drawn inside it, so the
+    # kills land mid-run whether the machine is idle or busy.
+    started = time.monotonic()
+    assert run_ingest(overrides("reference")) == 0
+    duration = time.monotonic() - started
     rng = random.Random(11)
     kills = 0
-    for _ in range(6):
-        # Ray and GX take several seconds to start; kill anywhere from start-up to the last commits.
-        if run_ingest(overrides, kill_after=rng.uniform(4.0, 30.0)) is None:
+    for trial in range(6):
+        lake = f"lake{trial}"
+        if run_ingest(overrides(lake), kill_after=rng.uniform(0.15, 0.85) * duration) is None:
             kills += 1
-    assert run_ingest(overrides) == 0
-    assert kills >= 5, f"only {kills} runs were killed before finishing"
-    assert_exactly_once(tmp_path, overrides, valid_ids, total)
+        assert run_ingest(overrides(lake)) == 0
+        assert_exactly_once(tmp_path, overrides(lake), valid_ids, total)
+    assert kills >= 5, f"only {kills} of 6 runs were killed before finishing"
     # A further run finds nothing to do and changes nothing.
-    assert run_ingest(overrides) == 0
-    assert_exactly_once(tmp_path, overrides, valid_ids, total)
+    assert run_ingest(overrides("lake0")) == 0
+    assert_exactly_once(tmp_path, overrides("lake0"), valid_ids, total)
