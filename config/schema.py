@@ -150,6 +150,60 @@ class SamplesConfig(Section):
     retrieval_max_length: int = Field(512, gt=1)
 
 
+class TrainingConfig(Section):
+    """Streaming one-pass ranking training on Ray Train (training/ranking.py)."""
+
+    # zenith-shared: Zenith with shared-weight attention and FFN (the token-similarity comparison only)
+    model: Literal["dlrm", "hstu", "genrank", "zenith", "zenith++", "zenith-shared"] = "genrank"
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    # STACK.md: with 2 workers on 2 CPUs, a whole CPU per worker starves Ray Data's readers.
+    cpus_per_worker: float = Field(0.5, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1, description="requests per worker per step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip_norm: float = Field(1.0, gt=0, description="one-pass training gets no second chance after a spike")
+    embed_dim: int = Field(32, ge=1, description="DLRM / Zenith id embedding width")
+    d_model: int = Field(64, ge=1, description="HSTU / GenRank / Zenith token width")
+    num_blocks: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    max_hist_len: int = Field(128, ge=1, description="newest history events a model sees")
+    task_weights: dict[str, float] = Field(default_factory=dict, description="loss weight per task (default 1)")
+    bf16: bool = Field(True, description="bf16 autocast on GPU (CPU always runs float32)")
+    checkpoint_every_steps: int = Field(50, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")
+    log_every_steps: int = Field(20, ge=1)
+    seed: int = 0
+    max_requests: int | None = Field(None, ge=1, description="train on the first N requests only")
+    eval_last_fraction: float = Field(0.1, gt=0, le=1, description="also report metrics on this last share of time")
+    storage_path: str = Field("data/train_runs", description="Ray Train run storage (checkpoints, predictions)")
+    run_name: str | None = Field(None, description="None: <model>-<UTC time>; reuse a name to resume a run")
+    artifact_dir: str = "data/artifacts"
+
+
+class ServingConfig(Section):
+    """Ray Serve application (serving/, docs/serving.md); per-deployment Serve settings live in serving/config.yaml."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    num_candidates: int = Field(200, gt=0, le=500, description="items retrieved per /recommend, then ranked")
+    max_k: int = Field(100, gt=0, description="largest k a /recommend may ask for")
+    max_rank_items: int = Field(500, gt=0, le=500, description="largest item_ids list a /rank may send")
+    max_events: int = Field(1000, gt=0, description="most events one POST /events may carry")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    # Ranking score = sum of weight * sigmoid(task logit); tasks not named weigh 0, empty = every task weighs 1.
+    task_weights: dict[str, float] = Field(default_factory=dict)
+    api_key_env: str = Field("STREAMREC_API_KEY", description="env var holding the /events API key")
+    trending_size: int = Field(500, gt=0, description="items kept in the trending fallback list")
+    trending_refresh_s: float = Field(60.0, gt=0)
+    # Trending = engagements (non-impression actions) over this window; None = the longest features window.
+    trending_window_s: int | None = None
+    stage_timeout_s: float = Field(1.0, gt=0, description="a stage slower than this counts as unavailable")
+    landing_prefix: str = "serving"
+
+
 class PlatformConfig(Section):
     profile: str = "embedded"
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -159,3 +213,5 @@ class PlatformConfig(Section):
     datasets: DatasetsConfig = Field(default_factory=DatasetsConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)

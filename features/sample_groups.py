@@ -90,6 +90,8 @@ def ranking_partition(batch: pa.Table, groups: RankingGroups) -> pa.Table:
         "user_id": pa.array(req_users.astype(np.int64)),
         "request_ts": pa.array(req_ts.astype(np.int64) * 1000).cast(TS_TYPE),
         **{name: list_array(col.to_numpy().astype(np.int64), starts, ends, pa.int64()) for name, col in hist.items()},
+        # the value of each history event (stars of a rating, seconds of a view): sequence models use the stars
+        "hist_values": list_array(eng["value"].fillna(0).to_numpy().astype(np.float32), starts, ends, pa.float32()),
         "cand_item_ids": pa.ListArray.from_arrays(offsets, pa.array(cands["item_id"].to_numpy().astype(np.int64))),
         "cand_author_ids": pa.ListArray.from_arrays(
             offsets, pa.array(cands["author_id"].fillna(0).to_numpy().astype(np.int64))),

@@ -1,0 +1,193 @@
+"""Ranking quality of one streaming pass: dlrm vs hstu vs genrank vs zenith vs zenith++ on the same rows.
+
+    python -m bench.quality --dataset ml-1m              # MovieLens like/love, users 1-2999 (../shared)
+    python -m bench.quality --dataset ml-100k
+    python -m bench.quality --dataset simulator --events 2000000   # vs the oracle AUC
+    python -m bench.quality --dataset all
+
+Per dataset: landing files (dataset adapter or simulator) -> ingestion -> features -> samples (kept
+under data/bench/quality/<dataset>, rebuilt only when missing) -> one `train_ranking` run per model
+with the same config, seed and data order (progressive validation: each chunk scored before it is
+trained on). Prints and writes, to bench/results/quality.json, the headline task's AUC / GAUC /
+logloss over the whole stream and over the last 10% of time, the simulator's oracle AUC on the same
+rows, ML-1M's HSTU-vs-SASRec retrieval figure (bench/results/quality_retrieval.json), Zenith's
+token similarity per layer vs the shared-weight variant, and a plot of progressive AUC over time per
+model (bench/results/quality_auc_<dataset>.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import config
+from ray_jobs.runtime import init_ray
+
+RESULTS = Path("bench/results")
+ROOT = Path("data/bench/quality")
+MODELS = ("dlrm", "hstu", "genrank", "zenith", "zenith++")
+HEADLINE = {"ml-1m": "like", "ml-100k": "like", "simulator": "click"}
+
+
+def dataset_config(name: str, events: int, overrides: list[str]):
+    root = ROOT / name
+    base = [f"lake.root={root / 'lake'}", f"ingest.landing_dir={root / 'landing'}",
+            f"features.feast_dir={root / 'feast'}", f"features.online_store.path={root / 'feast' / 'online.db'}",
+            f"training.storage_path={root / 'runs'}", f"training.artifact_dir={root / 'artifacts'}"]
+    if name == "simulator":
+        return config.load(None, [*base, f"simulator.events={events}", f"simulator.oracle_dir={root / 'oracle'}",
+                                  *overrides])
+    return config.load("movielens", [*base, *overrides])
+
+
+def prepare(name: str, cfg) -> dict:
+    """Landing -> lake -> features -> samples, unless a previous run left complete samples."""
+    marker = ROOT / name / "prepared.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    shutil.rmtree(ROOT / name, ignore_errors=True)
+    t = time.perf_counter()
+    if name == "simulator":
+        from ingestion.simulator import simulate
+
+        simulate(cfg.simulator, cfg.ingest.landing_dir, fsync=False)
+    else:
+        from ingestion.datasets import convert, open_dataset
+
+        convert(open_dataset(name, cfg.datasets.root), cfg.ingest.landing_dir, ROOT / name / "meta")
+    from features.job import FeatureJob
+    from features.samples import SampleBuilder
+    from ingestion.job import IngestJob
+
+    ingest = IngestJob(cfg).run_once()
+    FeatureJob(cfg).run(materialize=False)
+    samples = SampleBuilder(cfg).run()
+    info = {"events": ingest.totals()["valid"], "quarantined": ingest.totals()["quarantined"],
+            "failed_expectations": ingest.failed, "requests": samples.requests,
+            "candidates": samples.candidates, "tasks": list(samples.tasks),
+            "prepare_s": round(time.perf_counter() - t, 1)}
+    marker.write_text(json.dumps(info))
+    return info
+
+
+def token_similarity_rows(cfg, artifacts: dict[str, str], rows: int = 512) -> dict[str, list[float]]:
+    """Zenith's mean pairwise token cosine per layer, on the stream's last `rows` requests."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from models.zenith import token_similarity
+    from training.artifact import load_artifact
+    from training.ranking_batch import RankingFeatures, encode
+
+    table = DeltaTable(cfg.lake.table("samples_ranking")).to_pyarrow_table()
+    table = table.filter(pc.greater_equal(table["sample_no"], table.num_rows - rows))
+    out = {}
+    for kind, folder in artifacts.items():
+        model, manifest = load_artifact(folder)
+        model.eval()
+        feats = RankingFeatures.from_dict(manifest.metadata["ranking_features"])
+        out[kind] = [round(v, 4) for v in token_similarity(model, encode(table, feats))]
+    return out
+
+
+def plot(name: str, series: dict[str, list[dict]], task: str, oracle: float | None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, points in series.items():
+        ax.plot([datetime.fromtimestamp(p["ts"], UTC) for p in points], [p["auc"] for p in points], label=kind)
+    if oracle is not None:
+        ax.axhline(oracle, color="black", linestyle="--", label="oracle")
+    ax.set_title(f"{name}: progressive AUC ({task}) per 5% of the stream")
+    ax.set_ylabel("AUC")
+    ax.legend()
+    fig.autofmt_xdate()
+    path = RESULTS / f"quality_auc_{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)
+
+
+def run_dataset(name: str, args) -> dict:
+    from training.oracle import oracle_auc_on_samples
+    from training.ranking import train_ranking
+
+    cfg = dataset_config(name, args.events, args.set)
+    info = prepare(name, cfg)
+    task = HEADLINE[name]
+    print(f"\n== {name}: {info['requests']:,} requests, {info['candidates']:,} candidates "
+          f"(prepared in {info['prepare_s']}s)", flush=True)
+    out: dict = {"requests": info["requests"], "candidates": info["candidates"], "task": task}
+    series, artifacts = {}, {}
+    kinds = list(args.models) + (["zenith-shared"] if "zenith" in args.models else [])
+    for kind in kinds:
+        run_cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={
+            "model": kind, "run_name": f"{name}-{kind.replace('+', 'p')}-{datetime.now(UTC):%H%M%S}"})})
+        run = train_ranking(run_cfg, log=lambda line: None)
+        m = run.metrics
+        whole, last = m["progressive"][task], m["last"][task]
+        artifacts[kind] = run.artifact
+        if kind == "zenith-shared":
+            continue  # trained for the token-similarity comparison only
+        out[kind] = {"auc": whole["auc"], "gauc": whole["gauc"], "logloss": whole["logloss"], "ne": whole["ne"],
+                     "calibration": whole["calibration"], "last10_auc": last["auc"], "last10_gauc": last["gauc"],
+                     "last10_logloss": last["logloss"], "seconds": run.seconds,
+                     "requests_per_s": round(m["requests"] / run.seconds, 1),
+                     "tasks": {t: {k: v[k] for k in ("auc", "gauc", "logloss")} for t, v in m["progressive"].items()}}
+        series[kind] = m["auc_over_time"]
+        print(f"{kind:>9}: AUC {whole['auc']:.4f} GAUC {whole['gauc']:.4f} logloss {whole['logloss']:.4f} | "
+              f"last 10%: AUC {last['auc']:.4f} GAUC {last['gauc']:.4f} | {run.seconds:.0f}s", flush=True)
+    oracle = None
+    if name == "simulator":
+        oracle = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"))["auc"]
+        out["oracle_auc"] = oracle
+        best = max(v["auc"] for k, v in out.items() if isinstance(v, dict) and "auc" in v and k in MODELS)
+        out["best_gap_to_oracle"] = round(oracle - best, 4)
+        print(f"   oracle AUC {oracle:.4f}; best model {best:.4f} (gap {oracle - best:.4f}; goal <= 0.005)")
+    if "dlrm" in out:
+        for kind in ("zenith", "genrank"):
+            if kind in out:
+                out[f"{kind}_minus_dlrm_auc"] = round(out[kind]["auc"] - out["dlrm"]["auc"], 4)
+    if "zenith" in artifacts and "zenith-shared" in artifacts:
+        out["token_similarity"] = token_similarity_rows(cfg, {k: artifacts[k] for k in ("zenith", "zenith-shared")})
+        print(f"   token similarity per layer: {out['token_similarity']}")
+    out["plot"] = plot(name, series, task, oracle)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=[*HEADLINE, "all"], default="ml-1m")
+    parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
+    parser.add_argument("--events", type=int, default=2_000_000, help="simulator events")
+    parser.add_argument("--set", action="append", default=[], help="config override for every run")
+    args = parser.parse_args(argv)
+    names = list(HEADLINE) if args.dataset == "all" else [args.dataset]
+    init_ray(config.load().ray)
+    path = RESULTS / "quality.json"
+    for name in names:
+        figures = run_dataset(name, args)
+        results = json.loads(path.read_text()) if path.exists() else {}  # re-read: other datasets' runs
+        results[name] = figures
+        retrieval = RESULTS / "quality_retrieval.json"
+        if name == "ml-1m" and retrieval.exists():
+            results["hstu_vs_sasrec_hr10_rel"] = json.loads(retrieval.read_text()).get("hstu_vs_sasrec_hr10_rel")
+        results.update(command="python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       date=datetime.now(UTC).isoformat(timespec="seconds"),
+                       machine=f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+        path.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The best AUC any model could reach on the simulator's ranking samples (its true click probabilities).
+
+The simulator writes each impression's true p_click under `simulator.oracle_dir` (p_click.parquet:
+request_id, item_id, p_click, ...). Scoring the `samples_ranking` candidates with it, against the
+samples' own `label_click`, gives the ceiling for the trained models' progressive AUC on the very same
+rows - over the whole stream and from a time on (the "last 10%" scope).
+
+    oracle_auc_on_samples("data/demo/oracle", "data/demo/lake/samples_ranking", since_s=None)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+
+from training.metrics import auc
+
+
+def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: int | None = None,
+                          max_requests: int | None = None) -> dict[str, float]:
+    """{"auc", "candidates", "matched"}: AUC of the true p_click on the samples' click labels."""
+    oracle = pq.read_table(Path(oracle_dir) / "p_click.parquet", columns=["request_id", "item_id", "p_click"])
+    samples = DeltaTable(samples_path).to_pyarrow_table(
+        columns=["sample_no", "request_id", "request_ts", "cand_item_ids", "label_click"])
+    if max_requests is not None:
+        samples = samples.filter(pc.less(samples["sample_no"], max_requests))
+    if since_s is not None:
+        ts = pc.divide(pc.cast(samples["request_ts"], pa.int64()), 1_000_000)
+        samples = samples.filter(pc.greater_equal(ts, since_s))
+    counts = pc.list_value_length(samples["cand_item_ids"]).to_numpy()
+    cands = pa.table({
+        "request_id": np.repeat(samples["request_id"].to_numpy(zero_copy_only=False), counts),
+        "item_id": pc.list_flatten(samples["cand_item_ids"]),
+        "label": pc.list_flatten(samples["label_click"]),
+    })
+    joined = cands.join(oracle, ["request_id", "item_id"], join_type="inner")
+    y = joined["label"].to_numpy()
+    p = joined["p_click"].to_numpy()
+    return {"auc": auc(y, p) if len(y) else float("nan"), "candidates": int(cands.num_rows),
+            "matched": int(joined.num_rows)}

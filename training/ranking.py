@@ -1,0 +1,372 @@
+"""Streaming one-pass ranking training on Ray Train: one `TorchTrainer`, DDP workers, progressive validation.
+
+    run = train_ranking(config.load("embedded"))   # after ray_jobs.samples; see ray_jobs.train
+
+The driver opens `samples_ranking` as a time-ordered stream (training.stream), hands it to the
+trainer as a Ray Dataset (the trainer splits it across workers with `streaming_split`, order
+preserved) and starts `num_workers` workers. Each worker, per step: takes its next batch of
+requests, drops those already trained on (after a restart), scores them with the current model
+(progressive validation: scored before trained on), then trains on them; DDP averages the
+gradients. Every `checkpoint_every_steps` the workers merge the samples they trained on into the
+stream position, flush their scores and rank 0 reports a checkpoint (weights, optimiser, position).
+A worker failure restarts the group from the latest checkpoint (`FailureConfig`). At the end the
+driver computes the headline metrics from the kept scores and writes the model artifact.
+
+Workers may run out of rows at different steps (equal splits, but rows skipped after a restart
+differ per worker): a worker without rows takes a zero-loss step on a one-row dummy batch so DDP's
+collectives stay matched, and the loop ends when no worker has rows left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.distributed as dist
+from ray.data import ExecutionOptions
+from ray.train import DataConfig
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from config.schema import PlatformConfig, TrainingConfig
+from features.offline import duckdb_connection
+from models.heads import multitask_bce
+from models.inputs import RankingInputs
+from training.artifact import save_artifact
+from training.ranking_batch import RankingFeatures, encode, labels
+from training.ranking_eval import auc_over_time, run_metrics
+from training.ranking_models import build_ranker, extra_loss
+from training.stream import SAMPLE_NO, PredictionLog, SampleStream, StreamPosition, filesystem
+
+COLUMNS = ["sample_no", "user_id", "request_ts", "hist_item_ids", "hist_author_ids", "hist_actions", "hist_ts",
+           "hist_values", "cand_item_ids", "cand_author_ids", "user_stats", "cand_item_stats", "cand_author_stats"]
+
+
+@dataclass
+class RankingRun:
+    """What a run produced: the artifact folder, its metrics and where Ray Train kept the run."""
+
+    artifact: str
+    version: str
+    metrics: dict
+    run_dir: str
+    seconds: float
+
+
+def ranking_features(cfg: PlatformConfig, stream: SampleStream) -> RankingFeatures:
+    """Vocabulary sizes from the `events` table (largest id; later ids fold), tasks and stats from the samples."""
+    con = duckdb_connection()
+    try:
+        users, items, authors = con.execute(
+            f"SELECT max(user_id), max(item_id), coalesce(max(author_id), 0) FROM delta_scan('{cfg.lake.events}')"
+        ).fetchone()
+    finally:
+        con.close()
+    return RankingFeatures(kind=stream.metadata["kind"], tasks=tuple(stream.metadata["tasks"].split(",")),
+                           stat_names=tuple(stream.metadata["stat_names"].split(",")), num_users=int(users),
+                           num_items=int(items), num_authors=int(authors), max_hist_len=cfg.training.max_hist_len)
+
+
+def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -> RankingRun:
+    """Run the trainer over the whole sample stream once and write the artifact (Ray must be initialised)
+    to `artifact`, or by default to `<training.artifact_dir>/<run name>`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.perf_counter()
+    t = cfg.training
+    stream = SampleStream.open(cfg.lake.table("samples_ranking"), cfg.lake.storage_options, t.max_requests)
+    feats = ranking_features(cfg, stream)
+    name = t.run_name or f"{t.model.replace('+', 'p')}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    storage = t.storage_path if "://" in t.storage_path else os.path.abspath(t.storage_path)
+    run_dir = f"{storage}/{name}"
+    log(f"training {t.model} on {stream.num_samples:,} requests ({feats.kind}: {', '.join(feats.tasks)}) "
+        f"with {t.num_workers} worker(s), {'GPU' if t.use_gpu else 'CPU'}; run {run_dir}")
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"training": t.model_dump(), "features": feats.to_dict(), "run_dir": run_dir,
+                           "num_samples": stream.num_samples},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": stream.dataset(COLUMNS + [f"label_{task}" for task in feats.tasks], t.batch_size)},
+        dataset_config=_WholeStreamSplit(),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+    )
+    with _ProgressTail(f"{run_dir}/progress.log", log):
+        result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_dir} ended without a checkpoint: {result.error}")
+    model, _ = build_ranker(t.model, feats, t)
+    with result.checkpoint.as_directory() as folder:
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        state = _read_json(os.path.join(folder, "state.json"))
+    pred = PredictionLog.read(f"{run_dir}/predictions", feats.tasks)
+    _check_once(pred, stream.num_samples, run_dir)
+    metrics = run_metrics(pred, feats.tasks, t.eval_last_fraction)
+    metrics.update(model=t.model, requests=stream.num_samples, steps=state["step"], restarts=state["restarts"],
+                   auc_over_time=auc_over_time(pred, feats.tasks[0]))
+    _, model_config = build_ranker(t.model, feats, t)
+    metadata = {"ranking_features": feats.to_dict(), "tasks": list(feats.tasks), "model": t.model,
+                "training": t.model_dump(), "samples": cfg.lake.table("samples_ranking"), "run_dir": run_dir}
+    folder = artifact or os.path.join(t.artifact_dir, name)
+    manifest = save_artifact(folder, model, model_config, metadata, metrics, name=name)
+    return RankingRun(artifact=folder, version=manifest.version, metrics=metrics, run_dir=run_dir,
+                      seconds=round(time.perf_counter() - t0, 1))
+
+
+class _WholeStreamSplit(DataConfig):
+    """Ray Train's split (`streaming_split`), in stream order, without `equal=True`: that mode drops rows to
+    give every worker the same count, and one pass must not lose a sample (uneven shares are handled by
+    the zero-loss steps of `_train_loop`)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        ds = datasets["train"].copy(datasets["train"])
+        ds.set_name("train")
+        ds.context.execution_options = ExecutionOptions(preserve_order=True)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        return [{"train": split} for split in ds.streaming_split(world_size, equal=False, locality_hints=hints)]
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_once(pred: pa.Table, num_samples: int, run_dir: str) -> None:
+    """Every sample of the stream was scored (and so trained on) exactly once in the kept history."""
+    requests = np.unique(pred[SAMPLE_NO].to_numpy())
+    steps = pc.unique(pa.table({"s": pred[SAMPLE_NO], "k": pred["step"]}).group_by("s").aggregate(
+        [("k", "count_distinct")])["k_count_distinct"]).to_pylist() if pred.num_rows else []
+    if len(requests) != num_samples or any(c > 1 for c in steps):
+        raise RuntimeError(f"{run_dir}: the kept scores cover {len(requests):,} of {num_samples:,} requests "
+                           f"(or a request was trained on in two steps); the run is not a clean single pass")
+
+
+class _ProgressTail:
+    """Prints the lines rank 0 appends to the progress file while the trainer runs (local storage only)."""
+
+    def __init__(self, path: str, log):
+        self.path, self.log, self.stop = path, log, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        if "://" not in self.path:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        pos = 0
+        while True:
+            stopping = self.stop.is_set()
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    f.seek(pos)
+                    for line in f.readlines():
+                        self.log(line.rstrip())
+                    pos = f.tell()
+            if stopping:
+                return
+            self.stop.wait(0.5)
+
+
+def _dummy_inputs(feats: RankingFeatures) -> tuple[RankingInputs, torch.Tensor]:
+    """One request, one history event, one candidate: the zero-loss step of a worker without rows."""
+    one, w = torch.ones(1, dtype=torch.long), len(feats.stat_names)
+    inputs = RankingInputs(user_ids=one, request_ts=one, hist_item_ids=one[:, None], hist_author_ids=one[:, None],
+                           hist_actions=one[:, None], hist_ts=one[:, None], hist_lengths=one,
+                           cand_item_ids=one[:, None], cand_author_ids=one[:, None], num_candidates=one,
+                           cand_dense=torch.zeros(1, 1, 2 * w), user_dense=torch.zeros(1, w))
+    return inputs, torch.zeros(1, 1, len(feats.tasks))
+
+
+def _train_loop(config: dict) -> None:
+    """One Ray Train worker (see the module docstring)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    t = TrainingConfig(**config["training"])
+    feats = RankingFeatures.from_dict(config["features"])
+    run_dir, num_samples = config["run_dir"], config["num_samples"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if not t.use_gpu:
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(t.seed)
+    model, _ = build_ranker(t.model, feats, t)
+    position, step, restarts = StreamPosition(num_samples), 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    optimizer_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+            optimizer_state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
+            with open(os.path.join(folder, "position.npz"), "rb") as f:
+                position = StreamPosition.from_bytes(f.read())
+            state = _read_json(os.path.join(folder, "state.json"))
+            step, restarts = state["step"], state["restarts"] + 1
+    preds = PredictionLog(f"{run_dir}/predictions", rank, feats.tasks)
+    preds.rollback(after_step=step)
+    # Zenith++'s MoE leaves unchosen experts without gradients in a step; the others use every parameter.
+    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
+        "find_unused_parameters": t.model == "zenith++"})
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    weights = torch.tensor([t.task_weights.get(task, 1.0) for task in feats.tasks], device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.use_gpu and t.bf16)
+    dummy = _dummy_inputs(feats)
+    progress = _Progress(run_dir, rank, feats.tasks[0], position.count, restarts)
+    if "://" not in run_dir:  # which process is which rank: for operators, and the fault test's kill
+        os.makedirs(f"{run_dir}/workers", exist_ok=True)
+        with open(f"{run_dir}/workers/rank-{rank}.pid", "w") as f:
+            f.write(f"{os.getpid()}\n")
+    progress.say(f"worker {rank}: {'resumed at step ' + str(step) if checkpoint else 'started'}, "
+                 f"{position.count:,} of {num_samples:,} requests already trained")
+    rows_iter = iter(ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=t.batch_size, batch_format="pyarrow", prefetch_batches=2))
+    trained_since: list[np.ndarray] = []
+
+    while True:
+        rows = next(rows_iter, None)
+        done = rows is None
+        if rows is not None:
+            rows = rows.filter(pa.array(position.untrained(rows[SAMPLE_NO].to_numpy())))
+        n = 0 if rows is None else rows.num_rows
+        status = torch.tensor([n, 0 if done else 1], dtype=torch.long)
+        dist.all_reduce(status)
+        if status[0] == 0:
+            if status[1] == 0:
+                break
+            continue
+        if n:
+            inputs, y = encode(rows, feats), labels(rows, feats)
+        else:
+            inputs, y = dummy
+        inputs, y = inputs.to(device), y.to(device)
+        if n:
+            model.eval()
+            with torch.no_grad(), autocast:
+                probs = torch.sigmoid(model(inputs).float())
+            _log_scores(preds, rows, inputs, probs, y)
+            progress.scored(y, probs, inputs.candidate_mask())
+        model.train()
+        with autocast:
+            logits = ddp(inputs)
+            loss = multitask_bce(logits.float(), y, inputs.candidate_mask(), weights) + extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * (1.0 if n else 0.0)).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_norm)
+        optimizer.step()
+        step += 1
+        if n:
+            trained_since.append(rows[SAMPLE_NO].to_numpy())
+            progress.trained(n, loss.item())
+        if step % t.log_every_steps == 0:
+            progress.line(step, num_samples)
+        if step % t.checkpoint_every_steps == 0:
+            _checkpoint(model, optimizer, position, preds, trained_since, step, restarts, rank, Checkpoint)
+            trained_since = []
+    _checkpoint(model, optimizer, position, preds, trained_since, step, restarts, rank, Checkpoint)
+    progress.line(step, num_samples, final=True)
+
+
+def _log_scores(preds: PredictionLog, rows: pa.Table, inputs: RankingInputs, probs: torch.Tensor,
+                y: torch.Tensor) -> None:
+    mask = inputs.candidate_mask().cpu().numpy()
+    req = np.nonzero(mask)[0]
+    preds.add(rows[SAMPLE_NO].to_numpy()[req], rows["user_id"].to_numpy()[req],
+              inputs.request_ts.cpu().numpy()[req], probs.cpu().numpy()[mask], y.cpu().numpy()[mask])
+
+
+def _checkpoint(model: nn.Module, optimizer, position: StreamPosition, preds: PredictionLog,
+                trained_since: list[np.ndarray], step: int, restarts: int, rank: int, checkpoint_cls) -> None:
+    """Merge every worker's trained samples into the position, flush scores, report a checkpoint (rank 0)."""
+    import ray.train
+
+    mine = np.concatenate(trained_since) if trained_since else np.zeros(0, np.int64)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    for part in gathered:
+        position.mark(part)
+    preds.flush(step)
+    metrics = {"step": step, "trained": position.count, "watermark": position.watermark}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(folder, "model.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+        with open(os.path.join(folder, "position.npz"), "wb") as f:
+            f.write(position.to_bytes())
+        with open(os.path.join(folder, "state.json"), "w") as f:
+            json.dump({**metrics, "restarts": restarts}, f)
+        ray.train.report(metrics, checkpoint=checkpoint_cls.from_directory(folder))
+
+
+class _Progress:
+    """Per-chunk log lines of rank 0 (a progress file the driver prints, and the worker's stdout)."""
+
+    def __init__(self, run_dir: str, rank: int, task: str, already: int, restarts: int):
+        self.rank, self.task, self.start = rank, task, time.perf_counter()
+        self.done, self.loss, self.restarts = already, float("nan"), restarts
+        self.y: list[np.ndarray] = []
+        self.p: list[np.ndarray] = []
+        local = "://" not in run_dir
+        self.path = os.path.join(run_dir, "progress.log") if local and rank == 0 else None
+        if local:
+            filesystem(run_dir)[0].create_dir(filesystem(run_dir)[1], recursive=True)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(text + "\n")
+
+    def scored(self, y: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> None:
+        self.y.append(y[..., 0][mask].cpu().numpy())
+        self.p.append(probs[..., 0][mask].cpu().numpy())
+
+    def trained(self, n: int, loss: float) -> None:
+        self.done += n
+        self.loss = loss
+
+    def line(self, step: int, total: int, final: bool = False) -> None:
+        if self.rank != 0:
+            return
+        y = np.concatenate(self.y) if self.y else np.zeros(0)
+        p = np.concatenate(self.p) if self.p else np.zeros(0)
+        chunk_auc = _safe_auc(y, p)
+        self.y, self.p = [], []
+        rate = (self.done - 0) / max(time.perf_counter() - self.start, 1e-9)
+        self.say(f"{'done' if final else 'step'} {step:>6} | worker 0 trained {self.done:,} requests "
+                 f"({rate:,.0f}/s) | loss {self.loss:.4f} | chunk AUC({self.task}) {chunk_auc:.4f} | "
+                 f"~{min(100.0, 100.0 * self.done * _world() / max(total, 1)):.0f}% of the stream")
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _safe_auc(y: np.ndarray, p: np.ndarray) -> float:
+    from training.metrics import auc
+
+    return auc(y, p) if len(y) and 0 < y.sum() < len(y) else float("nan")
