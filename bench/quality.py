@@ -171,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     parser.add_argument("--events", type=int, default=2_000_000, help="simulator events")
     parser.add_argument("--set", action="append", default=[], help="config override for every run")
+    parser.add_argument("--prepare-only", action="store_true", help="build the lakes and samples, train nothing")
     args = parser.parse_args(argv)
     names = list(HEADLINE) if args.dataset == "all" else [args.dataset]
     init_ray(config.load().ray)
     path = RESULTS / "quality.json"
     for name in names:
+        if args.prepare_only:
+            print(name, prepare(name, dataset_config(name, args.events, args.set)), flush=True)
+            continue
         figures = run_dataset(name, args)
         results = json.loads(path.read_text()) if path.exists() else {}  # re-read: other datasets' runs
         results[name] = figures

@@ -60,8 +60,12 @@ def _rating_candidates(df: pd.DataFrame, groups: RankingGroups) -> pd.DataFrame:
     rates = rates.assign(T=rates.groupby([rates["user_id"], window])["ts_ms"].transform("min"))
     rates = rates.drop_duplicates(["user_id", "T", "item_id"], keep="last")
     rates = rates.sort_values(["user_id", "T", "ts_ms", "item_id"], kind="stable")
+    # A long rating session is cut into requests of at most max_candidates (same T, same history), so no
+    # rating is dropped and a request's candidate count stays bounded.
+    part = rates.groupby(["user_id", "T"]).cumcount() // groups.samples.max_candidates
     return pd.DataFrame({
-        "user_id": rates["user_id"], "request_id": rates["user_id"].astype(str) + "-" + rates["T"].astype(str),
+        "user_id": rates["user_id"],
+        "request_id": rates["user_id"].astype(str) + "-" + rates["T"].astype(str) + "-" + part.astype(str),
         "item_id": rates["item_id"], "author_id": rates["author_id"], "T": rates["T"],
         "like": (rates["value"] >= 4).astype(np.int8), "love": (rates["value"] == 5).astype(np.int8),
     })

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
 import torch.distributed as dist
 from ray.data import ExecutionOptions
@@ -84,6 +85,9 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
 
     t0 = time.perf_counter()
     t = cfg.training
+    if t.use_gpu and not cfg.ray.address and not ray.cluster_resources().get("GPU"):
+        # A local Ray without GPUs would wait for them forever (a cluster may still autoscale a GPU group).
+        raise ValueError("training.use_gpu is true but this local Ray has no GPU; set training.use_gpu=false")
     stream = SampleStream.open(cfg.lake.table("samples_ranking"), cfg.lake.storage_options, t.max_requests)
     feats = ranking_features(cfg, stream)
     name = t.run_name or f"{t.model.replace('+', 'p')}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
@@ -327,7 +331,7 @@ class _Progress:
 
     def __init__(self, run_dir: str, rank: int, task: str, already: int, restarts: int):
         self.rank, self.task, self.start = rank, task, time.perf_counter()
-        self.done, self.loss, self.restarts = already, float("nan"), restarts
+        self.already, self.done, self.loss, self.restarts = already, 0, float("nan"), restarts
         self.y: list[np.ndarray] = []
         self.p: list[np.ndarray] = []
         local = "://" not in run_dir
@@ -356,10 +360,11 @@ class _Progress:
         p = np.concatenate(self.p) if self.p else np.zeros(0)
         chunk_auc = _safe_auc(y, p)
         self.y, self.p = [], []
-        rate = (self.done - 0) / max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        share = (self.already + self.done * _world()) / max(total, 1)
         self.say(f"{'done' if final else 'step'} {step:>6} | worker 0 trained {self.done:,} requests "
                  f"({rate:,.0f}/s) | loss {self.loss:.4f} | chunk AUC({self.task}) {chunk_auc:.4f} | "
-                 f"~{min(100.0, 100.0 * self.done * _world() / max(total, 1)):.0f}% of the stream")
+                 f"~{min(100.0, 100.0 * share):.0f}% of the stream")
 
 
 def _world() -> int:

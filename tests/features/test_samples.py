@@ -149,3 +149,17 @@ def test_ratings_groups_like_and_love(tmp_path, ray_local):
         mine = sorted((e["ts"], e["item_id"]) for e in events if e["user_id"] == row.user_id)
         assert list(row.item_ids) == [i for _, i in mine] and list(row.ts) == [t for t, _ in mine]
     assert ACTION_INDEX["rate"] in set(np.concatenate(ranking["hist_actions"].to_numpy()).tolist())
+
+
+def test_long_rating_sessions_are_split_not_truncated(tmp_path, ray_local):
+    start = 1_767_571_200_000
+    session = [{"event_id": f"s{i}", "ts": start + 1000 * i, "user_id": 3, "item_id": 10 + i, "action": "rate",
+                "value": float(1 + i % 5)} for i in range(7)]
+    cfg = lake_config(tmp_path, "features.windows_s=[86400]", "features.hop_s=3600", "features.sequence_hop_s=86400",
+                      "samples.max_candidates=3")
+    write_events(cfg.lake.events, session)
+    ranking, _ = build(cfg)
+    assert [len(c) for c in ranking["cand_item_ids"]] == [3, 3, 1]
+    assert sorted(i for c in ranking["cand_item_ids"] for i in c) == [e["item_id"] for e in session]
+    assert ranking["request_ts"].nunique() == 1 and ranking["request_id"].nunique() == 3
+    assert [list(v) for v in ranking["label_love"]] == [[0, 0, 0], [0, 1, 0], [0]]

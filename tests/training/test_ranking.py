@@ -9,18 +9,13 @@ checkpoint is trained on again.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import config
-from tests.conftest import REPO
+from bench.train_fault import train_and_kill
 
 SIM_EVENTS = 40_000
 
@@ -93,29 +88,10 @@ def test_killed_worker_resumes_from_checkpoint_without_training_twice(sim_lake):
     every = 10
     overrides = [*lake_overrides(root), "training.run_name=faulty", f"training.checkpoint_every_steps={every}",
                  "training.log_every_steps=1"]
-    cmd = [sys.executable, "-m", "ray_jobs.train", "--out", str(root / "artifacts" / "faulty")]
-    for override in overrides:
-        cmd += ["--set", override]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    killed_at = None
-    deadline = time.time() + 420
-    try:
-        while killed_at is None and time.time() < deadline and proc.poll() is None:
-            progress = run_dir / "progress.log"
-            steps = [int(line.split()[1]) for line in progress.read_text().splitlines()
-                     if line.startswith("step ")] if progress.exists() else []
-            if steps and steps[-1] >= every + 3:  # past the first checkpoint, before the end of the stream
-                pid = int((run_dir / "workers" / "rank-1.pid").read_text())
-                os.kill(pid, signal.SIGKILL)
-                killed_at = steps[-1]
-            time.sleep(0.2)
-        out, _ = proc.communicate(timeout=max(30, deadline - time.time()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert killed_at is not None, "the run ended before a worker could be killed mid-pass"
-    assert proc.returncode == 0, out[-3000:]
+    # past the first checkpoint, before the end of the stream
+    run = train_and_kill(overrides, run_dir, root / "artifacts" / "faulty", kill_after_step=every + 3, timeout_s=600)
+    assert run["killed_at"] is not None, "the run ended before a worker could be killed mid-pass"
+    assert run["returncode"] == 0, run["output"][-3000:]
 
     _, manifest = load_artifact(root / "artifacts" / "faulty")
     assert manifest.metrics["restarts"] >= 1
@@ -132,3 +108,26 @@ def test_killed_worker_resumes_from_checkpoint_without_training_twice(sim_lake):
     for s, step in zip(lost["sample_no"].to_pylist(), lost["step"].to_pylist(), strict=True):
         # only work after the checkpoint was lost, and it was redone after the resume
         assert step > resumed_from and min(per_request[s]) > resumed_from
+
+
+def test_use_gpu_without_a_gpu_is_a_clear_error(sim_lake):
+    import torch
+
+    from training.ranking import train_ranking
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_gpu_run covers use_gpu")
+    root, _, _ = sim_lake
+    with pytest.raises(ValueError, match=r"training\.use_gpu"):
+        train_ranking(config.load(None, [*lake_overrides(root), "training.use_gpu=true"]))
+
+
+@pytest.mark.gpu
+def test_gpu_run_with_bf16_autocast(sim_lake):
+    from training.ranking import train_ranking
+
+    root, _, report = sim_lake
+    run = train_ranking(config.load(None, [*lake_overrides(root), "training.use_gpu=true", "training.num_workers=1",
+                                           "training.cpus_per_worker=1", "training.model=genrank",
+                                           "training.run_name=gpu"]))
+    assert run.metrics["requests"] == report.requests and run.metrics["progressive"]["click"]["auc"] > 0.55
