@@ -1,0 +1,222 @@
+"""The Ray Serve application: a FastAPI ingress over feature lookup, retrieval, ranking and event intake.
+
+    serve run serving/config.yaml                      # or: python -m ray_jobs.deploy --config embedded ...
+    curl -s localhost:8000/recommend -d '{"user_id": 7, "k": 10}' -H 'content-type: application/json'
+
+/recommend: the user's history (FeatureLookup) -> candidates (Retriever, batched; seen items excluded) ->
+M-FALCON ranking of the candidates (Ranker) -> top k. Every stage has a fallback and a time limit
+(serving.stage_timeout_s), so a broken or slow dependency degrades the answer instead of failing it:
+- unknown user / no usable history: trending items (from the windowed stats) are the candidates;
+- feature store unavailable: trending candidates, ranked with default features;
+- retriever unavailable or too slow: trending candidates;
+- ranker unavailable: candidates in retrieval (or trending) order.
+The response names the fallback(s) used, the model versions and per-stage timings. Overload is Serve's:
+past max_ongoing_requests + max_queued_requests of the Ingress the proxy answers 503 at once.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the body models, not strings, on the ingress.
+import asyncio
+import hmac
+import os
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Body, Depends, FastAPI, HTTPException, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving import common
+from serving.common import Timer, platform_config
+from serving.events import EventIntake
+from serving.lookup import FeatureLookup
+from serving.ranker import Ranker
+from serving.retriever import Retriever
+from serving.schemas import (
+    MAX_EVENTS,
+    Event,
+    EventsAccepted,
+    Health,
+    RankRequest,
+    RankResponse,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
+
+app = FastAPI(title="streamrec", version="1",
+              description="Recommendations (generative retrieval + M-FALCON ranking) and event intake.")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required by POST /events")
+# The ingress's limits live in serving.common: Serve pickles the FastAPI app, and with it this module's
+# functions by value (their globals copied), so a dict here would not be the one the Ingress sets.
+
+
+@app.middleware("http")
+async def limit_body(request: Request, call_next):
+    length, limit = request.headers.get("content-length"), common.INGRESS_LIMITS["max_body_bytes"]
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)
+    return await call_next(request)
+
+
+def require_key(key: str | None = Security(api_key_header)) -> None:
+    expected = common.INGRESS_LIMITS.get("api_key")
+    if not expected:
+        raise HTTPException(503, "event intake disabled: no API key configured on the server")
+    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong X-API-Key", headers={"WWW-Authenticate": "ApiKey"})
+
+
+def _bad(field: str, msg: str) -> HTTPException:
+    return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, features: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
+                 events: DeploymentHandle, args: dict[str, Any] | None = None):
+        self.features, self.retriever, self.ranker, self.events = features, retriever, ranker, events
+        self.cfg = platform_config(args).serving
+        key = os.environ.get(self.cfg.api_key_env)
+        common.INGRESS_LIMITS.update(max_body_bytes=self.cfg.max_body_bytes, api_key=key)
+        self.trending: list = []
+        self.trending_at = -1e9
+
+    async def _call(self, response, timeout: float | None = None):
+        """A stage's answer within its time limit; on timeout the request to it is cancelled."""
+        try:
+            return await asyncio.wait_for(response, timeout or self.cfg.stage_timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise
+
+    async def _trending(self) -> list:
+        if not self.trending or time.monotonic() - self.trending_at > self.cfg.trending_refresh_s:
+            try:
+                self.trending = await self._call(self.features.trending.remote())
+                self.trending_at = time.monotonic()
+            except Exception:  # keep the last list
+                pass
+        return self.trending
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        if req.k > self.cfg.max_k:
+            raise _bad("k", f"k must be <= {self.cfg.max_k}")
+        now_ms, timer = int(time.time() * 1000), Timer()
+        fallbacks: list[str] = []
+        versions: dict[str, str | None] = {"retriever": None, "ranker": None}
+        user = None
+        with timer("features"):
+            try:
+                user = await self._call(self.features.user.remote(req.user_id))
+            except Exception:
+                fallbacks.append("trending:feature_store_unavailable")
+        exclude = set(user["items"]) if user and req.exclude_seen else set()
+        n = self.cfg.num_candidates
+        cands, cand_scores = [], []
+        if user is not None and (user["missing"] or not user["items"]):
+            fallbacks.append("trending:unknown_user" if user["missing"] else "trending:cold_user")
+        elif user is not None:
+            with timer("retrieval"):
+                try:
+                    got = await self._call(self.retriever.retrieve.remote(
+                        list(zip(user["items"], user["ts"])), now_ms, n, sorted(exclude)))
+                    cands, cand_scores, versions["retriever"] = got["items"], got["scores"], got["version"]
+                    if not cands:
+                        fallbacks.append("trending:no_known_history")
+                except Exception:
+                    fallbacks.append("trending:retriever_unavailable")
+        if not cands:
+            with timer("trending"):
+                trend = [(i, s) for i, s in await self._trending() if i not in exclude][:n]
+                cands, cand_scores = [i for i, _ in trend], [s for _, s in trend]
+        items = [ScoredItem(item_id=i, score=s) for i, s in zip(cands[: req.k], cand_scores)]
+        if cands:
+            with timer("ranking"):
+                try:
+                    ranked = await self._call(self.ranker.rank.remote(req.user_id, cands, now_ms))
+                    items = self._top(cands, ranked, req.k)
+                    versions["ranker"] = ranked["version"]
+                    timer.ms.update(ranked["timings_ms"])
+                    if ranked["fallback"]:
+                        fallbacks.append(f"{ranked['fallback']}:feature_store_unavailable")
+                except Exception:
+                    fallbacks.append("unranked:ranker_unavailable")
+        timer.total()
+        return RecommendResponse(
+            user_id=req.user_id, items=items, candidates_retrieved=len(cands),
+            fallback=",".join(dict.fromkeys(fallbacks)) or None, model_versions=versions, timings_ms=timer.ms,
+            history_items=(user["items"][::-1][:10] if user else []), request_ts_ms=now_ms)
+
+    @staticmethod
+    def _top(cands: list[int], ranked: dict, k: int) -> list[ScoredItem]:
+        score = np.asarray(ranked["score"])
+        order = np.argsort(-score, kind="stable")[:k]
+        tasks = ranked["tasks"]
+        return [ScoredItem(item_id=cands[j], score=float(score[j]),
+                           scores=dict(zip(tasks, ranked["probs"][j]))) for j in order.tolist()]
+
+    @app.post("/rank", response_model=RankResponse, responses={503: {"description": "no ranker loaded"}})
+    async def rank(self, req: RankRequest) -> RankResponse:
+        if len(req.item_ids) > self.cfg.max_rank_items:
+            raise _bad("item_ids", f"at most {self.cfg.max_rank_items} items")
+        now_ms, timer = int(time.time() * 1000), Timer()
+        with timer("ranking"):
+            try:
+                ranked = await self._call(self.ranker.rank.remote(req.user_id, req.item_ids, now_ms))
+            except Exception as err:
+                raise HTTPException(503, f"ranker unavailable: {type(err).__name__}") from None
+        timer.ms.update(ranked["timings_ms"])
+        timer.total()
+        items = [ScoredItem(item_id=i, score=s, scores=dict(zip(ranked["tasks"], p)))
+                 for i, s, p in zip(req.item_ids, ranked["score"], ranked["probs"])]
+        fallback = f"{ranked['fallback']}:feature_store_unavailable" if ranked["fallback"] else None
+        return RankResponse(user_id=req.user_id, items=items, tasks=ranked["tasks"], fallback=fallback,
+                            model_versions={"ranker": ranked["version"]}, timings_ms=timer.ms, request_ts_ms=now_ms)
+
+    @app.post("/events", status_code=202, response_model=EventsAccepted, dependencies=[Depends(require_key)],
+              responses={401: {"description": "missing or wrong X-API-Key"}, 413: {"description": "body too large"}})
+    async def post_events(self, body: Annotated[Event | list[Event], Body()]) -> EventsAccepted:
+        events = [body] if isinstance(body, Event) else body
+        if not events:
+            raise _bad("events", "at least one event")
+        if len(events) > min(self.cfg.max_events, MAX_EVENTS):
+            raise HTTPException(413, f"at most {self.cfg.max_events} events per request")
+        try:
+            got = await self._call(self.events.ingest.remote([e.model_dump(exclude_none=True) for e in events]),
+                                   timeout=max(self.cfg.stage_timeout_s, 10.0))
+        except Exception as err:
+            raise HTTPException(503, f"event intake unavailable: {type(err).__name__}") from None
+        if "problems" in got:
+            raise HTTPException(422, got["problems"])
+        return EventsAccepted(**got)
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        checks = {"features": self.features.check, "retriever": self.retriever.check,
+                  "ranker": self.ranker.check, "events": self.events.check}
+        problems = [] if common.INGRESS_LIMITS.get("api_key") else [f"events: no API key in ${self.cfg.api_key_env}"]
+        for name, check in checks.items():
+            try:
+                got = await self._call(check.remote())
+                problems += [got] if isinstance(got, str) else list(got or [])
+            except Exception as err:
+                problems.append(f"{name}: {type(err).__name__}")
+        versions = {}
+        for name, handle in (("retriever", self.retriever), ("ranker", self.ranker)):
+            try:
+                versions[name] = await self._call(handle.version.remote())
+            except Exception:
+                versions[name] = None
+        return Health(status="degraded" if problems else "ok", model_versions=versions, problems=problems)
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The application for `serve run` / serveConfigV2 (import_path serving.app:build_app)."""
+    args = dict(args or {})
+    return Ingress.bind(FeatureLookup.bind(args), Retriever.bind(args), Ranker.bind(args), EventIntake.bind(args),
+                        args)

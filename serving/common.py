@@ -1,0 +1,77 @@
+"""What every serving deployment shares: the platform config from the app's args, paths, stage errors, timing.
+
+The app's args (serving/config.yaml `args`) are `config` (profile name or path), `overrides` (`--set` style)
+and `base_dir` (relative paths in config and user_config resolve against it; default: the repository root,
+so `serve run serving/config.yaml` works from any folder).
+
+>>> cfg = platform_config({"overrides": ["serving.num_candidates=50"]})
+>>> cfg.serving.num_candidates, Path(cfg.lake.root).is_absolute()
+(50, True)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import config
+from config.schema import PlatformConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Per-process limits of the HTTP ingress (body size, API key), set by the Ingress from config (see serving.app).
+INGRESS_LIMITS: dict[str, Any] = {"max_body_bytes": 1 << 20, "api_key": None}
+
+
+class StageUnavailable(RuntimeError):
+    """A stage (retriever, ranker) has no model loaded or cannot answer: the ingress falls back."""
+
+
+def base_dir(args: dict[str, Any] | None) -> Path:
+    return Path((args or {}).get("base_dir") or REPO_ROOT).resolve()
+
+
+def resolve(path: str | None, args: dict[str, Any] | None) -> str | None:
+    """A local path relative to the app's base_dir made absolute; URIs (s3://...) and None pass through."""
+    if not path or "://" in path:
+        return path
+    return str((base_dir(args) / path).resolve())
+
+
+def platform_config(args: dict[str, Any] | None, extra_overrides: list[str] | None = None) -> PlatformConfig:
+    """The typed config named by the app's args, local paths made absolute against base_dir."""
+    from features.repo import absolute_paths
+
+    args = args or {}
+    cfg = config.load(args.get("config"), [*args.get("overrides", []), *(extra_overrides or [])])
+    cfg = absolute_paths(cfg, base_dir(args))
+    if "://" not in cfg.ingest.landing_dir:
+        cfg.ingest.landing_dir = resolve(cfg.ingest.landing_dir, args)
+    return cfg
+
+
+class Timer:
+    """Named stage timings in milliseconds: `with timer("retrieval"): ...`."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name: str) -> _Span:
+        return _Span(self, name)
+
+    def total(self) -> float:
+        self.ms["total"] = round((time.perf_counter() - self._start) * 1000, 3)
+        return self.ms["total"]
+
+
+class _Span:
+    def __init__(self, timer: Timer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> _Span:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.ms[self.name] = round((time.perf_counter() - self.t0) * 1000, 3)

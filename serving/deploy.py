@@ -1,0 +1,123 @@
+"""Deploy the Serve application from serving/config.yaml, the way `serve run` and a RayService do.
+
+The app is always deployed from a Serve config (not `serve.run(app)`), so the code path is the one the
+cluster uses and a change of a deployment's user_config only is a lightweight update: the replicas stay and
+their `reconfigure` swaps the new artifact in (`set_user_config`).
+
+    sc = serve_config(ranker="data/artifacts/ranker", retriever="data/artifacts/retriever")
+    deploy(sc)                                   # Ray must be initialised (ray_jobs.runtime.init_ray)
+    set_user_config(sc, "Ranker", artifact="data/artifacts/ranker-v2")
+    shutdown()
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
+APP_NAME = "streamrec"
+
+
+def serve_config(path: str | Path = CONFIG_PATH, *, config: str | None = None, overrides: list[str] | None = None,
+                 ranker: str | None = None, retriever: str | None = None, host: str | None = None,
+                 port: int | None = None, base_dir: str | None = None,
+                 deployments: dict[str, dict[str, Any]] | None = None, defaults: bool = False) -> dict[str, Any]:
+    """serving/config.yaml with the given changes. `deployments` merges per-deployment options (user_config
+    keys merge too). `defaults=True` drops the tuned Serve options (max_ongoing_requests, max_queued_requests,
+    torch_threads, batching), leaving Serve's defaults: the benchmark's baseline."""
+    sc = yaml.safe_load(Path(path).read_text())
+    app = sc["applications"][0]
+    args = app.setdefault("args", {})
+    if config is not None:
+        args["config"] = config
+    if overrides:
+        args["overrides"] = [*args.get("overrides", []), *overrides]
+    if base_dir is not None:
+        args["base_dir"] = str(base_dir)
+    if host is not None:
+        sc["http_options"]["host"] = host
+    if port is not None:
+        sc["http_options"]["port"] = port
+    by_name = {d["name"]: d for d in app["deployments"]}
+    if defaults:
+        for d in by_name.values():
+            d.pop("max_ongoing_requests", None)
+            d.pop("max_queued_requests", None)
+            uc = d.get("user_config") or {}
+            for key in ("torch_threads", "batch_size", "batch_wait_timeout_s"):
+                uc.pop(key, None)
+    if ranker is not None:
+        by_name["Ranker"]["user_config"]["artifact"] = str(ranker)
+    if retriever is not None:
+        by_name["Retriever"]["user_config"]["artifact"] = str(retriever)
+    for name, options in (deployments or {}).items():
+        options = dict(options)
+        target = by_name.setdefault(name, {"name": name})
+        if "user_config" in options:
+            target["user_config"] = {**(target.get("user_config") or {}), **options.pop("user_config")}
+        target.update(options)
+    app["deployments"] = list(by_name.values())
+    return sc
+
+
+def deploy(sc: dict[str, Any], timeout_s: float = 300.0) -> None:
+    """Start Serve (HTTP on the config's host/port) and deploy the app; returns once it is RUNNING."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    http = sc.get("http_options", {})
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000),
+                              "request_timeout_s": http.get("request_timeout_s")})
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(sc))
+    wait_running(timeout_s)
+
+
+def wait_running(timeout_s: float = 300.0, expect: dict[str, dict] | None = None) -> None:
+    """Until the app is RUNNING (and, with `expect`, every named deployment's user_config is applied)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        state = getattr(status, "status", None)
+        if state == "RUNNING" and all(status.deployments[n].status == "HEALTHY" for n in (expect or {})):
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {APP_NAME} {state}: {status.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {APP_NAME} not running after {timeout_s}s: {state}")
+        time.sleep(0.5)
+
+
+def set_user_config(sc: dict[str, Any], deployment: str, timeout_s: float = 300.0, **changes) -> dict[str, Any]:
+    """Change one deployment's user_config in place (lightweight update, no replica restart); returns the new
+    config. E.g. `set_user_config(sc, "Ranker", artifact=new_dir)` rolls a new model in."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    new = copy.deepcopy(sc)
+    for d in new["applications"][0]["deployments"]:
+        if d["name"] == deployment:
+            d["user_config"] = {**(d.get("user_config") or {}), **changes}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(new))
+    time.sleep(0.5)  # let the controller pick the new target up before polling its status
+    wait_running(timeout_s, {deployment: {}})
+    return new
+
+
+def shutdown() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def base_url(sc: dict[str, Any]) -> str:
+    http = sc.get("http_options", {})
+    host = http.get("host", "127.0.0.1")
+    return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{http.get('port', 8000)}"

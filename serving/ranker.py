@@ -1,0 +1,147 @@
+"""Ranking: candidates + online features -> per-task probabilities and one weighted score.
+
+`RankerModel` loads a ranking artifact (metadata "ranking_features" = `RankingFeatures.to_dict()`, "tasks"):
+sequence rankers (GenRank, HSTURanking) are scored with M-FALCON (prefill the history once, candidates in
+micro-batches, per-user prefill cache); other rankers (DLRM, Zenith) with their forward on all candidates at
+once. Inputs come from `serving.features.ranking_rows` + `training.ranking_batch.encode`, the conversion
+training uses. Score = sum over tasks of weight * sigmoid(logit) (serving.task_weights or the deployment's
+user_config task_weights; empty = every task weighs 1).
+
+>>> # m = RankerModel("data/artifacts/ranker"); probs = m.score(ranking_rows(features, now_ms)); m.combine(probs)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from ray import serve
+
+from features.online import FeatureStoreUnavailable, OnlineFeatureClient
+from features.spec import FeatureSpec
+from models.heads import SequenceRanker
+from models.mfalcon import MFalconScorer
+from serving.common import StageUnavailable, platform_config, resolve
+from serving.lookup import default_features, ranking_rows
+from training.artifact import load_artifact
+from training.ranking_batch import RankingFeatures, encode
+
+log = logging.getLogger("ray.serve")
+
+
+class RankerModel:
+    def __init__(self, folder: str, task_weights: dict[str, float] | None = None, micro_batch: int = 256,
+                 cache_size: int = 4096):
+        self.model, manifest = load_artifact(folder)
+        self.version = manifest.version
+        meta = manifest.metadata
+        if "ranking_features" not in meta:
+            raise ValueError(f"{folder}: metadata lacks ranking_features (not a ranking artifact)")
+        self.feats = RankingFeatures.from_dict(meta["ranking_features"])
+        self.tasks = tuple(meta.get("tasks") or self.feats.tasks)
+        self.set_weights(task_weights)
+        self.scorer = (MFalconScorer(self.model, micro_batch=micro_batch, cache_size=cache_size)
+                       if isinstance(self.model, SequenceRanker) else None)
+
+    def set_weights(self, task_weights: dict[str, float] | None) -> None:
+        unknown = set(task_weights or {}) - set(self.tasks)
+        if unknown:
+            raise ValueError(f"task_weights name unknown tasks {sorted(unknown)}; the model has {list(self.tasks)}")
+        self.weights = np.array([(task_weights or {}).get(t, 0.0) if task_weights else 1.0 for t in self.tasks])
+
+    @torch.no_grad()
+    def score(self, rows: pa.Table) -> np.ndarray:
+        """[C, T] task probabilities of one request row's candidates."""
+        n = len(rows["cand_item_ids"][0])
+        if n == 0:
+            return np.zeros((0, len(self.tasks)))
+        inputs = encode(rows, self.feats)
+        logits = self.scorer.score(inputs) if self.scorer is not None else self.model(inputs)
+        return torch.sigmoid(logits[0, :n].float()).numpy().astype(np.float64)
+
+    def combine(self, probs: np.ndarray) -> np.ndarray:
+        return probs @ self.weights
+
+
+@serve.deployment
+class Ranker:
+    """Reads the candidates' features (its own online client: one hop less per request) and scores them.
+
+    user_config: artifact, task_weights, micro_batch, cache_size, torch_threads, overrides (config overrides,
+    e.g. another online store). A new artifact is loaded in a thread and swapped in: requests keep being
+    answered by the old model meanwhile, each response names the version that scored it."""
+
+    def __init__(self, args: dict[str, Any] | None = None):
+        self.args = args or {}
+        self.cfg = platform_config(self.args)
+        self.stat_names = FeatureSpec.from_config(self.cfg.features).stat_names
+        self.model: RankerModel | None = None
+        self.artifact: str | None = None
+        self.error: str | None = "no ranker artifact configured"
+        self.client: OnlineFeatureClient | None = None
+        self.store_error: str | None = None
+        self.overrides: list[str] | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        uc = user_config or {}
+        if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
+            torch.set_num_threads(int(uc["torch_threads"]))
+        overrides = list(uc.get("overrides") or [])
+        if overrides != self.overrides or self.client is None:
+            self.overrides = overrides
+            self.cfg = platform_config(self.args, overrides)
+            try:
+                self.client, self.store_error = OnlineFeatureClient(self.cfg), None
+            except FeatureStoreUnavailable as err:
+                self.client, self.store_error = None, str(err)
+        weights = uc.get("task_weights") or self.cfg.serving.task_weights
+        artifact = resolve(uc.get("artifact"), self.args)
+        if artifact is None:
+            self.model, self.artifact, self.error = None, None, "no ranker artifact configured"
+            return
+        if artifact == self.artifact and self.model is not None:
+            self.model.set_weights(weights)
+            return
+        try:
+            model = await asyncio.to_thread(RankerModel, artifact, weights, int(uc.get("micro_batch", 256)),
+                                            int(uc.get("cache_size", 4096)))
+        except Exception as err:  # keep serving what is loaded (or nothing): /healthz names the problem
+            self.error = f"ranker artifact {artifact}: {err}"
+            log.error(self.error)
+            return
+        self.model, self.artifact, self.error = model, artifact, None
+
+    async def rank(self, user_id: int, item_ids: list[int], request_ts_ms: int) -> dict[str, Any]:
+        model = self.model
+        if model is None:
+            raise StageUnavailable(self.error)
+        t0 = time.perf_counter()
+        fallback = None
+        try:
+            if self.client is None:
+                raise FeatureStoreUnavailable(self.store_error or "no online store")
+            features = self.client.get(int(user_id), item_ids)
+        except FeatureStoreUnavailable:
+            # Rank anyway, as for an unknown user with unknown items: better than no ranking at all.
+            features, fallback = default_features(self.stat_names, user_id, item_ids), "default_features"
+        t1 = time.perf_counter()
+        probs = model.score(ranking_rows(features, request_ts_ms))
+        t2 = time.perf_counter()
+        return {"probs": probs.tolist(), "score": model.combine(probs).tolist(), "tasks": list(model.tasks),
+                "version": model.version, "fallback": fallback,
+                "timings_ms": {"ranking_features": round((t1 - t0) * 1000, 3),
+                               "ranking_model": round((t2 - t1) * 1000, 3)}}
+
+    async def check(self) -> list[str]:
+        problems = [] if self.model is not None and self.error is None else [f"ranker: {self.error}"]
+        if self.client is None:
+            problems.append(f"ranker feature store: {self.store_error}")
+        return problems
+
+    async def version(self) -> str | None:
+        return self.model.version if self.model else None

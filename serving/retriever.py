@@ -1,0 +1,143 @@
+"""Candidate retrieval: an adapter over any retriever artifact, and the batched Ray Serve deployment.
+
+`RetrieverModel` loads an artifact and answers "the k best unseen items after this history" in raw item ids:
+- a model with `retrieve(history, lengths, k, decoder=, exclude=)` (the NEZHA generative retriever) is asked
+  directly, with its decoder;
+- otherwise (HSTURetrieval, SASRec: `score_all`-style dot-product retrievers) the history gets a target slot at
+  the request time, as in training (training/retrieval.py `score_next_items`: the slot lends its time as the
+  last token's query time), every catalogue item is scored at the last history state, seen items are masked
+  and the top k taken.
+Dense ids map to raw ids through metadata `item_ids` (NEZHA: dense id i at index i-1) or `item_vocab`
+(dot-product retrievers: index = dense id, 0 = padding). Raw ids outside the vocabulary are dropped from the
+history; a history with nothing left raises `StageUnavailable` (the ingress then serves trending items).
+
+>>> # m = RetrieverModel("data/artifacts/retriever"); m.retrieve([[(3, 1767571200000)]], [now_ms], [10], [set()])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from serving.common import StageUnavailable, resolve
+from training.artifact import load_artifact
+
+log = logging.getLogger("ray.serve")
+
+
+class RetrieverModel:
+    def __init__(self, folder: str, decoder: str = "nezha"):
+        self.model, manifest = load_artifact(folder)
+        self.version = manifest.version
+        self.decoder = decoder
+        meta = manifest.metadata
+        if "item_ids" in meta:
+            vocab = np.r_[0, np.asarray(meta["item_ids"], np.int64)]
+        elif "item_vocab" in meta:
+            vocab = np.asarray(meta["item_vocab"], np.int64)
+        else:
+            raise ValueError(f"{folder}: metadata has neither item_ids nor item_vocab")
+        self.vocab = vocab  # dense id -> raw id
+        self.dense = {int(raw): i for i, raw in enumerate(vocab.tolist()) if i > 0}
+        cfg = getattr(self.model, "cfg", None)
+        self.max_len = int(meta.get("max_len") or getattr(cfg, "max_len", 0) or 200)
+        self.generative = callable(getattr(self.model, "retrieve", None))
+
+    @torch.no_grad()
+    def retrieve(self, histories: list[list[tuple[int, int]]], now_ms: list[int], ks: list[int],
+                 excludes: list[set[int]]) -> list[tuple[list[int], list[float]]]:
+        """Per request: (raw item, ts ms) history oldest first -> (raw items, scores), best first."""
+        hist = [[(self.dense[i], t) for i, t in h if i in self.dense] for h in histories]
+        keep = self.max_len - (0 if self.generative else 1)  # room for the target slot
+        hist = [h[-keep:] for h in hist]
+        out: list[tuple[list[int], list[float]]] = [([], []) for _ in hist]
+        rows = [r for r, h in enumerate(hist) if h]
+        if not rows:
+            return out
+        lengths = torch.tensor([len(hist[r]) for r in rows])
+        width = int(lengths.max()) + (0 if self.generative else 1)
+        items = torch.zeros(len(rows), width, dtype=torch.long)
+        times = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, r in enumerate(rows):
+            n = len(hist[r])
+            items[j, :n] = torch.tensor([i for i, _ in hist[r]])
+            times[j, :n] = torch.tensor([t // 1000 for _, t in hist[r]])
+            if not self.generative:
+                times[j, n] = now_ms[r] // 1000
+        dense_excl = [{self.dense[i] for i in excludes[r] if i in self.dense} for r in rows]
+        k = max(ks[r] for r in rows)
+        if self.generative:
+            got, scores = self.model.retrieve(items, lengths, k=k, decoder=self.decoder, exclude=dense_excl)
+        else:
+            states = self.model(items, times, lengths + 1)
+            last = states[torch.arange(len(rows)), lengths - 1]
+            all_scores = last @ self.model.item_embeddings().T
+            all_scores[:, 0] = float("-inf")
+            for j, ex in enumerate(dense_excl):
+                if ex:
+                    all_scores[j, list(ex)] = float("-inf")
+            scores, got = all_scores.topk(min(k, all_scores.shape[1] - 1), dim=1)
+        for j, r in enumerate(rows):
+            s, g = scores[j].tolist(), got[j].tolist()
+            pairs = [(int(self.vocab[d]), float(v)) for d, v in zip(g, s) if d > 0 and np.isfinite(v)][: ks[r]]
+            out[r] = ([p[0] for p in pairs], [p[1] for p in pairs])
+        return out
+
+
+@serve.deployment
+class Retriever:
+    """Requests are batched with `@serve.batch`: one model call for up to batch_size concurrent users.
+
+    user_config: artifact (path), decoder, batch_size, batch_wait_timeout_s, torch_threads. A new artifact is
+    loaded in a thread while the old one keeps answering, then swapped in (no failed request)."""
+
+    def __init__(self, args: dict[str, Any] | None = None):
+        self.args = args or {}
+        self.model: RetrieverModel | None = None
+        self.artifact: str | None = None
+        self.error: str | None = "no artifact configured"
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        uc = user_config or {}
+        if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
+            torch.set_num_threads(int(uc["torch_threads"]))
+        self._batched.set_max_batch_size(int(uc.get("batch_size", 16)))
+        self._batched.set_batch_wait_timeout_s(float(uc.get("batch_wait_timeout_s", 0.002)))
+        artifact = resolve(uc.get("artifact"), self.args)
+        if artifact is None:  # explicitly none: answer StageUnavailable (the ingress serves trending items)
+            self.model, self.artifact, self.error = None, None, "no retriever artifact configured"
+            return
+        if artifact == self.artifact and self.model is not None:
+            return
+        try:
+            model = await asyncio.to_thread(RetrieverModel, artifact, uc.get("decoder", "nezha"))
+        except Exception as err:  # keep serving what is loaded (or nothing): /healthz names the problem
+            self.error = f"retriever artifact {artifact}: {err}"
+            log.error(self.error)
+            return
+        self.model, self.artifact, self.error = model, artifact, None
+
+    async def retrieve(self, history: list[tuple[int, int]], now_ms: int, k: int,
+                       exclude: list[int]) -> dict[str, Any]:
+        if self.model is None:
+            raise StageUnavailable(self.error)
+        return await self._batched((history, now_ms, k, set(exclude)))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _batched(self, requests: list[tuple]) -> list[dict[str, Any]]:
+        model = self.model  # one model for the whole batch, even if a new one is swapped in meanwhile
+        got = model.retrieve([r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests],
+                             [r[3] for r in requests])
+        return [{"items": items, "scores": scores, "version": model.version, "batch": len(requests)}
+                for items, scores in got]
+
+    async def version(self) -> str | None:
+        return self.model.version if self.model else None
+
+    async def check(self) -> list[str]:
+        return [] if self.model is not None and self.error is None else [f"retriever: {self.error}"]
