@@ -129,7 +129,7 @@ def run_dataset(name: str, args) -> dict:
           f"(prepared in {info['prepare_s']}s)", flush=True)
     out: dict = {"requests": info["requests"], "candidates": info["candidates"], "task": task}
     series, artifacts = {}, {}
-    kinds = list(args.models) + (["zenith-shared"] if "zenith" in args.models else [])
+    kinds = list(args.models) + (["zenith-shared"] if "zenith" in args.models and not args.skip_similarity else [])
     for kind in kinds:
         run_cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={
             "model": kind, "run_name": f"{name}-{kind.replace('+', 'p')}-{datetime.now(UTC):%H%M%S}"})})
@@ -145,6 +145,7 @@ def run_dataset(name: str, args) -> dict:
                      "requests_per_s": round(m["requests"] / run.seconds, 1),
                      "tasks": {t: {k: v[k] for k in ("auc", "gauc", "logloss")} for t, v in m["progressive"].items()}}
         series[kind] = m["auc_over_time"]
+        _save(name, out)  # a model's figures survive a later model's failure or a stopped run
         print(f"{kind:>9}: AUC {whole['auc']:.4f} GAUC {whole['gauc']:.4f} logloss {whole['logloss']:.4f} | "
               f"last 10%: AUC {last['auc']:.4f} GAUC {last['gauc']:.4f} | {run.seconds:.0f}s", flush=True)
     oracle = None
@@ -165,31 +166,38 @@ def run_dataset(name: str, args) -> dict:
     return out
 
 
+def _save(name: str, figures: dict, **top) -> None:
+    path = RESULTS / "quality.json"
+    results = json.loads(path.read_text()) if path.exists() else {}  # re-read: other datasets' runs
+    results[name] = figures
+    results.update(top)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=[*HEADLINE, "all"], default="ml-1m")
     parser.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS))
     parser.add_argument("--events", type=int, default=2_000_000, help="simulator events")
     parser.add_argument("--set", action="append", default=[], help="config override for every run")
+    parser.add_argument("--skip-similarity", action="store_true", help="do not train the shared-weight Zenith")
     parser.add_argument("--prepare-only", action="store_true", help="build the lakes and samples, train nothing")
     args = parser.parse_args(argv)
     names = list(HEADLINE) if args.dataset == "all" else [args.dataset]
     init_ray(config.load().ray)
-    path = RESULTS / "quality.json"
     for name in names:
         if args.prepare_only:
             print(name, prepare(name, dataset_config(name, args.events, args.set)), flush=True)
             continue
         figures = run_dataset(name, args)
-        results = json.loads(path.read_text()) if path.exists() else {}  # re-read: other datasets' runs
-        results[name] = figures
+        top = {}
         retrieval = RESULTS / "quality_retrieval.json"
         if name == "ml-1m" and retrieval.exists():
-            results["hstu_vs_sasrec_hr10_rel"] = json.loads(retrieval.read_text()).get("hstu_vs_sasrec_hr10_rel")
-        results.update(command="python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+            top["hstu_vs_sasrec_hr10_rel"] = json.loads(retrieval.read_text()).get("hstu_vs_sasrec_hr10_rel")
+        figures.update(command="python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
                        date=datetime.now(UTC).isoformat(timespec="seconds"),
                        machine=f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        _save(name, figures, **top)
     return 0
 
 

@@ -103,7 +103,9 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": stream.dataset(COLUMNS + [f"label_{task}" for task in feats.tasks], t.batch_size)},
+        # Blocks of a few batches: small enough to interleave the workers in time, large enough that the
+        # split coordinator's per-block cost stays small.
+        datasets={"train": stream.dataset(COLUMNS + [f"label_{task}" for task in feats.tasks], 4 * t.batch_size)},
         dataset_config=_WholeStreamSplit(),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
