@@ -1,12 +1,14 @@
 """`make demo`: the main job end to end on the embedded default, printing what each stage did.
 
-    python -m ray_jobs.demo [--events 200000] [--malformed-rate 0.002] [--keep]
+    python -m ray_jobs.demo [--events 200000] [--malformed-rate 0.002] [--keep] [--keep-serving]
 
 Stages so far: simulate live-stream logs (with a few malformed lines) -> ingest them with Ray Data
 through the Great Expectations gate into Delta -> audit that every line landed exactly once ->
 windowed stats and sequence tokens into Delta and Feast (SQLite online store) -> real-time pushes of
 new events with their freshness -> point-in-time training samples -> one streaming pass of GenRank on
-Ray Train (2 workers, progressive AUC next to the oracle's). Serving extends this same command.
+Ray Train (2 workers, progressive AUC next to the oracle's) -> semantic IDs and the NEZHA retriever ->
+Ray Serve: a few /recommend, /rank and /events requests with their timings, then a clean shutdown
+(`--keep-serving` leaves it up).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--malformed-rate", type=float, default=0.002)
     parser.add_argument("--keep", action="store_true", help="keep the previous demo's data (default: start clean)")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the served app up until Ctrl-C")
     args = parser.parse_args(argv)
     if not args.keep and DEMO_ROOT.exists():
         shutil.rmtree(DEMO_ROOT)
@@ -72,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     if not audit.ok or report.failed:
         return 1
     feature_stages(cfg)
-    training_stage(cfg)
+    ranker = training_stage(cfg)
+    retriever = retriever_stage(cfg)
+    t = stage("9. serving: Ray Serve /recommend = NEZHA retrieval -> features -> M-FALCON ranking")
+    from serving.demo import serve_and_query
+
+    serve_and_query(cfg, ranker.artifact, retriever, keep_serving=args.keep_serving)
+    print(f"   served, queried and shut down ({time.perf_counter() - t:.1f}s)")
     print(f"\nDelta tables under {cfg.lake.root}: events, events_quarantine, features_*, samples_*; "
           f"Feast repo: {cfg.features.feast_dir}/repo")
     return 0
@@ -144,6 +153,27 @@ def training_stage(cfg):
     print(f"   click AUC, last {run.metrics['last_fraction']:.0%}: model {run.metrics['last']['click']['auc']:.4f} "
           f"vs oracle {last['auc']:.4f}   ({time.perf_counter() - t:.1f}s)")
     return run
+
+
+def retriever_stage(cfg) -> str:
+    """Stage 8: semantic IDs + the NEZHA generative retriever on the lake's user sequences (a short run)."""
+    t = stage("8. retrieval: semantic IDs (RQ-KMeans) + NEZHA generative retriever on the lake's sequences")
+    from training.lake_sequences import export_retrieval_sequences
+    from training.retriever_pipeline import PipelineConfig, run, save
+
+    path = export_retrieval_sequences(cfg, DEMO_ROOT / "retrieval" / "lake.txt")
+    out = run(PipelineConfig(dataset=str(path), dot_epochs=6, dot_minutes=1.0, codebooks=(32, 32, 32), epochs=4,
+                             minutes=1.5, eval_users=500, test_users=500, d_model=32, dot_d_model=32))
+    folder = DEMO_ROOT / "artifacts" / "retriever"
+    manifest = save(folder, out)
+    sid = out["sid"].stats
+    print(f"   {len(out['data'].items):,} users, {out['data'].num_items:,} items; semantic IDs: "
+          f"{sid.get('levels')} levels {sid.get('radices')}, every item's tuple unique: {sid.get('unique')}")
+    for decoder, m in out["result"].test.items():
+        print(f"   test ({decoder}, leave-one-out, full catalogue): R@10 {m['r10']:.4f} N@10 {m['n10']:.4f} "
+              f"invalid returned {m['returned_invalid']}")
+    print(f"   artifact {folder} (version {manifest.version}) ({time.perf_counter() - t:.1f}s)")
+    return str(folder)
 
 
 if __name__ == "__main__":
