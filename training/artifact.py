@@ -51,6 +51,7 @@ from models.features import FeatureSpec
 from models.genrank import GenRank, HSTURanking
 from models.heads import RankerConfig
 from models.hstu import HSTUConfig
+from models.nezha import NezhaConfig, NezhaRetriever
 from models.retrieval import HSTURetrieval
 from models.sasrec import SASRec
 from models.zenith import Zenith, ZenithConfig
@@ -84,9 +85,9 @@ def _register(registry: dict[str, type], cls: type) -> None:
     registry[cls.__name__] = cls
 
 
-for _model in (HSTURetrieval, SASRec, HSTURanking, GenRank, DLRM, Zenith):
+for _model in (HSTURetrieval, SASRec, HSTURanking, GenRank, DLRM, Zenith, NezhaRetriever):
     register_model(_model)
-for _config in (HSTUConfig, RankerConfig, FeatureSpec, DLRMConfig, ZenithConfig):
+for _config in (HSTUConfig, RankerConfig, FeatureSpec, DLRMConfig, ZenithConfig, NezhaConfig):
     register_config(_config)
 
 

@@ -1,0 +1,235 @@
+"""Generative retrieval over semantic IDs with NEZHA decoding (Wang et al., WWW 2026; MODELS.md §6-7).
+
+A causal backbone (models/nezha_backbone.py: HSTU or a plain transformer) reads the user's history,
+one token per item = the sum of the embeddings of the item's L codes (choice: L tokens per item
+would make the prompt L times longer; the codes still carry the semantic ID). Two heads share it:
+- NEZHA: the prompt ends with L placeholder tokens SP_1..SP_L; one pass gives h_0 (last history
+  token) and h_1..h_L; the draft head computes s_1 = h_0, logits_l = Linear_l(h_l + s_l),
+  s_{l+1} = RNNCell_l(Emb_l(t_l), s_l); decoding is one pass plus a beam search over L cheap steps.
+- the baseline: an ordinary autoregressive LM over the codes (t_1 from h_0, then one cached backbone
+  step per generated code), decoded by beam search with the full backbone.
+Both are trained jointly with teacher forcing: loss = Σ_l CE(draft) + ar_weight · Σ_l CE(LM).
+Decoding verifies IDs with hash sets (models/nezha_decode.py) built from the `semantic_ids` buffer,
+so a model loaded from an artifact rebuilds them from its own weights.
+
+>>> import torch
+>>> cfg = NezhaConfig(num_items=6, codebook_sizes=(3, 2, 2), d_model=16, num_blocks=1, num_heads=2,
+...                   max_history=5, dropout=0.0, beam_size=4)
+>>> model = NezhaRetriever(cfg)
+>>> model.set_semantic_ids(torch.tensor([[0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 0], [1, 0, 1], [2, 1, 0], [2, 0, 0]]))
+>>> hist, lengths = torch.tensor([[1, 2, 3], [4, 0, 0]]), torch.tensor([3, 1])
+>>> bool(model.loss(hist, lengths, torch.tensor([5, 6])) > 0)
+True
+>>> items, scores = model.retrieve(hist, lengths, k=3, decoder="nezha", exclude=[{1}, set()])
+>>> items.shape, bool((items[0] != 1).all()), len(set(items[1].tolist())) == 3
+(torch.Size([2, 3]), True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.nezha_backbone import CausalBackbone
+from models.nezha_decode import BeamResult, beam_search
+from models.semantic_ids import SemanticIdIndex
+
+DECODERS = ("nezha", "beam")
+
+
+@dataclass
+class NezhaConfig:
+    num_items: int = 1
+    codebook_sizes: tuple[int, ...] = (256, 256, 256, 1)  # the last level is the collision code
+    backbone: str = "hstu"  # "hstu" | "transformer"
+    d_model: int = 64
+    num_blocks: int = 2
+    num_heads: int = 2
+    max_history: int = 50  # most recent items read per request
+    dropout: float = 0.2
+    hstu_variant: str = "research"
+    beam_size: int = 20  # default beam width (at least k)
+    ar_weight: float = 1.0  # weight of the backbone LM loss (0 trains NEZHA alone: no baseline)
+
+
+def recent(history: torch.Tensor, lengths: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most recent `m` items of right-padded rows, still right-padded (oldest first).
+
+    >>> recent(torch.tensor([[1, 2, 3, 0], [4, 0, 0, 0]]), torch.tensor([3, 1]), 2)[0].tolist()
+    [[2, 3], [4, 0]]
+    """
+    lengths = lengths.long().clamp(max=history.shape[1])
+    if history.shape[1] <= m:
+        return history.long(), lengths
+    start = (lengths - m).clamp(min=0)
+    idx = start[:, None] + torch.arange(m, device=history.device)[None, :]
+    new_len = lengths.clamp(max=m)
+    valid = idx < lengths[:, None]
+    out = history.gather(1, idx.clamp(max=history.shape[1] - 1)).long()
+    return out * valid, new_len
+
+
+class NezhaRetriever(nn.Module):
+    def __init__(self, cfg: NezhaConfig):
+        super().__init__()
+        self.cfg = cfg
+        sizes, d = tuple(int(t) for t in cfg.codebook_sizes), cfg.d_model
+        self.levels = len(sizes)
+        # Row i = dense item i's codes; row 0 (padding) is never a valid item. Persistent, so the
+        # weights file carries it too and `load_artifact` gives a model that can verify on its own.
+        self.register_buffer("semantic_ids", torch.zeros(cfg.num_items + 1, self.levels, dtype=torch.long))
+        self.code_emb = nn.ModuleList(nn.Embedding(t, d) for t in sizes)
+        self.pos_emb = nn.Embedding(cfg.max_history + self.levels, d)
+        self.placeholders = nn.Parameter(torch.randn(self.levels, d) / math.sqrt(d))  # SP_1..SP_L
+        self.step_type = nn.Parameter(torch.randn(self.levels, d) / math.sqrt(d))  # marks LM code tokens
+        for emb in (*self.code_emb, self.pos_emb):
+            nn.init.normal_(emb.weight, std=1.0 / math.sqrt(d))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.backbone = CausalBackbone(cfg.backbone, d, cfg.num_blocks, cfg.num_heads,
+                                       max_len=cfg.max_history + self.levels, dropout=cfg.dropout,
+                                       variant=cfg.hstu_variant)
+        self.draft_out = nn.ModuleList(nn.Linear(d, t) for t in sizes)
+        self.draft_emb = nn.ModuleList(nn.Embedding(t, d) for t in sizes[:-1])
+        self.draft_rnn = nn.ModuleList(nn.RNNCell(d, d) for _ in sizes[:-1])
+        self.lm_out = nn.ModuleList(nn.Linear(d, t) for t in sizes)
+        self._index: tuple[torch.Tensor, SemanticIdIndex] | None = None
+
+    # ---- semantic IDs -------------------------------------------------------------------------
+    def set_semantic_ids(self, table: torch.Tensor) -> None:
+        """Install a [num_items + 1, L] code table (row 0 = padding); rows 1.. must be distinct tuples."""
+        if tuple(table.shape) != tuple(self.semantic_ids.shape):
+            raise ValueError(f"semantic-ID table must be {tuple(self.semantic_ids.shape)}, got {tuple(table.shape)}")
+        self.semantic_ids.copy_(table)
+        self.index()  # validates uniqueness now, not at the first request
+
+    def index(self) -> SemanticIdIndex:
+        """Hash sets of the current table, rebuilt whenever the buffer changed (e.g. after loading)."""
+        table = self.semantic_ids
+        if self._index is None or not torch.equal(self._index[0], table):
+            self._index = (table.clone(), SemanticIdIndex(table, self.cfg.codebook_sizes))
+        return self._index[1]
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def item_tokens(self, items: torch.Tensor) -> torch.Tensor:
+        codes = self.semantic_ids[items]
+        x = sum(emb(codes[..., level]) for level, emb in enumerate(self.code_emb))
+        return x * (items > 0)[..., None].to(x.dtype)
+
+    def _run(self, hist_x: torch.Tensor, lengths: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+        """Backbone over [real history, tail] packed per row, positions added; returns states."""
+        b, n, d = hist_x.shape
+        if tail is not None:
+            t = tail.shape[1]
+            p = torch.arange(n + t, device=hist_x.device)[None, :]
+            src = torch.where(p < lengths[:, None], p, (n + p - lengths[:, None]).clamp(max=n + t - 1))
+            z = torch.cat([hist_x, tail.expand(b, t, d)], dim=1)
+            hist_x = z.gather(1, src[..., None].expand(b, n + t, d))
+            lengths = lengths + t
+        pos = torch.arange(hist_x.shape[1], device=hist_x.device)
+        x = self.drop(hist_x + self.pos_emb(pos)[None])
+        return self.backbone(x * (pos[None, :] < lengths[:, None])[..., None].to(x.dtype), lengths)
+
+    @staticmethod
+    def _at(states: torch.Tensor, lengths: torch.Tensor, count: int) -> torch.Tensor:
+        """States at positions lengths-1 .. lengths-1+count-1: [B, count, d]."""
+        idx = lengths[:, None] - 1 + torch.arange(count, device=states.device)[None, :]
+        return states.gather(1, idx[..., None].expand(-1, -1, states.shape[-1]))
+
+    def lm_tail(self, codes: torch.Tensor) -> torch.Tensor:
+        """Tokens fed to the backbone LM after the history: code t_l of level l, l < L ([..., L-1, d])."""
+        return torch.stack([self.code_emb[i](codes[..., i]) + self.step_type[i]
+                            for i in range(codes.shape[-1])], dim=-2)
+
+    # ---- training -----------------------------------------------------------------------------
+    def draft_logits(self, h0: torch.Tensor, hs: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher-forced draft head: h0 [B, d], placeholder states hs [B, L, d], true codes [B, L]."""
+        s, out = h0, []
+        for level in range(self.levels):
+            out.append(self.draft_out[level](hs[:, level] + s))
+            if level < self.levels - 1:
+                s = self.draft_rnn[level](self.draft_emb[level](codes[:, level]), s)
+        return out
+
+    def losses(self, history: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy summed over levels for the draft head ("nezha") and the backbone LM ("lm")."""
+        history, lengths = recent(history, lengths.clamp(min=1), self.cfg.max_history)
+        codes = self.semantic_ids[target]
+        hx = self.item_tokens(history)
+        states = self._at(self._run(hx, lengths, self.placeholders[None]), lengths, self.levels + 1)
+        logits = self.draft_logits(states[:, 0], states[:, 1:], codes)
+        out = {"nezha": sum(F.cross_entropy(lg, codes[:, i]) for i, lg in enumerate(logits))}
+        if self.cfg.ar_weight > 0:
+            tail = self.lm_tail(codes[:, :-1])
+            states = self._at(self._run(hx, lengths, tail), lengths, self.levels)
+            out["lm"] = sum(F.cross_entropy(self.lm_out[i](states[:, i]), codes[:, i]) for i in range(self.levels))
+        return out
+
+    def loss(self, history: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        parts = self.losses(history, lengths, target)
+        return parts["nezha"] + self.cfg.ar_weight * parts.get("lm", 0.0)
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def _nezha_start(self, hx, lengths):
+        states = self._at(self._run(hx, lengths, self.placeholders[None]), lengths, self.levels + 1)
+        h0, hs = states[:, 0], states[:, 1:]
+        state = {"s": h0, "req": torch.arange(len(h0), device=h0.device)}
+
+        def step(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+            s = self.draft_rnn[level - 1](self.draft_emb[level - 1](codes), state["s"][parent])
+            req = state["req"][parent]
+            state["s"], state["req"] = s, req
+            return F.log_softmax(self.draft_out[level](hs[req, level] + s), dim=-1)
+
+        return F.log_softmax(self.draft_out[0](hs[:, 0] + h0), dim=-1), step
+
+    def _beam_start(self, hx, lengths):
+        pos = torch.arange(hx.shape[1], device=hx.device)
+        x = (hx + self.pos_emb(pos)[None]) * (pos[None, :] < lengths[:, None])[..., None].to(hx.dtype)
+        out, cache = self.backbone.prefill(x, lengths)
+        state = {"cache": cache}
+
+        def step(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+            cache = self.backbone.reorder(state["cache"], parent)
+            tok = self.code_emb[level - 1](codes) + self.step_type[level - 1] + self.pos_emb(cache["pos"])
+            y, state["cache"] = self.backbone.step(tok[:, None], cache)
+            return F.log_softmax(self.lm_out[level](y[:, 0]), dim=-1)
+
+        h0 = out[torch.arange(len(out), device=out.device), lengths - 1]
+        return F.log_softmax(self.lm_out[0](h0), dim=-1), step
+
+    @torch.no_grad()
+    def decode(self, history: torch.Tensor, lengths: torch.Tensor, k: int, decoder: str = "nezha",
+               exclude: list[set[int]] | None = None, verify: str = "step", beam_size: int | None = None
+               ) -> BeamResult:
+        """Beam search with `decoder` ("nezha" | "beam"); see `retrieve`. Also reports invalid beams."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        history, lengths = recent(history, lengths, self.cfg.max_history)
+        if history.shape[1] == 0:
+            history = history.new_zeros(len(history), 1)
+        lengths = lengths.clamp(min=1)  # an empty history reads one padding token (cold start)
+        # Room for excluded items: they may take up to min(|exclude|, k) of the final beams.
+        extra = min(max((len(e) for e in exclude), default=0), k) if exclude else 0
+        width = max(beam_size or self.cfg.beam_size, k) + extra
+        start = self._nezha_start if decoder == "nezha" else self._beam_start
+        first, step = start(self.item_tokens(history), lengths)
+        return beam_search(first, step, self.index(), width, k, verify=verify, exclude=exclude)
+
+    @torch.no_grad()
+    def retrieve(self, history: torch.Tensor, lengths: torch.Tensor, k: int, decoder: str = "nezha",
+                 exclude: list[set[int]] | None = None, *, verify: str = "step",
+                 beam_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k items for each history: dense ids [B, L] (1..num_items, 0 = padding, oldest first,
+        right-padded) -> (items [B, k] dense ids, scores [B, k] summed log-probabilities). Only valid,
+        distinct, non-excluded items; rows with fewer than k are padded with 0 / -inf."""
+        was_training = self.training
+        self.eval()
+        try:
+            r = self.decode(history, lengths, k, decoder, exclude, verify, beam_size)
+        finally:
+            self.train(was_training)
+        return r.items, r.scores

@@ -1,0 +1,113 @@
+"""Beam search over semantic-ID levels with model-free hash-set verification (MODELS.md §7).
+
+One search serves both decoders: the caller gives the first level's log-probabilities and a `step`
+function that, for the beams kept so far, returns the next level's log-probabilities (NEZHA: one
+draft-head step; the baseline: one cached backbone step). Verification (models/semantic_ids.py):
+- "step": at level l every expansion whose prefix integer is not in the valid-prefix set is
+  dropped before the top-W cut (at the last level, the item set), so every final beam names an item;
+- "end": the search runs unconstrained and the final beams whose integer names no item are removed.
+Excluded items (e.g. already seen) are removed at the last level ("step") or at the end ("end").
+`invalid` counts the final beams that named no item before verification (always 0 with "step").
+
+>>> import torch
+>>> from models.semantic_ids import SemanticIdIndex
+>>> index = SemanticIdIndex(torch.tensor([[0, 0], [0, 1], [1, 1]]), radices=(2, 2))  # items (0,1), (1,1)
+>>> first = torch.log(torch.tensor([[0.4, 0.6]]))
+>>> step = lambda level, parent, codes: torch.log(torch.tensor([[0.3, 0.7], [0.9, 0.1]]))[codes]
+>>> r = beam_search(first, step, index, width=2, k=2, verify="end")
+>>> r.items.tolist(), r.invalid.tolist()        # beam (1,0) scores .54 but names no item
+([[1, 0]], [1])
+>>> beam_search(first, step, index, width=2, k=2, verify="step").items.tolist()
+[[1, 2]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from models.semantic_ids import SemanticIdIndex, radix_products
+
+VERIFY_MODES = ("step", "end")
+
+StepFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BeamResult:
+    items: torch.Tensor  # [B, k] dense item ids, 0 where fewer than k valid items were found
+    scores: torch.Tensor  # [B, k] summed log-probabilities, -inf where items is 0
+    invalid: torch.Tensor  # [B] final beams that named no item before verification
+    width: int  # beams kept at the last level
+
+
+def _exclusion_keys(exclude: list[set[int]] | None, index: SemanticIdIndex, total: int) -> torch.Tensor | None:
+    """Row-tagged integers (row · Π T + item integer) of the excluded items, or None."""
+    if not exclude or not any(exclude):
+        return None
+    rows, items = [], []
+    for r, items_r in enumerate(exclude):
+        ids = [i for i in items_r if 0 < i < len(index.item_values)]
+        rows += [r] * len(ids)
+        items += ids
+    if not items:
+        return None
+    values = index.item_values[torch.tensor(items, dtype=torch.long)]
+    return torch.tensor(rows, dtype=torch.long) * total + values
+
+
+def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, width: int, k: int,
+                verify: str = "step", exclude: list[set[int]] | None = None) -> BeamResult:
+    """Beam search of width `width` over len(index.radices) levels; returns the best k valid items.
+
+    `step(level, parent, codes)` gets, for each current beam (flattened [B·W]), the row of its parent
+    among the previous call's rows (the request index at level 1) and its code at level - 1; it
+    returns log-probabilities [B·W, T_level] and keeps its own per-beam state.
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    radices = index.radices
+    weights = radix_products(radices)
+    last = len(radices) - 1
+    b, dev = first_logp.shape[0], first_logp.device
+    excl = _exclusion_keys(exclude, index, weights[-1])
+    row_tag = torch.arange(b, device=dev)[:, None] * weights[-1]
+
+    cand_scores = first_logp.float()[:, None, :]  # [B, 1, T_1]: one empty beam per request
+    cand_values = torch.arange(radices[0], device=dev).expand(b, 1, radices[0])
+    scores = values = parent = codes = None
+    for level in range(len(radices)):
+        if level > 0:
+            t = radices[level]
+            logp = step(level, parent, codes).float().view(b, -1, t)
+            cand_scores = scores[..., None] + logp
+            cand_values = values[..., None] + torch.arange(t, device=dev) * weights[level]
+        if verify == "step":
+            ok = index.prefixes[level].contains(cand_values)
+            if level == last and excl is not None:
+                ok &= ~torch.isin(cand_values + row_tag[..., None], excl)
+            cand_scores = cand_scores.masked_fill(~ok, float("-inf"))
+        t = cand_scores.shape[-1]
+        flat = cand_scores.reshape(b, -1)
+        scores, idx = flat.topk(min(width, flat.shape[1]), dim=1)
+        values = cand_values.reshape(b, -1).gather(1, idx)
+        w_prev = cand_scores.shape[1]
+        parent = (torch.arange(b, device=dev)[:, None] * w_prev + idx // t).flatten()
+        codes = (idx % t).flatten()
+
+    items = index.item_of(values)
+    alive = torch.isfinite(scores)
+    invalid = ((items < 0) & alive).sum(1)
+    keep = alive & (items > 0)
+    if verify == "end" and excl is not None:
+        keep &= ~torch.isin(values + row_tag, excl)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    top, order = scores.topk(min(k, scores.shape[1]), dim=1)
+    out_items = items.gather(1, order).masked_fill(~torch.isfinite(top), 0)
+    if out_items.shape[1] < k:  # fewer beams than k: pad
+        pad = k - out_items.shape[1]
+        out_items = torch.cat([out_items, out_items.new_zeros(b, pad)], 1)
+        top = torch.cat([top, top.new_full((b, pad), float("-inf"))], 1)
+    return BeamResult(items=out_items, scores=top, invalid=invalid, width=values.shape[1])

@@ -1,0 +1,171 @@
+"""NEZHA generative retriever: backbone cache, draft head, teacher forcing, verified decoders, hand beams."""
+
+import doctest
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models.nezha
+import models.nezha_backbone
+from models.nezha import NezhaConfig, NezhaRetriever, recent
+from models.nezha_backbone import CausalBackbone
+
+RADICES = (4, 3, 2)
+
+
+def _table(num_items: int, seed: int = 0) -> torch.Tensor:
+    """Distinct random tuples over RADICES for items 1..num_items (row 0 = padding)."""
+    g = torch.Generator().manual_seed(seed)
+    tuples = torch.tensor(list(itertools.product(*(range(t) for t in RADICES))))
+    pick = tuples[torch.randperm(len(tuples), generator=g)[:num_items]]
+    return torch.cat([torch.zeros(1, len(RADICES), dtype=torch.long), pick])
+
+
+def _model(backbone="hstu", num_items=15, **kw) -> NezhaRetriever:
+    torch.manual_seed(0)
+    cfg = NezhaConfig(num_items=num_items, codebook_sizes=RADICES, backbone=backbone, d_model=16, num_blocks=2,
+                      num_heads=2, max_history=6, dropout=0.0, beam_size=5, **kw)
+    model = NezhaRetriever(cfg)
+    model.set_semantic_ids(_table(num_items))
+    return model.eval()
+
+
+@pytest.mark.parametrize("module", [models.nezha, models.nezha_backbone])
+def test_doctests(module):
+    assert doctest.testmod(module).failed == 0
+
+
+@pytest.mark.parametrize("kind", ["hstu", "transformer"])
+def test_cached_steps_equal_full_recompute(kind):
+    torch.manual_seed(0)
+    bb = CausalBackbone(kind, d_model=16, num_blocks=2, num_heads=2, max_len=12, dropout=0.0).eval()
+    x, lengths = torch.randn(3, 9, 16), torch.tensor([5, 3, 4])
+    full = bb(x, lengths + 3)  # the three tokens after each row's prompt are decoded one at a time below
+    prompt = x * (torch.arange(9)[None, :] < lengths[:, None])[..., None]
+    _, cache = bb.prefill(prompt[:, :5], lengths)
+    rows = torch.arange(3)
+    for j in range(3):
+        out, cache = bb.step(x[rows, lengths + j][:, None], cache)
+        torch.testing.assert_close(out[:, 0], full[rows, lengths + j], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["hstu", "transformer"])
+def test_backbone_is_causal(kind):
+    torch.manual_seed(0)
+    bb = CausalBackbone(kind, d_model=16, num_blocks=2, num_heads=2, max_len=10, dropout=0.0).eval()
+    x = torch.randn(1, 8, 16)
+    y = x.clone()
+    y[0, 5] += torch.randn(16)
+    a, b = bb(x, torch.tensor([8])), bb(y, torch.tensor([8]))
+    assert torch.allclose(a[0, :5], b[0, :5], atol=1e-6) and not torch.allclose(a[0, 5:], b[0, 5:])
+
+
+def test_draft_head_shapes_and_teacher_forcing():
+    model = _model()
+    h0, hs = torch.randn(4, 16), torch.randn(4, 3, 16)
+    codes = torch.tensor([[0, 1, 1], [3, 2, 0], [1, 0, 1], [2, 2, 1]])
+    logits = model.draft_logits(h0, hs, codes)
+    assert [tuple(lg.shape) for lg in logits] == [(4, 4), (4, 3), (4, 2)]
+    other = codes.clone()
+    other[:, 1] = (other[:, 1] + 1) % 3  # change the true level-2 code: levels 1-2 unchanged, level 3 changes
+    changed = model.draft_logits(h0, hs, other)
+    assert torch.equal(logits[0], changed[0]) and torch.equal(logits[1], changed[1])
+    assert not torch.allclose(logits[2], changed[2])
+
+
+def test_losses_and_lm_teacher_forcing_match_cached_decoding():
+    model = _model()
+    hist, lengths, target = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]), torch.tensor([3, 2]), torch.tensor([6, 7])
+    parts = model.losses(hist, lengths, target)
+    assert set(parts) == {"nezha", "lm"} and all(torch.isfinite(v) for v in parts.values())
+    model.loss(hist, lengths, target).backward()
+    for part in (model.draft_out, model.draft_rnn, model.lm_out, model.backbone, model.code_emb):
+        assert all(p.grad is not None for p in part.parameters())
+    # the LM's teacher-forced logits equal what the cached beam decoder computes step by step
+    codes = model.semantic_ids[target]
+    with torch.no_grad():
+        hx = model.item_tokens(hist)
+        states = model._at(model._run(hx, lengths, model.lm_tail(codes[:, :-1])), lengths, 3)
+        first, step = model._beam_start(hx, lengths)
+        torch.testing.assert_close(first, F.log_softmax(model.lm_out[0](states[:, 0]), -1))
+        lp2 = step(1, torch.arange(2), codes[:, 0])
+        torch.testing.assert_close(lp2, F.log_softmax(model.lm_out[1](states[:, 1]), -1), atol=1e-5, rtol=1e-4)
+        lp3 = step(2, torch.arange(2), codes[:, 1])
+        torch.testing.assert_close(lp3, F.log_softmax(model.lm_out[2](states[:, 2]), -1), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["hstu", "transformer"])
+@pytest.mark.parametrize("decoder", ["nezha", "beam"])
+@pytest.mark.parametrize("verify", ["step", "end"])
+def test_decoders_return_only_valid_distinct_unexcluded_items(backbone, decoder, verify):
+    model = _model(backbone, num_items=15)
+    hist = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 0, 0, 0, 0, 0, 0, 0], [10, 11, 0, 0, 0, 0, 0, 0]])
+    lengths = torch.tensor([8, 1, 2])
+    exclude = [{1, 2, 3}, set(), {10, 11, 12, 13}]
+    res = model.decode(hist, lengths, 6, decoder, exclude, verify=verify, beam_size=8)
+    for row, ex in zip(res.items.tolist(), exclude):
+        real = [i for i in row if i != 0]
+        assert len(real) == len(set(real)) and all(1 <= i <= 15 for i in real) and not set(real) & ex
+    assert torch.isinf(res.scores[res.items == 0]).all() and torch.isfinite(res.scores[res.items > 0]).all()
+    if verify == "step":  # every final beam is valid, so k items come back (15 - 4 excluded >= 6)
+        assert (res.items > 0).all() and int(res.invalid.sum()) == 0
+    items, scores = model.retrieve(hist, lengths, 6, decoder=decoder, exclude=exclude)
+    assert items.shape == scores.shape == (3, 6)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_retrieve_pads_when_the_catalogue_is_smaller_than_k_and_reads_only_recent_history():
+    model = _model(num_items=5)
+    items, scores = model.retrieve(torch.tensor([[1, 2]]), torch.tensor([2]), k=8, exclude=[{1}])
+    assert sorted(items[0, :4].tolist()) == [2, 3, 4, 5] and items[0, 4:].tolist() == [0] * 4
+    assert torch.isinf(scores[0, 4:]).all()
+    hist, ln = recent(torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 0]]), torch.tensor([8]), 6)
+    assert hist.tolist() == [[3, 4, 5, 1, 2, 3]] and ln.tolist() == [6]
+
+
+class _Zero(nn.Module):
+    def forward(self, x, lengths):
+        return torch.zeros_like(x)
+
+
+def test_nezha_with_a_trivial_backbone_reproduces_hand_computed_beams():
+    """Backbone = 0, so h_l = 0: logits_1 = b_1, s_2 = tanh(W_ih e_{t1}), logits_2 = W_2 s_2 + b_2, and so on."""
+    torch.manual_seed(0)
+    table = torch.tensor([[0, 0, 0]] + [list(t) for t in itertools.product(range(4), range(3), range(2))])
+    cfg = NezhaConfig(num_items=24, codebook_sizes=RADICES, d_model=4, num_blocks=1, num_heads=1, max_history=3,
+                      dropout=0.0, beam_size=3)
+    model = NezhaRetriever(cfg).eval()
+    model.set_semantic_ids(table)
+    model.backbone = _Zero()
+    with torch.no_grad():
+        for rnn in model.draft_rnn:
+            rnn.weight_ih.copy_(torch.eye(4))
+            rnn.weight_hh.copy_(torch.eye(4) * 0.5)
+            rnn.bias_ih.zero_()
+            rnn.bias_hh.zero_()
+    # hand computation, independent of the model's decoding code
+    b1 = model.draft_out[0].bias.detach()
+    lp1 = F.log_softmax(b1, -1)
+
+    def lp(level, s):
+        return F.log_softmax(model.draft_out[level].weight.detach() @ s + model.draft_out[level].bias.detach(), -1)
+
+    def state(level, prefix):  # s after consuming codes prefix[:level]
+        s = torch.zeros(4)
+        for i in range(level):
+            s = torch.tanh(model.draft_emb[i].weight.detach()[prefix[i]] + 0.5 * s)
+        return s
+
+    width = 3
+    beams = sorted(((float(lp1[t]), (t,)) for t in range(4)), reverse=True)[:width]
+    for level in (1, 2):
+        cands = [(sc + float(lp(level, state(level, p))[t]), (*p, t)) for sc, p in beams for t in range(RADICES[level])]
+        beams = sorted(cands, reverse=True)[:width]
+    item_of = {tuple(r): i for i, r in enumerate(table.tolist()) if i > 0}
+    with torch.no_grad():
+        items, scores = model.retrieve(torch.tensor([[5, 6]]), torch.tensor([2]), k=3, decoder="nezha")
+    assert items[0].tolist() == [item_of[p] for _, p in beams]
+    torch.testing.assert_close(scores[0], torch.tensor([sc for sc, _ in beams]), atol=1e-5, rtol=1e-5)

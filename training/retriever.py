@@ -1,0 +1,235 @@
+"""Training, evaluation and latency of the generative (semantic-ID) retriever, models/nezha.py.
+
+One sample per (history prefix, next item) of the leave-one-out training sequences
+(training/retriever_data.py), length-bucketed batches, Adam; the draft head and the backbone LM are
+trained jointly with teacher forcing. Validation HR@10 of NEZHA decoding (verified each step) on a
+fixed subsample of users picks the best epoch, with early stopping. `evaluate_decoder` ranks the
+test item among the decoder's top-k (full catalogue: every valid semantic ID can be generated).
+
+>>> import numpy as np, torch
+>>> from training.retrieval_data import leave_one_out, sequences_from_interactions
+>>> from training.semantic_ids import build_semantic_ids
+>>> users = np.repeat(np.arange(1, 31), 8); items = (np.tile(np.arange(8), 30) + users) % 12 + 1
+>>> split = leave_one_out(sequences_from_interactions(users, items, np.tile(np.arange(8), 30)), max_len=6)
+>>> sid = build_semantic_ids(torch.randn(13, 4), codebook_sizes=(4, 4), iters=3)
+>>> model = build_nezha(split.num_items, sid, d_model=16, num_blocks=1, max_history=5, dropout=0.0)[0]
+>>> result = train_retriever(model, split, RetrieverTrainConfig(batch_size=32, max_epochs=2, eval_users=10))
+>>> result.epochs, sorted(result.test["nezha_step"])
+(2, ['eval_seconds', 'invalid_rate', 'n10', 'n5', 'r10', 'r5', 'returned_invalid', 'users'])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.nezha import NezhaConfig, NezhaRetriever
+from training.retrieval_data import LeaveOneOut, SequenceBatch
+from training.retriever_data import eval_histories, prefix_samples
+from training.semantic_ids import SemanticIds
+
+log = logging.getLogger(__name__)
+
+
+def build_nezha(num_items: int, sid: SemanticIds, seed: int = 0, **kwargs) -> tuple[NezhaRetriever, NezhaConfig]:
+    """A seeded NezhaRetriever over the semantic-ID table `sid`; kwargs are NezhaConfig fields."""
+    torch.manual_seed(seed)
+    cfg = NezhaConfig(num_items=num_items, codebook_sizes=tuple(sid.radices), **kwargs)
+    model = NezhaRetriever(cfg)
+    model.set_semantic_ids(sid.table)
+    return model, cfg
+
+
+@dataclass
+class RetrieverTrainConfig:
+    batch_size: int = 256
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    max_epochs: int = 30
+    patience: int = 3  # evaluations without a better validation HR@10
+    eval_every: int = 1
+    eval_users: int = 3000  # validation subsample (decoding every user each epoch costs too much CPU)
+    k: int = 10
+    seed: int = 0
+    num_threads: int | None = None
+    max_train_seconds: float | None = None
+    test_decoders: tuple[str, ...] = ("nezha_step",)  # "<nezha|beam>_<step|end>", evaluated after training
+    # Test users per decoder (a fixed random subsample; None = all): decoding every user with every
+    # decoder is the longest part of a CPU run. "_end" decoders use end_users (they measure invalid IDs).
+    test_users: int | None = None
+    end_users: int | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class RetrieverResult:
+    best_epoch: int
+    epochs: int
+    stopped: str
+    valid: dict[str, float]
+    test: dict[str, dict[str, float]]
+    train_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of similar lengths (sorted inside windows of 16 batches): less padding."""
+    rows = rng.permutation(len(lengths))
+    window = 16 * batch_size
+    out = []
+    for s in range(0, len(rows), window):
+        chunk = rows[s: s + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _rows(items: np.ndarray, lengths: np.ndarray, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ln = lengths[rows]
+    width = max(int(ln.max()), 1)
+    return torch.from_numpy(items[rows, :width]).to(device), torch.from_numpy(ln).to(device)
+
+
+def _bad_ids(items: torch.Tensor, num_items: int) -> int:
+    """Returned ids that are no catalogue item, or repeat an earlier id of their row (0 = padding)."""
+    srt = items.sort(1).values
+    repeats = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] > 0)
+    return int(((items < 0) | (items > num_items)).sum() + repeats.sum())
+
+
+def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = "nezha_step", k: int = 10,
+                     batch_size: int = 256, rows: np.ndarray | None = None,
+                     beam_size: int | None = None) -> dict[str, float]:
+    """R@5/10, N@5/10 of `data.targets` in the top-k of `decoder` ("nezha_step", "beam_end", ...), the
+    share of final beams naming no item before verification, and of returned ids that name no item."""
+    kind, verify = decoder.split("_")
+    items, lengths = eval_histories(data)
+    rows = np.arange(len(lengths)) if rows is None else rows
+    rows = rows[np.argsort(lengths[rows], kind="stable")]
+    dev = model.semantic_ids.device
+    ranks, invalid, beams, bad = [], 0, 0, 0
+    was_training = model.training
+    model.eval()
+    for s in range(0, len(rows), batch_size):
+        r = rows[s: s + batch_size]
+        hist, ln = _rows(items, lengths, r, dev)
+        res = model.decode(hist, ln, k, kind, verify=verify, beam_size=beam_size)
+        target = torch.from_numpy(data.targets[r]).to(dev)
+        hit = res.items == target[:, None]
+        ranks.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(target, k)).cpu())
+        invalid += int(res.invalid.sum())
+        beams += res.width * len(r)
+        bad += _bad_ids(res.items, model.cfg.num_items)
+    model.train(was_training)
+    rk = torch.cat(ranks).numpy() if ranks else np.zeros(0)
+    out = {f"r{c}": float((rk < c).mean()) for c in (5, 10) if c <= k}
+    out.update({f"n{c}": float(np.where(rk < c, 1 / np.log2(rk + 2.0), 0).mean()) for c in (5, 10) if c <= k})
+    out.update(invalid_rate=invalid / max(beams, 1), returned_invalid=bad)
+    return out
+
+
+def test_rows(n: int, users: int | None, seed: int = 0) -> np.ndarray | None:
+    """The fixed random subsample of `users` test rows (sorted), or None for all of them."""
+    return np.sort(np.random.default_rng(seed + 2).permutation(n)[:users]) if users else None
+
+
+def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTrainConfig | None = None,
+                    name: str = "nezha") -> RetrieverResult:
+    """Train with early stopping on validation HR@10 (NEZHA, verified each step), restore the best
+    epoch, then evaluate `cfg.test_decoders` on every test user."""
+    cfg = cfg or RetrieverTrainConfig()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device(cfg.device)
+    model.to(device)
+    samples = prefix_samples(split.train, model.cfg.max_history)
+    eval_rows = np.random.default_rng(cfg.seed + 1).permutation(len(split.valid))[: cfg.eval_users]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    log.info("%s: %d training samples, %d parameters", name, len(samples),
+             sum(p.numel() for p in model.parameters()))
+
+    best, best_epoch, best_state, best_valid, bad_evals = (-1.0, -1.0), 0, None, {}, 0
+    history: list[dict[str, float]] = []
+    train_s, stopped, epoch = 0.0, "max_epochs", 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        batches = _batches(samples.lengths, cfg.batch_size, rng)
+        for rows in batches:
+            hist, ln = _rows(samples.items, samples.lengths, rows, device)
+            parts = model.losses(hist, ln, torch.from_numpy(samples.targets[rows]).to(device))
+            loss = parts["nezha"] + model.cfg.ar_weight * parts.get("lm", 0.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for key, v in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(v.detach())
+        train_s += time.perf_counter() - t0
+        row: dict[str, float] = {"epoch": epoch, "train_seconds": train_s,
+                                 **{f"loss_{key}": v / len(batches) for key, v in sums.items()}}
+        out_of_time = cfg.max_train_seconds is not None and train_s >= cfg.max_train_seconds
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs or out_of_time:
+            valid = evaluate_decoder(model, split.valid, "nezha_step", cfg.k, rows=eval_rows)
+            row.update({f"valid_{key}": v for key, v in valid.items()})
+            score = (valid["r10"], valid["n10"])
+            if score > best:
+                best, best_epoch, best_valid, bad_evals = score, epoch, valid, 0
+                best_state = {key: v.detach().clone() for key, v in model.state_dict().items()}
+            else:
+                bad_evals += 1
+        history.append(row)
+        log.info("%s epoch %d %s valid r10 %s (%.0f s training)", name, epoch,
+                 " ".join(f"{key} {v / len(batches):.3f}" for key, v in sums.items()),
+                 f"{row['valid_r10']:.4f}" if "valid_r10" in row else "-", train_s)
+        if bad_evals >= cfg.patience:
+            stopped = "patience"
+            break
+        if out_of_time:
+            stopped = "time_budget"
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test = {}
+    for decoder in cfg.test_decoders:
+        t0 = time.perf_counter()
+        rows = test_rows(len(split.test), cfg.end_users if decoder.endswith("_end") else cfg.test_users, cfg.seed)
+        test[decoder] = evaluate_decoder(model, split.test, decoder, cfg.k, rows=rows)
+        test[decoder].update(eval_seconds=time.perf_counter() - t0,
+                             users=len(split.test) if rows is None else len(rows))
+        log.info("%s test %s: %s", name, decoder, test[decoder])
+    return RetrieverResult(best_epoch=best_epoch, epochs=epoch, stopped=stopped, valid=best_valid, test=test,
+                           train_seconds=train_s, history=history)
+
+
+@torch.no_grad()
+def measure_latency(model: NezhaRetriever, data: SequenceBatch, decoder: str, batch: int = 1, requests: int = 200,
+                    k: int = 10, seed: int = 0, warmup: int = 5) -> dict[str, float]:
+    """Wall time per `retrieve` call of `batch` test histories (random users), after `warmup` calls:
+    mean and p50/p99 in ms, and ms per request."""
+    kind, verify = decoder.split("_")
+    items, lengths = eval_histories(data)
+    rng = np.random.default_rng(seed)
+    model.eval()
+    times = []
+    for i in range(warmup + requests):
+        r = rng.choice(len(lengths), size=batch, replace=len(lengths) < batch)
+        hist, ln = _rows(items, lengths, r, model.semantic_ids.device)
+        t0 = time.perf_counter()
+        model.retrieve(hist, ln, k, decoder=kind, verify=verify)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    t = np.array(times)
+    return {"mean_ms": float(t.mean()), "p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "ms_per_request": float(t.mean() / batch)}
