@@ -36,7 +36,7 @@ def train_and_kill(overrides: list[str], run_dir: Path, artifact: Path, kill_aft
                    timeout_s: float = 900) -> dict:
     """Run the trainer in a subprocess; kill rank 1 once worker 0 logged `kill_after_step` (None: never).
     Returns {"returncode", "killed_at", "output", "seconds"}; needs training.log_every_steps=1 to aim well."""
-    cmd = [sys.executable, "-m", "ray_jobs.train", "--out", str(artifact)]
+    cmd = [sys.executable, "-m", "ray_jobs.train", "--artifact", str(artifact)]
     for override in overrides:
         cmd += ["--set", override]
     t = time.perf_counter()

@@ -39,7 +39,7 @@ def _f(v) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_config_args(parser)
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--artifact", default=None,
                         help="artifact folder to write (default: <training.artifact_dir>/<run name>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.ray)
     from training.ranking import train_ranking
 
-    print_summary(train_ranking(cfg, artifact=args.out))
+    print_summary(train_ranking(cfg, artifact=args.artifact))
     return 0
 
 

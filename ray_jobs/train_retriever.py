@@ -8,8 +8,10 @@ and save the artifact serving loads.
 `--dataset` is a name (beauty, sports, yelp, games, nezha-beauty, ml-1m) under `datasets.root` or a
 path to a `.txt` (user item item ...), `.dat` or LETTER `.inter.json` file. Every stage option is a
 flag named after training.retriever_pipeline.PipelineConfig (tuples comma-separated). Writes
-`<out>/nezha-<dataset>-<UTC time>/` (training.artifact, with semantic_ids.safetensors) and prints
-its metrics. Plain PyTorch in the driver: runs locally and unchanged under `ray job submit`.
+`<out>/nezha-<dataset>-<UTC time>/` (or exactly `--artifact`; training.artifact, with
+semantic_ids.safetensors) and prints its metrics. `--source lake` trains on the configured lake's
+`samples_retrieval` (the platform's own users) instead of a dataset file. Plain PyTorch in the driver:
+runs locally and unchanged under `ray job submit`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_config_args(parser)
     parser.add_argument("--out", default="data/artifacts", help="folder that receives the artifact folder")
+    parser.add_argument("--artifact", default=None, help="write the artifact exactly here (the cluster pipeline)")
+    parser.add_argument("--source", choices=("dataset", "lake"), default="dataset",
+                        help="lake: train on the platform's own users (samples_retrieval of the configured lake)")
     for f in dataclasses.fields(PipelineConfig):
         if f.name == "root":
             continue  # from the platform config (datasets.root)
         flag = "--" + f.name.replace("_", "-")
         if f.name == "dataset":
-            parser.add_argument(flag, required=True, help="dataset name or path")
+            parser.add_argument(flag, default=None, help="dataset name or path (required unless --source lake)")
         elif isinstance(f.default, tuple):
             parser.add_argument(flag, default=",".join(map(str, f.default)), help=f"default {f.default}")
         elif isinstance(f.default, bool):
@@ -61,10 +66,18 @@ def main(argv: list[str] | None = None) -> int:
             cast = int if f.name == "codebooks" else str
             value = tuple(cast(v) for v in str(value).split(",") if v)
         values[f.name] = value
+    if args.source == "lake":
+        from training.lake_sequences import export_retrieval_sequences
+
+        exported = Path(args.out) / "_lake_sequences" / f"{datetime.now(UTC):%Y%m%dT%H%M%S}.txt"
+        values["dataset"] = str(export_retrieval_sequences(platform, exported))
+    elif not values["dataset"]:
+        _parser().error("--dataset is required (or --source lake)")
     cfg = PipelineConfig(root=str(platform.datasets.root), **values)
     out = run(cfg)
     name = Path(cfg.dataset).name.split(".")[0]
-    folder = Path(args.out) / f"nezha-{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    folder = Path(args.artifact) if args.artifact else (
+        Path(args.out) / f"nezha-{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
     manifest = save(folder, out)
     print(json.dumps({"artifact": str(folder), "version": manifest.version, "semantic_ids": out["sid"].stats,
                       **manifest.metrics}, indent=1))

@@ -62,7 +62,7 @@ def run_stage(stage: str, namespace: str, run_id: str, artifact_dir: str = "", t
     name = f"{template_name}-{suffix}"  # <= 47 characters, as KubeRay requires
     spec = dict(template["spec"], suspend=False)
     if artifact_dir:
-        spec["entrypoint"] = f"{spec['entrypoint']} --out {artifact_dir}"
+        spec["entrypoint"] = f"{spec['entrypoint']} --artifact {artifact_dir}"
     labels = {k: v for k, v in (template["metadata"].get("labels") or {}).items() if k != "streamrec.io/template"}
     labels["streamrec.io/run"] = suffix
     body = {"apiVersion": f"{group}/{version}", "kind": "RayJob",

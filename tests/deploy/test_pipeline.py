@@ -88,7 +88,7 @@ def test_run_stage_copies_the_template_and_waits(fake):
     assert name == "streamrec-train-0f3a99c1"
     body = api.created[0]
     assert body["spec"]["suspend"] is False and body["spec"]["x"] == 1
-    assert body["spec"]["entrypoint"] == "python -m ray_jobs.train --config /p.yaml --out s3://b/a/run/ranker"
+    assert body["spec"]["entrypoint"] == "python -m ray_jobs.train --config /p.yaml --artifact s3://b/a/run/ranker"
     assert body["metadata"]["labels"] == {"a": "b", "streamrec.io/run": "0f3a99c1"}
     assert TEMPLATE["spec"]["suspend"] is True  # the template itself is untouched
 
