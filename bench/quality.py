@@ -108,6 +108,7 @@ def plot(name: str, series: dict[str, list[dict]], task: str, oracle: float | No
         ax.plot([datetime.fromtimestamp(p["ts"], UTC) for p in points], [p["auc"] for p in points], label=kind)
     if oracle is not None:
         ax.axhline(oracle, color="black", linestyle="--", label="oracle")
+        ax.set_ylim(top=max(ax.get_ylim()[1], oracle + 0.01))
     ax.set_title(f"{name}: progressive AUC ({task}) per 5% of the stream")
     ax.set_ylabel("AUC")
     ax.legend()

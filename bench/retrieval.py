@@ -1,0 +1,171 @@
+"""Generative retrieval: NEZHA vs backbone beam search vs the dot-product HSTU retriever (MODELS.md §6-7).
+
+    python -m bench.retrieval --dataset beauty            # ~15 min on one busy core
+    python -m bench.retrieval --dataset all               # beauty, sports, yelp, games in turn
+    python -m bench.retrieval --dataset /data/X.inter.json --epochs 5
+
+Per dataset (leave-one-out, full catalogue, nothing excluded; training/retriever_pipeline.py): train a
+dot-product HSTU retriever (training/retrieval.py; its item table also feeds RQ-KMeans), build
+semantic IDs, train the NEZHA retriever (draft head + backbone LM, jointly), then on every test user:
+R@5/10 and N@5/10 of NEZHA and of ordinary beam search with the backbone, each verified every step
+(the served mode) and at the end, the share of final beams that named no item before verification,
+and wall-clock latency per request at batch 1 and batch 32 (one torch thread, same run, same model).
+Results are merged into bench/results/retrieval.json (one dataset at a time is fine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.retrieval import evaluate
+from training.retrieval_data import SequenceBatch
+from training.retriever import measure_latency, test_rows
+from training.retriever_data import eval_histories
+from training.retriever_pipeline import PipelineConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "retrieval.json"
+ALL = ("beauty", "sports", "yelp", "games")
+DECODERS = {"nezha": "nezha_step", "nezha_end": "nezha_end", "beam": "beam_step", "beam_end": "beam_end"}
+GOALS = {"beauty": {"r10": 0.0700, "n10": 0.0420}, "sports": {"r10": 0.0430}}
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end")
+
+
+@torch.no_grad()
+def dot_latency(model, split, batch: int, requests: int = 200, k: int = 10) -> float:
+    """ms per call: score every item after the history and take the top k (the dot-product path)."""
+    items, lengths = eval_histories(split.test)
+    rng = np.random.default_rng(0)
+    model.eval()
+    times = []
+    for i in range(requests + 5):
+        r = rng.choice(len(lengths), size=batch, replace=len(lengths) < batch)
+        ln = lengths[r]
+        h = torch.from_numpy(items[r, : int(ln.max())])
+        t0 = time.perf_counter()
+        scores = model.score_all(h, torch.arange(h.shape[1]).expand_as(h), torch.from_numpy(ln))
+        scores.topk(min(k, scores.shape[1]))
+        if i >= 5:
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.mean(times))
+
+
+def bench_dataset(cfg: PipelineConfig, requests: int) -> dict:
+    out = run(cfg)
+    model, split, result = out["model"], out["split"], out["result"]
+    torch.set_num_threads(1)  # latency on one core, as the retriever would run in a serving replica
+    rows: dict[str, dict] = {}
+    for name, decoder in DECODERS.items():
+        m = dict(result.test[decoder])
+        m["latency_ms_b1"] = measure_latency(model, split.test, decoder, batch=1, requests=requests)["mean_ms"]
+        m["latency_ms_b32"] = measure_latency(model, split.test, decoder, batch=32,
+                                              requests=max(requests // 10, 10))["mean_ms"]
+        rows[name] = m
+        logging.info("%s %s: %s", cfg.dataset, name, m)
+    dot = out.get("dot_model")
+    if dot is not None:
+        sel = test_rows(len(split.test), cfg.test_users, cfg.seed)  # the step decoders' users
+        sub = split.test if sel is None else SequenceBatch(split.test.items[sel], split.test.times[sel],
+                                                            split.test.lengths[sel], split.test.targets[sel])
+        t = evaluate(dot, sub, ks=(5, 10))
+        rows["hstu_dot"] = {"r5": t["hr@5"], "r10": t["hr@10"], "n5": t["ndcg@5"], "n10": t["ndcg@10"],
+                            "invalid_rate": 0.0, "latency_ms_b1": dot_latency(dot, split, 1, requests),
+                            "latency_ms_b32": dot_latency(dot, split, 32, max(requests // 10, 10))}
+    data = out["data"]
+    entry = {**rows,
+             "nezha_speedup_vs_beam": rows["beam"]["latency_ms_b1"] / rows["nezha"]["latency_ms_b1"],
+             "nezha_speedup_vs_beam_b32": rows["beam"]["latency_ms_b32"] / rows["nezha"]["latency_ms_b32"],
+             "nezha_r10_vs_beam": rows["nezha"]["r10"] / max(rows["beam"]["r10"], 1e-12),
+             "users": len(data.items), "items": data.num_items, "interactions": data.num_interactions,
+             "semantic_ids": out["sid"].stats, "best_epoch": result.best_epoch, "epochs": result.epochs,
+             "stopped": result.stopped, "train_seconds": result.train_seconds,
+             "dot_train": {k: out["dot_result"].get(k) for k in ("best_epoch", "epochs", "stopped", "train_seconds")},
+             "pipeline_seconds": out["seconds"]}
+    return entry
+
+
+def table(results: dict) -> str:
+    head = (f"{'dataset':8} {'decoder':10} {'R@5':>7} {'R@10':>7} {'N@5':>7} {'N@10':>7} {'invalid':>8} "
+            f"{'ms b1':>8} {'ms b32':>8}")
+    lines = [head, "-" * len(head)]
+    for ds, entry in results.items():
+        for name in (*DECODERS, "hstu_dot"):
+            m = entry.get(name)
+            if m:
+                lines.append(f"{ds:8} {name:10} {m['r5']:7.4f} {m['r10']:7.4f} {m['n5']:7.4f} {m['n10']:7.4f} "
+                             f"{m['invalid_rate']:8.4f} {m['latency_ms_b1']:8.2f} {m['latency_ms_b32']:8.2f}")
+        lines.append(f"{ds:8} NEZHA speed-up vs beam search: {entry['nezha_speedup_vs_beam']:.1f}x (batch 1), "
+                     f"{entry['nezha_speedup_vs_beam_b32']:.1f}x (batch 32); "
+                     f"R@10 ratio {entry['nezha_r10_vs_beam']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.retrieval", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="beauty", help=f"{', '.join(ALL)}, all, or a path")
+    parser.add_argument("--root", default=str(REPO.parent / "shared" / "datasets"))
+    parser.add_argument("--requests", type=int, default=200, help="batch-1 latency samples per decoder")
+    parser.add_argument("--item-model", action="append", default=[], metavar="DATASET=ARTIFACT",
+                        help="reuse a saved dot-product retriever (ray_jobs.train_retrieval) instead of training one")
+    parser.add_argument("--out", default=str(RESULTS))
+    defaults = PipelineConfig(dataset="")
+    for f in fields(PipelineConfig):  # every pipeline knob, same names as ray_jobs.train_retriever
+        if f.name in ("dataset", "root", "item_model", "test_decoders") or isinstance(f.default, tuple | bool):
+            continue
+        kind = type(f.default) if f.default is not None else (int if f.name.endswith("users") else float)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
+    parser.add_argument("--balanced", action="store_true", help="balanced k-means clusters")
+    parser.add_argument("--codebooks", default="256,256,256", help="codes per level (before the collision code)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    item_models = dict(s.split("=", 1) for s in args.item_model)
+    names = ALL if args.dataset == "all" else (args.dataset,)
+    out_path = Path(args.out)
+    record = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results = {}
+    for ds in names:
+        knobs = {f.name: getattr(args, f.name) for f in fields(PipelineConfig) if hasattr(args, f.name)
+                 and f.name not in ("dataset", "root", "item_model", "codebooks")}
+        knobs["codebooks"] = tuple(int(c) for c in args.codebooks.split(","))
+        cfg = PipelineConfig(dataset=ds, root=args.root, item_model=item_models.get(ds),
+                             test_decoders=tuple(DECODERS.values()), **knobs)
+        t0 = time.perf_counter()
+        results[ds] = bench_dataset(cfg, args.requests)
+        results[ds]["wall_seconds"] = time.perf_counter() - t0
+        results[ds]["command"] = "python -m bench.retrieval " + " ".join(sys.argv[1:] if argv is None else argv)
+        results[ds]["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+        results[ds]["config"] = {k: v for k, v in vars(cfg).items() if k != "root"}
+        results[ds]["goals"] = GOALS.get(ds, {})
+        record[Path(ds).name] = results[ds]
+        record.update(machine=machine(), date=results[ds]["date"],
+                      protocol="leave-one-out (last = test, second-to-last = validation), full catalogue (every "
+                               "valid semantic ID / every item for hstu_dot), nothing excluded but padding")
+        speedups = [v["nezha_speedup_vs_beam"] for v in record.values() if isinstance(v, dict)
+                    and "nezha_speedup_vs_beam" in v]
+        record["nezha_speedup_vs_beam"] = min(speedups)  # the least favourable dataset
+        record["command"] = results[ds]["command"]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(record, indent=1) + "\n")  # after every dataset: partial runs count
+        print(table({ds: results[ds]}), flush=True)
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
