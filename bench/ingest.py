@@ -49,14 +49,18 @@ def run_ingest(overrides: list[str], kill_after: float | None = None) -> int | N
     """
     env = {**os.environ, "PYTHONPATH": str(REPO), "GX_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, "-m", "ray_jobs.ingest", "--once", *[p for o in overrides for p in ("--set", o)]]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        return proc.wait(timeout=kill_after if kill_after is not None else 900)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=kill_after if kill_after is not None else 900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+        if code:  # say why (a test shows this on failure)
+            log.seek(0)
+            print(f"ray_jobs.ingest exited {code}:\n{log.read()[-4000:]}", file=sys.stderr)
+        return code
 
 
 def throughput(events: int, work: Path) -> dict:

@@ -159,7 +159,7 @@ class PredictionLog:
         suffix = ".parquet.rolledback" if rolled_back else ".parquet"
         files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.endswith(suffix))
         if not files:
-            cols = [SAMPLE_NO, "user_id", "request_ts"] + [f"{k}_{t}" for t in tasks for k in ("p", "y")]
+            cols = [SAMPLE_NO, "user_id", "request_ts"] + [f"{k}_{t}" for t in tasks for k in ("p", "y")] + ["step"]
             return pa.table({c: pa.array([], pa.int64()) for c in cols})
         tables = []
         for f in files:

@@ -71,8 +71,13 @@ def test_submitted_pipeline_writes_tables_and_an_artifact(ray_head, tmp_path):
            "--simulate", "15000", "--stages", "ingest,features,samples,train",
            *[a for o in overrides for a in ("--set", o)]]
     t = time.perf_counter()
-    done = subprocess.run(cmd, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900)
-    log = done.stdout + done.stderr
+    for _ in range(24):  # right after `ray start` the dashboard's job agent may not be up yet
+        done = subprocess.run(cmd, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                              timeout=900)
+        log = done.stdout + done.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(5)
     assert done.returncode == 0, log[-4000:]
     assert "succeeded" in log.lower(), log[-4000:]
     assert "pipeline summary" in log and "FAILED" not in log.split("pipeline summary")[1], log[-3000:]
