@@ -32,30 +32,41 @@ def _steps(progress: Path) -> list[int]:
     return [int(line.split()[1]) for line in progress.read_text().splitlines() if line.startswith("step ")]
 
 
+def _registered_step(run_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered (its snapshot file), if any."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def train_and_kill(overrides: list[str], run_dir: Path, artifact: Path, kill_after_step: int | None,
                    timeout_s: float = 900) -> dict:
-    """Run the trainer in a subprocess; kill rank 1 once worker 0 logged `kill_after_step` (None: never).
-    Returns {"returncode", "killed_at", "output", "seconds"}; needs training.log_every_steps=1 to aim well."""
+    """Run the trainer in a subprocess; kill rank 1 once worker 0 logged `kill_after_step` (None: never) and
+    a checkpoint is registered (a kill before that restarts from scratch, which is correct but tests less).
+    Returns {"returncode", "killed_at", "resumable_from", "output", "seconds"}; needs training.log_every_steps=1."""
     cmd = [sys.executable, "-m", "ray_jobs.train", "--artifact", str(artifact)]
     for override in overrides:
         cmd += ["--set", override]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    killed_at = None
+    killed_at = resumable_from = None
     deadline = time.time() + timeout_s
     try:
         while kill_after_step is not None and killed_at is None and time.time() < deadline and proc.poll() is None:
             steps = _steps(run_dir / "progress.log")
-            if steps and steps[-1] >= kill_after_step:
+            registered = _registered_step(run_dir)
+            if steps and registered and steps[-1] >= max(kill_after_step, registered + 1):
                 os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
-                killed_at = steps[-1]
+                killed_at, resumable_from = steps[-1], registered
             time.sleep(0.2)
         output, _ = proc.communicate(timeout=max(30.0, deadline - time.time()))
     finally:
         if proc.poll() is None:
             proc.kill()
-    return {"returncode": proc.returncode, "killed_at": killed_at, "output": output,
+    return {"returncode": proc.returncode, "killed_at": killed_at, "resumable_from": resumable_from, "output": output,
             "seconds": round(time.perf_counter() - t, 1)}
 
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
@@ -76,16 +78,17 @@ class SampleStream:
         return cls(files=files, num_samples=total if max_requests is None else min(total, max_requests),
                    rows_in_files=in_files, metadata={k: str(v) for k, v in meta.items() if isinstance(v, str)})
 
-    def dataset(self, columns: list[str] | None = None, block_rows: int = 128):
-        """A Ray Dataset over the files in stream order (the caller sets preserve_order on the consumer),
-        cut into blocks of `block_rows`: `streaming_split` hands whole blocks to whichever worker asks next,
-        so small blocks interleave the workers in time (one big block would give each worker half the days)."""
+    def dataset(self, columns: list[str], block_rows: int = 128):
+        """A Ray Dataset of the stream in order, one block per `block_rows` samples (the caller sets preserve_order
+        on the consumer). Each block is read by sample_no range (Parquet row-group statistics prune the files):
+        Ray's Parquet reader may schedule a file's row groups in any order, and `streaming_split` hands whole
+        blocks to whichever worker asks next, so small ordered blocks keep the workers together in time."""
         import ray
 
-        ds = ray.data.read_parquet(self.files, columns=columns, shuffle=None)
-        if self.num_samples < self.rows_in_files:
-            ds = ds.map_batches(_head, batch_format="pyarrow", batch_size=None, fn_kwargs={"limit": self.num_samples})
-        return ds.repartition(target_num_rows_per_block=block_rows)  # streaming: no barrier
+        chunks = max(1, math.ceil(self.num_samples / block_rows))
+        return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
+            _read_chunk, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"files": self.files, "columns": columns, "rows": block_rows, "limit": self.num_samples})
 
 
 class StreamPosition:
@@ -171,8 +174,14 @@ class PredictionLog:
         return table.take(pc.sort_indices(table, [(SAMPLE_NO, "ascending")]))
 
 
-def _head(batch: pa.Table, limit: int) -> pa.Table:
-    return batch.filter(pc.less(batch[SAMPLE_NO], limit))
+def _read_chunk(batch: pa.Table, files: list[str], columns: list[str], rows: int, limit: int) -> pa.Table:
+    lo = int(batch["id"][0].as_py()) * rows
+    hi = min(lo + rows, limit)
+    fs, _ = filesystem(files[0])
+    data = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+    wanted = [c for c in columns if c in data.schema.names]  # older tables may lack newer optional columns
+    table = data.to_table(columns=wanted, filter=(pads.field(SAMPLE_NO) >= lo) & (pads.field(SAMPLE_NO) < hi))
+    return table.take(pc.sort_indices(table, [(SAMPLE_NO, "ascending")]))
 
 
 def _step_rank(name: str) -> tuple[int | None, int | None]:

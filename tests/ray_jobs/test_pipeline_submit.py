@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_submitted_pipeline_writes_tables_and_an_artifact(ray_head, tmp_path):
                  f"training.artifact_dir={out / 'artifacts'}", "training.run_name=submitted"]
     runtime_env = {"working_dir": str(REPO), "excludes": [".venv", "data", ".git", "bench/results", "*.png"]}
     cmd = [RAY if Path(RAY).exists() else "ray", "job", "submit", f"--address={address}",
-           f"--runtime-env-json={json.dumps(runtime_env)}", "--", "python", "-m", "ray_jobs.pipeline",
+           f"--runtime-env-json={json.dumps(runtime_env)}", "--", sys.executable, "-m", "ray_jobs.pipeline",
            "--simulate", "15000", "--stages", "ingest,features,samples,train",
            *[a for o in overrides for a in ("--set", o)]]
     t = time.perf_counter()

@@ -44,7 +44,7 @@ def test_a_table_without_builder_metadata_is_refused(tmp_path):
 
 def test_dataset_reads_in_order_in_small_blocks(tmp_path, ray_local):
     write_samples(tmp_path / "s", [range(0, 300), range(300, 500)])
-    ds = SampleStream.open(str(tmp_path / "s"), max_requests=450).dataset(["sample_no"], block_rows=64)
+    ds = SampleStream.open(str(tmp_path / "s"), max_requests=450).dataset(["sample_no", "user_id"], block_rows=64)
     ds.context.execution_options.preserve_order = True
     got = [b["sample_no"].to_pylist() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
     assert [s for block in got for s in block] == list(range(450))
