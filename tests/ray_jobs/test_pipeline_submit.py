@@ -43,6 +43,12 @@ def ray_head():
     subprocess.run([RAY if Path(RAY).exists() else "ray", "start", "--head", "--node-ip-address=127.0.0.1",
                     f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                     "--include-dashboard=true", f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}",
+                    # Every fixed default port on its own free one: another Ray on the machine (the test
+                    # session's) already holds the defaults, and a head whose job agent cannot bind never
+                    # accepts a submission ("No available agent").
+                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                    f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                     "--num-cpus=2", "--object-store-memory=300000000", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
