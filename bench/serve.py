@@ -64,16 +64,11 @@ async def closed_loop(url: str, users: list[int], concurrency: int, seconds: flo
         async def client(c: int) -> None:
             i = c
             while time.perf_counter() < end:
-                t = time.perf_counter()
-                try:
-                    r = await http.post("/recommend", json={"user_id": users[i % len(users)], "k": 10})
-                    code = r.status_code
-                except httpx.HTTPError:
-                    code = -1
+                code, r, ms = await _recommend(http, users[i % len(users)])
                 codes[code] += 1
                 i += concurrency
                 if code == 200:
-                    lat.append((time.perf_counter() - t) * 1000)
+                    lat.append(ms)
                     body = r.json()
                     fallbacks[body["fallback"]] += 1
                     for k, v in body["timings_ms"].items():
@@ -87,19 +82,24 @@ async def closed_loop(url: str, users: list[int], concurrency: int, seconds: flo
     return out, lat
 
 
+async def _recommend(http: httpx.AsyncClient, user: int):
+    """One /recommend call: (status, response or None, milliseconds); -1 when the connection failed."""
+    t = time.perf_counter()
+    try:
+        r = await http.post("/recommend", json={"user_id": user, "k": 10})
+    except httpx.HTTPError:
+        return -1, None, (time.perf_counter() - t) * 1000
+    return r.status_code, r, (time.perf_counter() - t) * 1000
+
+
 async def open_loop(url: str, users: list[int], rate: float, seconds: float) -> dict:
     """Requests at a fixed rate regardless of answers (what overload looks like): 503s must come fast."""
     lat, codes, rejected_ms = [], Counter(), []
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=1000)) as http:
         async def one(i: int) -> None:
-            t = time.perf_counter()
-            try:
-                r = await http.post("/recommend", json={"user_id": users[i % len(users)], "k": 10})
-                code = r.status_code
-            except httpx.HTTPError:
-                code = -1
+            code, _, ms = await _recommend(http, users[i % len(users)])
             codes[code] += 1
-            (lat if code == 200 else rejected_ms).append((time.perf_counter() - t) * 1000)
+            (lat if code == 200 else rejected_ms).append(ms)
 
         tasks, start = [], time.perf_counter()
         for i in range(int(rate * seconds)):
