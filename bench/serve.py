@@ -3,8 +3,16 @@
     python -m bench.serve [--root data/demo] [--seconds 15] [--ranker DIR --retriever DIR]
 
 Needs a lake with features (`make demo` writes data/demo); its Feast folder is copied so the benchmark never
-writes to it. Without --ranker/--retriever, toy artifacts sized to the lake's catalogue are built (serving.toy):
-latency depends on model size, not on training. Per variant: closed-loop clients at concurrency 1, 4, 16, 64
+writes to it. The retriever is the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless
+--retriever names another; without --ranker a toy GenRank sized to the lake's catalogue is built (serving.toy):
+latency depends on model size, not on training.
+
+Variants, each on a fresh local Ray (a subprocess: Serve reads its settings from the environment at start):
+- default: Serve's defaults (no max_ongoing/max_queued limits, torch on all cores, no batching settings);
+- tuned: serving/config.yaml as shipped, plus Ray Serve's throughput-optimised mode
+  (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: direct ingress, gRPC between deployments, user code on the replica's
+  event loop, no per-request log lines to stderr); docs/serving.md says how to set it on a cluster.
+Per variant: closed-loop clients at concurrency 1, 4, 16, 64
 (200 candidates retrieved, top 10 returned), then an open-loop overload run at 2x the best measured RPS.
 Writes bench/results/serve.json and bench/results/serve_latency_cdf.png; prints a table.
 """
@@ -17,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +42,7 @@ from features.offline import duckdb_connection
 from features.repo import absolute_paths
 from ray_jobs.runtime import init_ray
 from serving.deploy import base_url, deploy, serve_config, shutdown
-from serving.toy import ranker_artifact, retriever_artifact
+from serving.toy import ranker_artifact
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCURRENCY = (1, 4, 16, 64)
@@ -159,23 +168,52 @@ def plot(lats: dict[str, dict[int, list[float]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# Ray Serve's throughput-optimised mode for the tuned variant (read by every Serve process at start).
+TUNED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def variant_subprocess(variant: str, spec: dict, work: Path) -> tuple[dict, dict]:
+    """Runs one variant on its own local Ray (its environment decides Serve's mode); its results and latencies."""
+    out = work / f"{variant}.json"
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, **(TUNED_ENV if variant == "tuned" else {})}
+    subprocess.run([sys.executable, "-m", "bench.serve", "--run-variant", variant, "--work", str(work)],
+                   env=env, check=True)
+    got = json.loads(out.read_text())
+    return got["results"], {int(c): lat for c, lat in got["lats"].items()}
+
+
+def run_variant_here(variant: str, work: Path) -> int:
+    spec = json.loads((work / "spec.json").read_text())
+    init_ray(config.load(None, spec["overrides"]).ray)
+    sc = serve_config(config=spec["profile"], ranker=spec["ranker"], retriever=spec["retriever"],
+                      port=spec["port"], defaults=variant == "default")
+    results, lats = run_variant(sc, spec["users"], spec["seconds"], overload=variant == "tuned")
+    (work / f"{variant}.json").write_text(json.dumps({"results": results, "lats": lats}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/demo", help="folder with lake/ and feast/ (make demo writes it)")
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--ranker")
-    parser.add_argument("--retriever")
+    parser.add_argument("--retriever", help="retriever artifact (default: <root>/artifacts/retriever)")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--run-variant", choices=("default", "tuned"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run_variant:
+        return run_variant_here(args.run_variant, Path(args.work))
     root = Path(args.root).resolve()
     if not (root / "lake" / "features_item_stats").exists():
         print(f"{root} has no feature tables: run `make demo` first (or pass --root)")
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     shutil.copytree(root / "feast", work / "feast", ignore=shutil.ignore_patterns("repo"))
-    cfg = absolute_paths(config.load(None, [
-        f"lake.root={root / 'lake'}", f"features.feast_dir={work / 'feast'}",
-        f"features.online_store.path={work / 'feast' / 'online.db'}", f"ingest.landing_dir={work / 'landing'}"]))
+    overrides = [f"lake.root={root / 'lake'}", f"features.feast_dir={work / 'feast'}",
+                 f"features.online_store.path={work / 'feast' / 'online.db'}", f"ingest.landing_dir={work / 'landing'}"]
+    cfg = absolute_paths(config.load(None, overrides))
     con = duckdb_connection()
     n_items, n_users, n_authors = con.execute(
         f"SELECT max(item_id), max(user_id), max(author_id) FROM delta_scan('{cfg.lake.events}')").fetchone()
@@ -185,25 +223,27 @@ def main(argv: list[str] | None = None) -> int:
     ranker = args.ranker or ranker_artifact(work / "ranker", cfg, num_users=n_users, num_items=n_items,
                                             num_authors=n_authors, max_hist_len=cfg.features.sequence_length,
                                             d_model=64).folder
-    retriever = args.retriever or retriever_artifact(work / "retriever", list(range(1, n_items + 1)), max_len=256,
-                                                     d_model=64).folder
+    retriever = Path(args.retriever or root / "artifacts" / "retriever")
+    if not (retriever / "manifest.json").exists():
+        print(f"no retriever artifact at {retriever}: run `make demo` first (or pass --retriever)")
+        return 2
     profile = work / "profile.yaml"
     profile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    init_ray(cfg.ray)
+    spec = {"profile": str(profile), "overrides": overrides, "ranker": str(ranker), "retriever": str(retriever),
+            "port": args.port, "users": users, "seconds": args.seconds}
     load_before = os.getloadavg()
     results, lats = {}, {}
     for variant in ("default", "tuned"):
         print(f"== {variant} Serve settings", flush=True)
-        sc = serve_config(config=str(profile), ranker=str(ranker), retriever=str(retriever), port=args.port,
-                          defaults=variant == "default")
-        results[variant], lats[variant] = run_variant(sc, users, args.seconds, overload=variant == "tuned")
+        results[variant], lats[variant] = variant_subprocess(variant, spec, work)
     tuned = results["tuned"]
     out = {
         "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
         "setup": {"candidates": cfg.serving.num_candidates, "k": 10, "items": n_items, "users": len(users),
-                  "seconds_per_level": args.seconds, "ranker": str(ranker), "retriever": str(retriever)},
+                  "seconds_per_level": args.seconds, "ranker": str(ranker), "retriever": str(retriever),
+                  "tuned_env": TUNED_ENV},
         "p50_ms_c1": tuned["c1"]["p50_ms"], "p99_ms_c1": tuned["c1"]["p99_ms"], "rps_c16": tuned["c16"]["rps"],
         "p99_ms_c16": tuned["c16"]["p99_ms"], "overload_non503_errors": tuned["overload"]["non503_errors"],
         "rps_c16_default": results["default"]["c16"]["rps"],

@@ -226,10 +226,12 @@ class NezhaRetriever(nn.Module):
         """Top-k items for each history: dense ids [B, L] (1..num_items, 0 = padding, oldest first,
         right-padded) -> (items [B, k] dense ids, scores [B, k] summed log-probabilities). Only valid,
         distinct, non-excluded items; rows with fewer than k are padded with 0 / -inf."""
-        was_training = self.training
+        if not self.training:  # switching modes walks every submodule: skip it on the serving path
+            r = self.decode(history, lengths, k, decoder, exclude, verify, beam_size)
+            return r.items, r.scores
         self.eval()
         try:
             r = self.decode(history, lengths, k, decoder, exclude, verify, beam_size)
         finally:
-            self.train(was_training)
+            self.train()
         return r.items, r.scores

@@ -4,7 +4,9 @@ One search serves both decoders: the caller gives the first level's log-probabil
 function that, for the beams kept so far, returns the next level's log-probabilities (NEZHA: one
 draft-head step; the baseline: one cached backbone step). Verification (models/semantic_ids.py):
 - "step": at level l every expansion whose prefix integer is not in the valid-prefix set is
-  dropped before the top-W cut (at the last level, the item set), so every final beam names an item;
+  dropped before the top-W cut (at the last level, the item set), so every final beam names an item.
+  Each beam carries its prefix's row in the index's prefix table, so checking its T extensions is one
+  gather (`SemanticIdIndex.extend`) instead of T hash lookups;
 - "end": the search runs unconstrained and the final beams whose integer names no item are removed.
 Excluded items (e.g. already seen) are removed at the last level ("step") or at the end ("end").
 `invalid` counts the final beams that named no item before verification (always 0 with "step").
@@ -77,6 +79,7 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
 
     cand_scores = first_logp.float()[:, None, :]  # [B, 1, T_1]: one empty beam per request
     cand_values = torch.arange(radices[0], device=dev).expand(b, 1, radices[0])
+    rows = torch.zeros(b, 1, dtype=torch.long, device=dev)  # each beam's prefix row in index.children
     scores = values = parent = codes = None
     for level in range(len(radices)):
         if level > 0:
@@ -85,7 +88,8 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
             cand_scores = scores[..., None] + logp
             cand_values = values[..., None] + torch.arange(t, device=dev) * weights[level]
         if verify == "step":
-            ok = index.prefixes[level].contains(cand_values)
+            cand_rows = index.extend(level, rows)  # [B, W, T]: one gather per beam, not one lookup per code
+            ok = cand_rows >= 0
             if level == last and excl is not None:
                 ok &= ~torch.isin(cand_values + row_tag[..., None], excl)
             cand_scores = cand_scores.masked_fill(~ok, float("-inf"))
@@ -93,11 +97,13 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
         flat = cand_scores.reshape(b, -1)
         scores, idx = flat.topk(min(width, flat.shape[1]), dim=1)
         values = cand_values.reshape(b, -1).gather(1, idx)
+        if verify == "step":
+            rows = cand_rows.reshape(b, -1).gather(1, idx)
         w_prev = cand_scores.shape[1]
         parent = (torch.arange(b, device=dev)[:, None] * w_prev + idx // t).flatten()
         codes = (idx % t).flatten()
 
-    items = index.item_of(values)
+    items = rows if verify == "step" else index.item_of(values)  # a step-verified row is its item id
     alive = torch.isfinite(scores)
     invalid = ((items < 0) & alive).sum(1)
     keep = alive & (items > 0)

@@ -118,13 +118,24 @@ def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class SemanticIdIndex:
-    """Verification sets of one semantic-ID table: item integer -> dense item id, and per level the
-    set of valid prefixes. `table` is [num_items + 1, L] (row i = dense item i; row 0, padding, is
-    ignored); every row must be a distinct tuple (use `with_collision_code`).
+    """Verification structures of one semantic-ID table. `table` is [num_items + 1, L] (row i = dense
+    item i; row 0, padding, is ignored); every row must be a distinct tuple (use `with_collision_code`).
+
+    - `items`: hash set item integer -> dense item id (verification at the end, `item_of`);
+    - `children[l]`: [prefixes of l codes, T_l] int64, the valid prefixes as a table: entry [r, t] is the row
+      of prefix r extended by code t among the prefixes of l + 1 codes (at the last level: the dense item
+      id), -1 where that extension is no valid prefix. Row 0 of `children[0]` is the empty prefix.
+
+    Choice (MODELS.md §7 says "a hash set of valid prefixes" per step): verifying every step with hash sets
+    probes each (beam, code) expansion, W x T lookups per level; the table gives each beam its row once and
+    checks all its T extensions with one gather, and the beam carries its row to the next level. It holds
+    the same set (a prefix is valid iff it has a row), at most items x T entries per level.
 
     >>> idx = SemanticIdIndex(torch.tensor([[0, 0], [1, 0], [1, 1]]), radices=(2, 2))
-    >>> idx.item_of(torch.tensor([1, 3, 2])).tolist(), idx.prefixes[0].contains(torch.tensor([0, 1])).tolist()
-    ([1, 2, -1], [False, True])
+    >>> idx.item_of(torch.tensor([1, 3, 2])).tolist(), idx.children[0].tolist(), idx.children[1].tolist()
+    ([1, 2, -1], [[-1, 0]], [[1, 2]])
+    >>> idx.prefix_rows(torch.tensor([[1, 1], [0, 1]])).tolist()   # item 2; (0, 1) is no valid prefix
+    [2, -1]
     """
 
     def __init__(self, table: torch.Tensor, radices):
@@ -132,14 +143,38 @@ class SemanticIdIndex:
         values = mixed_radix_encode(table[1:], self.radices)
         if len(torch.unique(values)) != len(values):
             raise ValueError("semantic IDs are not unique per item: append a collision code")
-        self.items = IntHashSet(values, payload=torch.arange(1, len(table), device=table.device))
-        self.prefixes = [IntHashSet(prefix_values(values, self.radices, level))
-                         for level in range(1, len(self.radices))] + [self.items]
+        codes = table[1:].long()
+        item_ids = torch.arange(1, len(table), device=table.device)
+        self.items = IntHashSet(values, payload=item_ids)
+        self.children = []
+        _, row = torch.unique(prefix_values(values, self.radices, 0), return_inverse=True)  # all 0: the root
+        for level, t in enumerate(self.radices):
+            if level + 1 < len(self.radices):
+                _, child = torch.unique(prefix_values(values, self.radices, level + 1), return_inverse=True)
+            else:
+                child = item_ids
+            table_l = torch.full((int(row.max()) + 1, t), -1, dtype=torch.long, device=values.device)
+            table_l[row, codes[:, level]] = child
+            self.children.append(table_l)
+            row = child
         self.item_values = torch.cat([values.new_full((1,), -1), values])  # dense id -> integer
 
     def item_of(self, values: torch.Tensor) -> torch.Tensor:
         """Dense item id of each full-tuple integer, -1 for a tuple that names no item."""
         return self.items.get(values)
+
+    def extend(self, level: int, rows: torch.Tensor) -> torch.Tensor:
+        """[..., T_level]: the row (dense item id at the last level) of each prefix row extended by each code
+        of `level`, -1 where invalid; rows of -1 (invalid prefixes) extend to -1 everywhere."""
+        out = self.children[level][rows.clamp(min=0)]
+        return out.masked_fill((rows < 0)[..., None], -1)
+
+    def prefix_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """Row of each prefix [..., l] of l codes (its dense item id for full tuples), -1 if it is no valid prefix."""
+        rows = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for level in range(codes.shape[-1]):
+            rows = self.extend(level, rows).gather(-1, codes[..., level:level + 1].long()).squeeze(-1)
+        return rows
 
 
 def with_collision_code(codes: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,11 @@
     serve run serving/config.yaml                      # or: python -m ray_jobs.deploy --config embedded ...
     curl -s localhost:8000/recommend -d '{"user_id": 7, "k": 10}' -H 'content-type: application/json'
 
-/recommend: the user's history (FeatureLookup) -> candidates (Retriever, batched; seen items excluded) ->
-M-FALCON ranking of the candidates (Ranker) -> top k. Every stage has a fallback and a time limit
-(serving.stage_timeout_s), so a broken or slow dependency degrades the answer instead of failing it:
+/recommend: the user's history (read by the ingress itself from the online store: a hop less per request)
+-> candidates (Retriever, batched; seen items excluded) -> M-FALCON ranking of the candidates (Ranker, batched;
+it reads the candidates' features) -> top k. FeatureLookup keeps the trending list from the lake. Every
+stage has a fallback and a time limit (serving.stage_timeout_s), so a broken or slow dependency degrades the
+answer instead of failing it:
 - unknown user / no usable history: trending items (from the windowed stats) are the candidates;
 - feature store unavailable: trending candidates, ranked with default features;
 - retriever unavailable or too slow: trending candidates;
@@ -28,6 +30,7 @@ from fastapi.security import APIKeyHeader
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from features.online import FeatureStoreUnavailable, OnlineFeatureClient
 from serving import common
 from serving.common import Timer, platform_config
 from serving.events import EventIntake
@@ -76,14 +79,36 @@ def _bad(field: str, msg: str) -> HTTPException:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
+    """user_config: {"overrides": [...]} (config overrides, e.g. another online store) re-opens the feature client."""
+
     def __init__(self, features: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
                  events: DeploymentHandle, args: dict[str, Any] | None = None):
         self.features, self.retriever, self.ranker, self.events = features, retriever, ranker, events
-        self.cfg = platform_config(args).serving
+        self.args = args or {}
+        self.cfg = platform_config(self.args).serving
         key = os.environ.get(self.cfg.api_key_env)
         common.INGRESS_LIMITS.update(max_body_bytes=self.cfg.max_body_bytes, api_key=key)
         self.trending: list = []
         self.trending_at = -1e9
+        self.client: OnlineFeatureClient | None = None
+        self.store_error: str | None = None
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        cfg = platform_config(self.args, (user_config or {}).get("overrides"))
+        try:
+            self.client, self.store_error = OnlineFeatureClient(cfg), None
+        except FeatureStoreUnavailable as err:  # serve trending items; /healthz names the problem
+            self.client, self.store_error = None, str(err)
+
+    def _user(self, user_id: int) -> dict[str, Any]:
+        """The user's history, oldest first. Read in process, on the event loop: a local read is well under a
+        millisecond, cheaper than a thread or a deployment hop; the store's own timeout bounds a remote one."""
+        if self.client is None:
+            raise FeatureStoreUnavailable(self.store_error or "no online store")
+        f = self.client.get(int(user_id), [])
+        return {"items": f.sequence["item_ids"].tolist(), "ts": f.sequence["ts"].tolist(),
+                "missing": bool(f.sequence_missing and f.user_missing)}
 
     async def _call(self, response, timeout: float | None = None):
         """A stage's answer within its time limit; on timeout the request to it is cancelled."""
@@ -112,8 +137,8 @@ class Ingress:
         user = None
         with timer("features"):
             try:
-                user = await self._call(self.features.user.remote(req.user_id))
-            except Exception:
+                user = self._user(req.user_id)
+            except FeatureStoreUnavailable:
                 fallbacks.append("trending:feature_store_unavailable")
         exclude = set(user["items"]) if user and req.exclude_seen else set()
         n = self.cfg.num_candidates
@@ -200,6 +225,10 @@ class Ingress:
         checks = {"features": self.features.check, "retriever": self.retriever.check,
                   "ranker": self.ranker.check, "events": self.events.check}
         problems = [] if common.INGRESS_LIMITS.get("api_key") else [f"events: no API key in ${self.cfg.api_key_env}"]
+        try:
+            self._user(1)
+        except FeatureStoreUnavailable as err:
+            problems.append(f"feature store: {err}")
         for name, check in checks.items():
             try:
                 got = await self._call(check.remote())

@@ -1,5 +1,5 @@
-"""Feature lookup for serving: the user's history (retrieval input, seen items), the trending fallback list,
-and `ranking_rows`, the one conversion of online features into ranking sample rows.
+"""Feature lookup for serving: the trending fallback list and `ranking_rows`, the one
+conversion of online features into ranking sample rows.
 
 `ranking_rows` builds exactly the columns of the `samples_ranking` table (features/samples.py) from an
 `OnlineFeatures`; the ranker feeds them to `training.ranking_batch.encode`, the function training uses, so a
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from ray import serve
 
-from features.online import FeatureStoreUnavailable, OnlineFeatureClient, OnlineFeatures
+from features.online import OnlineFeatures
 from features.spec import SEQUENCE_FIELDS, FeatureSpec
 from ingestion.contract import ACTIONS
 from serving.common import platform_config
@@ -93,12 +93,12 @@ def trending_items(cfg, size: int, window_s: int | None = None) -> list[tuple[in
 
 @serve.deployment
 class FeatureLookup:
-    """The user's online history and the trending list. user_config: {"overrides": [...]} (config overrides,
-    e.g. another online store) re-opens the client in place."""
+    """The trending list (the fallback candidates), read from the lake's item stats and refreshed every
+    serving.trending_refresh_s. user_config: {"overrides": [...]} (config overrides) re-reads it in place.
+    The per-request reads (user history, candidate stats) happen in the Ingress and the Ranker, in process."""
 
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = args or {}
-        self.client: OnlineFeatureClient | None = None
         self.error: str | None = None
         self.trending_list: list[tuple[int, float]] = []
         self.trending_at = 0.0
@@ -106,10 +106,6 @@ class FeatureLookup:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.cfg = platform_config(self.args, (user_config or {}).get("overrides"))
-        try:
-            self.client, self.error = OnlineFeatureClient(self.cfg), None
-        except FeatureStoreUnavailable as err:  # serve what can be served; every read reports it
-            self.client, self.error = None, str(err)
         self.trending_at = 0.0
         self._refresh_trending()
 
@@ -120,28 +116,16 @@ class FeatureLookup:
         self.trending_at = time.monotonic()
         try:
             self.trending_list = trending_items(self.cfg, serving.trending_size, serving.trending_window_s)
+            self.error = None
         except Exception as err:  # the lake may be unreachable: keep the last list rather than none
-            log.warning("trending refresh failed, keeping %d items: %s", len(self.trending_list), err)
-
-    async def user(self, user_id: int) -> dict[str, Any]:
-        """{"items", "ts" (ms), "actions"} oldest first, "missing", "asof_ms"; raises FeatureStoreUnavailable."""
-        if self.client is None:
-            raise FeatureStoreUnavailable(self.error or "no online store")
-        f = self.client.get(int(user_id), [])
-        return {"items": f.sequence["item_ids"].tolist(), "ts": f.sequence["ts"].tolist(),
-                "missing": bool(f.sequence_missing and f.user_missing), "asof_ms": f.sequence_asof_ms}
+            self.error = f"trending refresh failed, keeping {len(self.trending_list)} items: {err}"
+            log.warning(self.error)
 
     async def trending(self) -> list[tuple[int, float]]:
-        # The query scans the item stats table: off the event loop, so user lookups do not wait for it.
+        # The query scans the item stats table: off the event loop.
         await asyncio.to_thread(self._refresh_trending)
         return self.trending_list
 
     async def check(self) -> str | None:
         """None when healthy, else what is wrong (for /healthz)."""
-        if self.client is None:
-            return f"feature store: {self.error}"
-        try:
-            self.client.get(1, [])
-        except FeatureStoreUnavailable as err:
-            return f"feature store: {err}"
-        return None
+        return f"trending: {self.error}" if self.error else None

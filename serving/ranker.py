@@ -7,7 +7,7 @@ once. Inputs come from `serving.features.ranking_rows` + `training.ranking_batch
 training uses. Score = sum over tasks of weight * sigmoid(logit) (serving.task_weights or the deployment's
 user_config task_weights; empty = every task weighs 1).
 
->>> # m = RankerModel("data/artifacts/ranker"); probs = m.score(ranking_rows(features, now_ms)); m.combine(probs)
+>>> # m = RankerModel("data/artifacts/ranker"); [probs] = m.score(ranking_rows(features, now_ms)); m.combine(probs)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from ray import serve
 
@@ -55,14 +56,15 @@ class RankerModel:
         self.weights = np.array([(task_weights or {}).get(t, 0.0) if task_weights else 1.0 for t in self.tasks])
 
     @torch.no_grad()
-    def score(self, rows: pa.Table) -> np.ndarray:
-        """[C, T] task probabilities of one request row's candidates."""
-        n = len(rows["cand_item_ids"][0])
-        if n == 0:
-            return np.zeros((0, len(self.tasks)))
+    def score(self, rows: pa.Table) -> list[np.ndarray]:
+        """Per request row, the [C, T] task probabilities of its candidates (all rows in one forward)."""
+        counts = pc.list_value_length(rows["cand_item_ids"]).to_pylist()
+        if not any(counts):
+            return [np.zeros((0, len(self.tasks))) for _ in counts]
         inputs = encode(rows, self.feats)
         logits = self.scorer.score(inputs) if self.scorer is not None else self.model(inputs)
-        return torch.sigmoid(logits[0, :n].float()).numpy().astype(np.float64)
+        probs = torch.sigmoid(logits.float()).numpy().astype(np.float64)
+        return [probs[r, :n] for r, n in enumerate(counts)]
 
     def combine(self, probs: np.ndarray) -> np.ndarray:
         return probs @ self.weights
@@ -72,9 +74,11 @@ class RankerModel:
 class Ranker:
     """Reads the candidates' features (its own online client: one hop less per request) and scores them.
 
-    user_config: artifact, task_weights, micro_batch, cache_size, torch_threads, overrides (config overrides,
-    e.g. another online store). A new artifact is loaded in a thread and swapped in: requests keep being
-    answered by the old model meanwhile, each response names the version that scored it."""
+    Concurrent requests are batched with `@serve.batch` (one encode and one M-FALCON call for the batch).
+    user_config: artifact, task_weights, micro_batch, cache_size, batch_size, batch_wait_timeout_s,
+    torch_threads, overrides (config overrides, e.g. another online store). A new artifact is loaded in a
+    thread and swapped in: requests keep being answered by the old model meanwhile, each response names the
+    version that scored it."""
 
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = args or {}
@@ -91,6 +95,8 @@ class Ranker:
         uc = user_config or {}
         if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
             torch.set_num_threads(int(uc["torch_threads"]))
+        self._batched.set_max_batch_size(int(uc.get("batch_size", 8)))
+        self._batched.set_batch_wait_timeout_s(float(uc.get("batch_wait_timeout_s", 0.002)))
         overrides = list(uc.get("overrides") or [])
         if overrides != self.overrides or self.client is None:
             self.overrides = overrides
@@ -117,25 +123,35 @@ class Ranker:
         self.model, self.artifact, self.error = model, artifact, None
 
     async def rank(self, user_id: int, item_ids: list[int], request_ts_ms: int) -> dict[str, Any]:
-        model = self.model
-        if model is None:
+        if self.model is None:
             raise StageUnavailable(self.error)
+        return await self._batched((int(user_id), list(item_ids), int(request_ts_ms)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _batched(self, requests: list[tuple[int, list[int], int]]) -> list[dict[str, Any]]:
+        """Concurrent requests share one forward: M-FALCON prefills their histories together."""
+        model = self.model  # one model for the whole batch, even if a new one is swapped in meanwhile
         t0 = time.perf_counter()
-        fallback = None
-        try:
-            if self.client is None:
-                raise FeatureStoreUnavailable(self.store_error or "no online store")
-            features = self.client.get(int(user_id), item_ids)
-        except FeatureStoreUnavailable:
-            # Rank anyway, as for an unknown user with unknown items: better than no ranking at all.
-            features, fallback = default_features(self.stat_names, user_id, item_ids), "default_features"
+        rows, fallbacks = [], []
+        for user_id, item_ids, request_ts_ms in requests:
+            fallback = None
+            try:
+                if self.client is None:
+                    raise FeatureStoreUnavailable(self.store_error or "no online store")
+                features = self.client.get(user_id, item_ids)
+            except FeatureStoreUnavailable:
+                # Rank anyway, as for an unknown user with unknown items: better than no ranking at all.
+                features, fallback = default_features(self.stat_names, user_id, item_ids), "default_features"
+            rows.append(ranking_rows(features, request_ts_ms))
+            fallbacks.append(fallback)
         t1 = time.perf_counter()
-        probs = model.score(ranking_rows(features, request_ts_ms))
+        probs = model.score(pa.concat_tables(rows))
         t2 = time.perf_counter()
-        return {"probs": probs.tolist(), "score": model.combine(probs).tolist(), "tasks": list(model.tasks),
-                "version": model.version, "fallback": fallback,
-                "timings_ms": {"ranking_features": round((t1 - t0) * 1000, 3),
-                               "ranking_model": round((t2 - t1) * 1000, 3)}}
+        timings = {"ranking_features": round((t1 - t0) * 1000, 3), "ranking_model": round((t2 - t1) * 1000, 3),
+                   "ranking_batch": len(requests)}
+        return [{"probs": p.tolist(), "score": model.combine(p).tolist(), "tasks": list(model.tasks),
+                 "version": model.version, "fallback": fallback, "timings_ms": timings}
+                for p, fallback in zip(probs, fallbacks)]
 
     async def check(self) -> list[str]:
         problems = [] if self.model is not None and self.error is None else [f"ranker: {self.error}"]

@@ -82,10 +82,11 @@ class RetrieverModel:
                 if ex:
                     all_scores[j, list(ex)] = float("-inf")
             scores, got = all_scores.topk(min(k, all_scores.shape[1] - 1), dim=1)
+        raw, scores = self.vocab[got.numpy()], scores.numpy()
+        keep = (got.numpy() > 0) & np.isfinite(scores)
         for j, r in enumerate(rows):
-            s, g = scores[j].tolist(), got[j].tolist()
-            pairs = [(int(self.vocab[d]), float(v)) for d, v in zip(g, s) if d > 0 and np.isfinite(v)][: ks[r]]
-            out[r] = ([p[0] for p in pairs], [p[1] for p in pairs])
+            ok = keep[j]
+            out[r] = (raw[j][ok][: ks[r]].tolist(), scores[j][ok][: ks[r]].tolist())
         return out
 
 

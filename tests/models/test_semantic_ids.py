@@ -69,10 +69,11 @@ def test_index_prefix_sets_and_items():
     table = torch.cat([torch.zeros(1, 3, dtype=torch.long), codes])
     index = SemanticIdIndex(table, radices)
     all_tuples = torch.tensor(list(itertools.product(*(range(t) for t in radices))))
-    for level in range(1, 4):
+    for level in range(1, 4):  # the prefix table holds exactly the valid prefixes
         valid = {tuple(r) for r in codes[:, :level].tolist()}
-        got = index.prefixes[level - 1].contains(mixed_radix_encode(all_tuples[:, :level], radices))
+        got = index.prefix_rows(all_tuples[:, :level]) >= 0
         assert got.tolist() == [tuple(r) in valid for r in all_tuples[:, :level].tolist()]
+    assert index.prefix_rows(all_tuples).tolist() == index.item_of(mixed_radix_encode(all_tuples, radices)).tolist()
     items = index.item_of(mixed_radix_encode(all_tuples, radices))
     expected = {tuple(r): i + 1 for i, r in enumerate(codes.tolist())}
     assert items.tolist() == [expected.get(tuple(r), -1) for r in all_tuples.tolist()]

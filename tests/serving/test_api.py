@@ -111,7 +111,7 @@ def test_fallbacks_name_themselves_and_never_fail(served):
     assert unknown["fallback"] == "trending:unknown_user" and len(unknown["items"]) == 5
 
     down = {"overrides": ["features.online_store.path=/nonexistent/online.db"]}
-    sc = set_user_config(served.sc, "FeatureLookup", **down)
+    sc = set_user_config(served.sc, "Ingress", **down)
     sc = set_user_config(sc, "Ranker", **down)
     try:
         r = served.post("/recommend", {"user_id": 1, "k": 5})
@@ -121,7 +121,7 @@ def test_fallbacks_name_themselves_and_never_fail(served):
         assert r.status_code == 200 and r.json()["fallback"] == "default_features:feature_store_unavailable"
         assert served.http.get(served.url + "/healthz").json()["status"] == "degraded"
     finally:
-        sc = set_user_config(sc, "FeatureLookup", overrides=[])
+        sc = set_user_config(sc, "Ingress", overrides=[])
         sc = set_user_config(sc, "Ranker", overrides=[])
 
     sc = set_user_config(sc, "Retriever", artifact=None)

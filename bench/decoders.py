@@ -1,0 +1,113 @@
+"""Decoder latency at a dataset's shape: NEZHA vs backbone beam search, prefix table vs per-expansion probes.
+
+    python -m bench.decoders                                   # Beauty's shape: 12,101 items, 3 x 256 codes
+    python -m bench.decoders --items 17000 --requests 100
+
+Latency depends on the model's shape (items, codebooks, width, depth, beam), not on its training, so this
+times an untrained NEZHA retriever (HSTU backbone) with random distinct semantic IDs (3 x 256 codes plus a
+collision code) over random histories: a quick, quiet-machine companion to `bench/retrieval.py`, whose
+quality figures need the trained models. Per decoder (verified every step): mean ms per `retrieve` call at
+batch 1 and batch 32 (one torch thread, k=10, beam 20), with every-step verification done two ways in the
+same run: the prefix table, one gather per beam (`SemanticIdIndex.extend`, what the decoders use), and the
+baseline that probes a hash set of valid prefixes once per (beam, code) expansion.
+Writes bench/results/decoders.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+from models.nezha import NezhaConfig, NezhaRetriever
+from models.semantic_ids import IntHashSet, SemanticIdIndex, prefix_values, radix_products, with_collision_code
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decoders.json"
+
+
+def probe_every_expansion(self: SemanticIdIndex, level: int, rows: torch.Tensor) -> torch.Tensor:
+    """The baseline for `SemanticIdIndex.extend`: the integer of every (beam, code) expansion looked up in a
+    hash set of the valid prefixes of level + 1 codes (payload: the prefix's row), W x T lookups per level."""
+    if not hasattr(self, "_probe_sets"):  # per level: row -> prefix integer, and the next level's hash set
+        self._probe_sets = []
+        for lv in range(len(self.radices)):
+            full = self.item_values[1:]
+            here = torch.unique(prefix_values(full, self.radices, lv))
+            nxt = prefix_values(full, self.radices, lv + 1)
+            keys, nrow = torch.unique(nxt, return_inverse=True) if lv + 1 < len(self.radices) else (nxt, None)
+            payload = torch.arange(len(keys)) if nrow is not None else torch.arange(1, len(full) + 1)
+            self._probe_sets.append((here, IntHashSet(keys, payload=payload)))
+    here, valid = self._probe_sets[level]
+    weight = radix_products(self.radices)[level]
+    expansions = here[rows.clamp(min=0)][..., None] + torch.arange(self.radices[level]) * weight
+    return valid.get(expansions).masked_fill((rows < 0)[..., None], -1)
+
+
+def model_of_shape(items: int, codebook: int, levels: int, seed: int) -> NezhaRetriever:
+    g = torch.Generator().manual_seed(seed)
+    codes = with_collision_code(torch.randint(codebook, (items, levels), generator=g))
+    radices = (codebook,) * levels + (int(codes[:, -1].max()) + 1,)
+    model = NezhaRetriever(NezhaConfig(num_items=items, codebook_sizes=radices, dropout=0.0)).eval()
+    model.set_semantic_ids(torch.cat([codes.new_zeros(1, levels + 1), codes]))
+    return model
+
+
+def time_calls(model: NezhaRetriever, decoder: str, batch: int, requests: int, seed: int) -> float:
+    """Mean ms per `retrieve` call of `batch` random histories (50 items), after 3 warm-up calls."""
+    g = torch.Generator().manual_seed(seed)
+    times = []
+    for i in range(requests + 3):
+        hist = torch.randint(1, model.cfg.num_items + 1, (batch, model.cfg.max_history), generator=g)
+        lengths = torch.full((batch,), model.cfg.max_history)
+        t0 = time.perf_counter()
+        model.retrieve(hist, lengths, 10, decoder=decoder, verify="step")
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1000)
+    return float(np.mean(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=12101, help="catalogue size (Beauty: 12,101)")
+    parser.add_argument("--codebook", type=int, default=256)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=50, help="timed calls per decoder and batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as a serving replica runs it
+    model = model_of_shape(args.items, args.codebook, args.levels, args.seed)
+    rows = {}
+    for check in ("table", "probe"):
+        patch = (mock.patch.object(SemanticIdIndex, "extend", probe_every_expansion) if check == "probe"
+                 else mock.patch.object(SemanticIdIndex, "extend", SemanticIdIndex.extend))
+        with patch, torch.no_grad():
+            for decoder in ("nezha", "beam"):
+                rows[f"{decoder}_{check}"] = {
+                    f"ms_b{b}": round(time_calls(model, decoder, b, args.requests if b == 1 else
+                                                 max(args.requests // 5, 5), args.seed), 3) for b in (1, 32)}
+                print(f"{decoder:6s} {check:7s} {rows[f'{decoder}_{check}']}", flush=True)
+    speedup = {f"nezha_vs_beam_b{b}": round(rows["beam_table"][f"ms_b{b}"] / rows["nezha_table"][f"ms_b{b}"], 2)
+               for b in (1, 32)}
+    for d in ("nezha", "beam"):
+        for b in (1, 32):
+            probe, table = rows[f"{d}_probe"][f"ms_b{b}"], rows[f"{d}_table"][f"ms_b{b}"]
+            speedup[f"table_vs_probe_{d}_b{b}"] = round(probe / table, 2)
+    out = {"command": "python -m bench.decoders " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "date": datetime.now(UTC).isoformat(timespec="seconds"), "items": args.items,
+           "radices": list(model.cfg.codebook_sizes), "beam": model.cfg.beam_size, "k": 10, "history": 50,
+           "torch_threads": 1, "decoders": rows, "speedups": speedup}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(speedup, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
