@@ -4,14 +4,16 @@
 
 Needs a lake with features (`make demo` writes data/demo); its Feast folder is copied so the benchmark never
 writes to it. The retriever is the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless
---retriever names another; without --ranker a toy GenRank sized to the lake's catalogue is built (serving.toy):
-latency depends on model size, not on training.
+--retriever names another; without --ranker a toy GenRank of the shape training builds by default (training.d_model,
+training.max_hist_len) over the lake's catalogue is built (serving.toy): latency depends on model size, not on
+training.
 
 Variants, each on a fresh local Ray (a subprocess: Serve reads its settings from the environment at start):
 - default: Serve's defaults (no max_ongoing/max_queued limits, torch on all cores, no batching settings);
 - tuned: serving/config.yaml as shipped, plus Ray Serve's throughput-optimised mode
-  (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: direct ingress, gRPC between deployments, user code on the replica's
-  event loop, no per-request log lines to stderr); docs/serving.md says how to set it on a cluster.
+  (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between deployments, user code on the replica's event loop, no
+  per-request log lines to stderr, direct ingress); clients call the Ingress replica's own HTTP port (direct
+  ingress: no proxy hop), as HAProxy does on a cluster; docs/serving.md says how to set it there.
 Per variant: closed-loop clients at concurrency 1, 4, 16, 64
 (200 candidates retrieved, top 10 returned), then an open-loop overload run at 2x the best measured RPS.
 Writes bench/results/serve.json and bench/results/serve_latency_cdf.png; prints a table.
@@ -124,9 +126,24 @@ async def open_loop(url: str, users: list[int], rate: float, seconds: float) -> 
     return out
 
 
-def run_variant(sc: dict, users: list[int], seconds: float, overload: bool) -> tuple[dict, dict]:
+def direct_ingress_url(sc: dict) -> str | None:
+    """With direct ingress (throughput-optimised mode) the Ingress replica serves HTTP itself, on the first free
+    port from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT (30000); None when no replica answers there."""
+    host = base_url(sc).rsplit(":", 1)[0]
+    start = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    for port in range(start, start + 8):
+        try:
+            if httpx.get(f"{host}:{port}/healthz", timeout=5).status_code == 200:
+                return f"{host}:{port}"
+        except httpx.HTTPError:
+            continue
+    return None
+
+
+def run_variant(sc: dict, users: list[int], seconds: float, overload: bool, direct: bool) -> tuple[dict, dict]:
     deploy(sc)
-    url = base_url(sc)
+    url = (direct_ingress_url(sc) if direct else None) or base_url(sc)
+    print(f"   clients call {url}", flush=True)
     try:
         asyncio.run(closed_loop(url, users, 4, 3.0))  # warm-up: imports, caches, first model calls
         results, lats = {}, {}
@@ -188,7 +205,8 @@ def run_variant_here(variant: str, work: Path) -> int:
     init_ray(config.load(None, spec["overrides"]).ray)
     sc = serve_config(config=spec["profile"], ranker=spec["ranker"], retriever=spec["retriever"],
                       port=spec["port"], defaults=variant == "default")
-    results, lats = run_variant(sc, spec["users"], spec["seconds"], overload=variant == "tuned")
+    tuned = variant == "tuned"
+    results, lats = run_variant(sc, spec["users"], spec["seconds"], overload=tuned, direct=tuned)
     (work / f"{variant}.json").write_text(json.dumps({"results": results, "lats": lats}))
     return 0
 
@@ -221,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "WHERE action <> 'impression' GROUP BY user_id ORDER BY user_id").fetchall()]
     con.close()
     ranker = args.ranker or ranker_artifact(work / "ranker", cfg, num_users=n_users, num_items=n_items,
-                                            num_authors=n_authors, max_hist_len=cfg.features.sequence_length,
-                                            d_model=64).folder
+                                            num_authors=n_authors, max_hist_len=cfg.training.max_hist_len,
+                                            d_model=cfg.training.d_model).folder
     retriever = Path(args.retriever or root / "artifacts" / "retriever")
     if not (retriever / "manifest.json").exists():
         print(f"no retriever artifact at {retriever}: run `make demo` first (or pass --retriever)")

@@ -10,6 +10,10 @@ Both read only the packed values (`stats`, `item_author_id`, the sequence arrays
 Unknown entities get defaults (zero stats, empty sequence) flagged as missing; a store that cannot be
 read raises `FeatureStoreUnavailable`, the one exception serving catches to fall back.
 
+`item_ttl_s > 0` keeps item and author rows that long (never the user's: its history must be fresh), so a
+ranker scoring the same popular candidates request after request reads them about once per TTL; their stats
+may then lag the store by up to the TTL (the real-time path itself takes up to a second, BENCHMARKS.md).
+
 >>> # client = OnlineFeatureClient(config.load()); f = client.get(7, [1, 2, 3]); f.item_stats.shape  (3, 42)
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import sqlite3
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,8 +237,10 @@ class _RedisReader:
 class OnlineFeatureClient:
     """Reads what serving needs for one request. Thread-safe; create one per process and reuse it."""
 
-    def __init__(self, cfg: PlatformConfig, fast: bool = True, store=None):
+    def __init__(self, cfg: PlatformConfig, fast: bool = True, store=None, item_ttl_s: float = 0.0):
         self.cfg = absolute_paths(cfg)
+        self.item_ttl_s = item_ttl_s
+        self._cached: dict[str, dict[int, tuple[float, list | None]]] = {"item": {}, "author": {}}
         self.spec = FeatureSpec.from_config(self.cfg.features)
         self.stat_names = self.spec.stat_names
         self.empty_stats = self.spec.empty_stats()
@@ -287,16 +294,21 @@ class OnlineFeatureClient:
         items = np.asarray(item_ids, np.int64).reshape(-1)
         if len(items) > MAX_CANDIDATES:
             raise ValueError(f"at most {MAX_CANDIDATES} candidates per call, got {len(items)}")
-        user_rows, seq_rows, item_rows = self._read([
+        now = time.monotonic()
+        item_ids = items.tolist()
+        item_read = self._stale("item", item_ids, now)
+        user_rows, seq_rows, fetched = self._read([
             (stats_view("user"), "user", ["stats", "asof_ms"], [user_id]),
             (SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), [user_id]),
-            (stats_view("item"), "item", ["stats", "item_author_id"], items.tolist()),
+            (stats_view("item"), "item", ["stats", "item_author_id"], item_read),
         ])
+        item_rows = self._merge("item", item_ids, item_read, fetched, now)
         item_stats, item_missing = self._stats(item_rows)
         authors = np.array([(_decode(row[1]) or 0) if row else 0 for row in item_rows], np.int64)
         unique_authors = sorted(set(authors[authors > 0].tolist()))
-        (author_rows,) = self._read([(stats_view("author"), "author", ["stats"], unique_authors)])
-        by_author = dict(zip(unique_authors, author_rows))
+        author_read = self._stale("author", unique_authors, now)
+        (fetched,) = self._read([(stats_view("author"), "author", ["stats"], author_read)])
+        by_author = dict(zip(unique_authors, self._merge("author", unique_authors, author_read, fetched, now)))
         author_stats, author_missing = self._stats([by_author.get(a) for a in authors.tolist()])
         user_stats, user_missing = self._stats(user_rows)
         user_asof = int(_decode(user_rows[0][1]) or 0) if user_rows[0] else 0
@@ -307,6 +319,24 @@ class OnlineFeatureClient:
             item_ids=items, item_stats=item_stats, item_missing=item_missing, item_author_ids=authors,
             author_stats=author_stats, author_missing=author_missing,
         )
+
+    def _stale(self, entity: str, ids: list[int], now: float) -> list[int]:
+        """The ids to read from the store: all of them, or those not cached within the TTL."""
+        if self.item_ttl_s <= 0:
+            return ids
+        cached = self._cached[entity]
+        return [i for i in ids if (hit := cached.get(i)) is None or now - hit[0] > self.item_ttl_s]
+
+    def _merge(self, entity: str, ids: list[int], read: list[int], rows: list, now: float) -> list:
+        """Rows for `ids` in order: the ones just read (cached when a TTL is set), the rest from the cache."""
+        if self.item_ttl_s <= 0:
+            return rows
+        cached = self._cached[entity]
+        if len(cached) > 200_000:  # a bound for huge catalogues: start over rather than grow without limit
+            cached.clear()
+        for i, row in zip(read, rows):
+            cached[i] = (now, row)
+        return [cached[i][1] for i in ids]
 
     @staticmethod
     def _sequence(row: list | None) -> tuple[dict[str, np.ndarray], int, bool]:

@@ -75,3 +75,34 @@ class _Span:
 
     def __exit__(self, *exc) -> None:
         self.timer.ms[self.name] = round((time.perf_counter() - self.t0) * 1000, 3)
+
+
+class BusyBatchWait:
+    """The batch wait of a `@serve.batch` method, set per request: 0 while no batch runs, `busy_s` while one does.
+
+    Serve's batch loop waits `batch_wait_timeout_s` after a batch's first request for more, and forms the next
+    batch while the current one runs. A fixed wait costs every request that wait at low load; with none, a
+    busy replica runs a queue of 1-request batches. Waiting only pays while an earlier batch still runs (the new
+    one could not start anyway), so that is when it waits. Call `before_request()` before calling the method,
+    and wrap the batch's work in `with wait.running():`.
+    """
+
+    def __init__(self, batched, busy_s: float = 0.01):
+        self.batched, self.busy_s, self.in_flight = batched, busy_s, 0
+
+    def before_request(self) -> None:
+        self.batched.set_batch_wait_timeout_s(self.busy_s if self.in_flight else 0.0)
+
+    def running(self) -> _Running:
+        return _Running(self)
+
+
+class _Running:
+    def __init__(self, wait: BusyBatchWait):
+        self.wait = wait
+
+    def __enter__(self) -> None:
+        self.wait.in_flight += 1
+
+    def __exit__(self, *exc) -> None:
+        self.wait.in_flight -= 1

@@ -27,7 +27,7 @@ from features.online import FeatureStoreUnavailable, OnlineFeatureClient
 from features.spec import FeatureSpec
 from models.heads import SequenceRanker
 from models.mfalcon import MFalconScorer
-from serving.common import StageUnavailable, platform_config, resolve
+from serving.common import BusyBatchWait, StageUnavailable, platform_config, resolve
 from serving.lookup import default_features, ranking_rows
 from training.artifact import load_artifact
 from training.ranking_batch import RankingFeatures, encode
@@ -76,7 +76,8 @@ class Ranker:
 
     Concurrent requests are batched with `@serve.batch` (one encode and one M-FALCON call for the batch).
     user_config: artifact, task_weights, micro_batch, cache_size, batch_size, batch_wait_timeout_s,
-    torch_threads, overrides (config overrides, e.g. another online store). A new artifact is loaded in a
+    torch_threads, item_cache_ttl_s (candidates' stats kept that long: see features.online), overrides
+    (config overrides, e.g. another online store). A new artifact is loaded in a
     thread and swapped in: requests keep being answered by the old model meanwhile, each response names the
     version that scored it."""
 
@@ -90,19 +91,21 @@ class Ranker:
         self.client: OnlineFeatureClient | None = None
         self.store_error: str | None = None
         self.overrides: list[str] | None = None
+        self.batch_wait = BusyBatchWait(self._batched)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = user_config or {}
         if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
             torch.set_num_threads(int(uc["torch_threads"]))
         self._batched.set_max_batch_size(int(uc.get("batch_size", 8)))
-        self._batched.set_batch_wait_timeout_s(float(uc.get("batch_wait_timeout_s", 0.002)))
+        self.batch_wait.busy_s = float(uc.get("batch_wait_timeout_s", 0.01))
         overrides = list(uc.get("overrides") or [])
-        if overrides != self.overrides or self.client is None:
+        item_ttl_s = float(uc.get("item_cache_ttl_s", 0.0))
+        if overrides != self.overrides or self.client is None or item_ttl_s != self.client.item_ttl_s:
             self.overrides = overrides
             self.cfg = platform_config(self.args, overrides)
             try:
-                self.client, self.store_error = OnlineFeatureClient(self.cfg), None
+                self.client, self.store_error = OnlineFeatureClient(self.cfg, item_ttl_s=item_ttl_s), None
             except FeatureStoreUnavailable as err:
                 self.client, self.store_error = None, str(err)
         weights = uc.get("task_weights") or self.cfg.serving.task_weights
@@ -125,12 +128,17 @@ class Ranker:
     async def rank(self, user_id: int, item_ids: list[int], request_ts_ms: int) -> dict[str, Any]:
         if self.model is None:
             raise StageUnavailable(self.error)
+        self.batch_wait.before_request()
         return await self._batched((int(user_id), list(item_ids), int(request_ts_ms)))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _batched(self, requests: list[tuple[int, list[int], int]]) -> list[dict[str, Any]]:
-        """Concurrent requests share one forward: M-FALCON prefills their histories together."""
-        model = self.model  # one model for the whole batch, even if a new one is swapped in meanwhile
+        """Concurrent requests share one forward: M-FALCON prefills their histories together. The batch runs
+        in a thread, so the event loop keeps taking requests meanwhile: they form the next batch."""
+        with self.batch_wait.running():  # one model for the whole batch, even if a new one is swapped in
+            return await asyncio.to_thread(self._rank_batch, self.model, requests)
+
+    def _rank_batch(self, model: RankerModel, requests: list[tuple[int, list[int], int]]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         rows, fallbacks = [], []
         for user_id, item_ids, request_ts_ms in requests:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from serving.common import StageUnavailable, resolve
+from serving.common import BusyBatchWait, StageUnavailable, resolve
 from training.artifact import load_artifact
 
 log = logging.getLogger("ray.serve")
@@ -94,7 +94,8 @@ class RetrieverModel:
 class Retriever:
     """Requests are batched with `@serve.batch`: one model call for up to batch_size concurrent users.
 
-    user_config: artifact (path), decoder, batch_size, batch_wait_timeout_s, torch_threads. A new artifact is
+    user_config: artifact (path), decoder, batch_size, batch_wait_timeout_s (the wait while a batch runs, see
+    serving.common.BusyBatchWait), torch_threads. A new artifact is
     loaded in a thread while the old one keeps answering, then swapped in (no failed request)."""
 
     def __init__(self, args: dict[str, Any] | None = None):
@@ -102,13 +103,14 @@ class Retriever:
         self.model: RetrieverModel | None = None
         self.artifact: str | None = None
         self.error: str | None = "no artifact configured"
+        self.batch_wait = BusyBatchWait(self._batched)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = user_config or {}
         if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
             torch.set_num_threads(int(uc["torch_threads"]))
         self._batched.set_max_batch_size(int(uc.get("batch_size", 16)))
-        self._batched.set_batch_wait_timeout_s(float(uc.get("batch_wait_timeout_s", 0.002)))
+        self.batch_wait.busy_s = float(uc.get("batch_wait_timeout_s", 0.01))
         artifact = resolve(uc.get("artifact"), self.args)
         if artifact is None:  # explicitly none: answer StageUnavailable (the ingress serves trending items)
             self.model, self.artifact, self.error = None, None, "no retriever artifact configured"
@@ -127,13 +129,16 @@ class Retriever:
                        exclude: list[int]) -> dict[str, Any]:
         if self.model is None:
             raise StageUnavailable(self.error)
+        self.batch_wait.before_request()
         return await self._batched((history, now_ms, k, set(exclude)))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, requests: list[tuple]) -> list[dict[str, Any]]:
+        """The batch runs in a thread, so the event loop keeps taking requests meanwhile (the next batch)."""
         model = self.model  # one model for the whole batch, even if a new one is swapped in meanwhile
-        got = model.retrieve([r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests],
-                             [r[3] for r in requests])
+        with self.batch_wait.running():
+            got = await asyncio.to_thread(model.retrieve, [r[0] for r in requests], [r[1] for r in requests],
+                                          [r[2] for r in requests], [r[3] for r in requests])
         return [{"items": items, "scores": scores, "version": model.version, "batch": len(requests)}
                 for items, scores in got]
 
