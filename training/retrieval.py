@@ -32,6 +32,7 @@ import torch
 from models.hstu import HSTUConfig
 from models.retrieval import HSTURetrieval, SequentialRetriever
 from models.sasrec import SASRec
+from training.early_stopping import BestEpoch
 from training.metrics import retrieval_metrics, target_ranks
 from training.retrieval_data import LeaveOneOut, SequenceBatch
 from training.retrieval_loss import per_sequence_sampled_softmax
@@ -185,10 +186,10 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
-    best_score, best_epoch, best_state, best_valid = (-1.0, -1.0), 0, None, {}
+    best = BestEpoch(cfg.patience)
     history: list[dict[str, float]] = []
     train_s = eval_s = 0.0
-    bad_evals, stopped, epoch = 0, "max_epochs", 0
+    stopped, epoch = "max_epochs", 0
     for epoch in range(1, cfg.max_epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -211,28 +212,22 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
             valid = evaluate(model, split.valid, batch_size=cfg.eval_batch_size)
             eval_s += time.perf_counter() - t0
             row.update({f"valid_{k}": v for k, v in valid.items()})
-            score = (valid["hr@10"], valid["ndcg@10"])  # NDCG breaks ties once HR saturates
-            if score > best_score:
-                best_score, best_epoch, best_valid, bad_evals = score, epoch, valid, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad_evals += 1
+            best.update(epoch, (valid["hr@10"], valid["ndcg@10"]), valid, model)  # NDCG breaks ties once HR saturates
         history.append(row)
         log.info("%s epoch %d loss %.4f valid hr@10 %s (%.0f s training)", name, epoch, row["loss"],
                  f"{row['valid_hr@10']:.4f}" if "valid_hr@10" in row else "-", train_s)
-        if bad_evals >= cfg.patience:
+        if best.exhausted:
             stopped = "patience"
             break
         if out_of_time:
             stopped = "time_budget"
             break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model)
     t0 = time.perf_counter()
     test = evaluate(model, split.test, batch_size=cfg.eval_batch_size)
     eval_s += time.perf_counter() - t0
-    log.info("%s best epoch %d: valid hr@10 %.4f, test hr@10 %.4f ndcg@10 %.4f", name, best_epoch, best_score[0],
+    log.info("%s best epoch %d: valid hr@10 %.4f, test hr@10 %.4f ndcg@10 %.4f", name, best.epoch, best.score[0],
              test["hr@10"], test["ndcg@10"])
-    return RetrievalResult(best_epoch=best_epoch, epochs=epoch, stopped=stopped, valid=best_valid, test=test,
+    return RetrievalResult(best_epoch=best.epoch, epochs=epoch, stopped=stopped, valid=best.valid, test=test,
                            train_seconds=train_s, eval_seconds=eval_s, history=history)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from models.nezha import NezhaConfig, NezhaRetriever
+from training.early_stopping import BestEpoch
 from training.retrieval_data import LeaveOneOut, SequenceBatch
 from training.retriever_data import eval_histories, prefix_samples
 from training.semantic_ids import SemanticIds
@@ -159,7 +160,7 @@ def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTra
     log.info("%s: %d training samples, %d parameters", name, len(samples),
              sum(p.numel() for p in model.parameters()))
 
-    best, best_epoch, best_state, best_valid, bad_evals = (-1.0, -1.0), 0, None, {}, 0
+    best = BestEpoch(cfg.patience)
     history: list[dict[str, float]] = []
     train_s, stopped, epoch = 0.0, "max_epochs", 0
     for epoch in range(1, cfg.max_epochs + 1):
@@ -183,24 +184,18 @@ def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTra
         if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs or out_of_time:
             valid = evaluate_decoder(model, split.valid, "nezha_step", cfg.k, rows=eval_rows)
             row.update({f"valid_{key}": v for key, v in valid.items()})
-            score = (valid["r10"], valid["n10"])
-            if score > best:
-                best, best_epoch, best_valid, bad_evals = score, epoch, valid, 0
-                best_state = {key: v.detach().clone() for key, v in model.state_dict().items()}
-            else:
-                bad_evals += 1
+            best.update(epoch, (valid["r10"], valid["n10"]), valid, model)
         history.append(row)
         log.info("%s epoch %d %s valid r10 %s (%.0f s training)", name, epoch,
                  " ".join(f"{key} {v / len(batches):.3f}" for key, v in sums.items()),
                  f"{row['valid_r10']:.4f}" if "valid_r10" in row else "-", train_s)
-        if bad_evals >= cfg.patience:
+        if best.exhausted:
             stopped = "patience"
             break
         if out_of_time:
             stopped = "time_budget"
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model)
     test = {}
     for decoder in cfg.test_decoders:
         t0 = time.perf_counter()
@@ -209,7 +204,7 @@ def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTra
         test[decoder].update(eval_seconds=time.perf_counter() - t0,
                              users=len(split.test) if rows is None else len(rows))
         log.info("%s test %s: %s", name, decoder, test[decoder])
-    return RetrieverResult(best_epoch=best_epoch, epochs=epoch, stopped=stopped, valid=best_valid, test=test,
+    return RetrieverResult(best_epoch=best.epoch, epochs=epoch, stopped=stopped, valid=best.valid, test=test,
                            train_seconds=train_s, history=history)
 
 
