@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import training.early_stopping
 import training.retrieval
 import training.retrieval_data
 import training.retrieval_loss
@@ -32,7 +33,8 @@ from training.retrieval_data import (
 from training.retrieval_loss import per_sequence_sampled_softmax
 
 
-@pytest.mark.parametrize("module", [training.retrieval, training.retrieval_data, training.retrieval_loss])
+@pytest.mark.parametrize("module", [training.retrieval, training.retrieval_data, training.retrieval_loss,
+                                    training.early_stopping])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
