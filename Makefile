@@ -35,11 +35,19 @@ test: $(STAMP) lint
 		|| { echo "redis-server is required by the tests: apt-get install redis-server"; exit 1; }
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Every benchmark, one after another (many hours on 2 cores); each line also runs alone (BENCHMARKS.md).
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.models
 	$(BIN)/python -m bench.features
 	$(BIN)/python -m bench.quality_retrieval --dataset ml-1m
+	$(BIN)/python -m bench.quality --dataset all
+	$(BIN)/python -m bench.train_fault --lake data/bench/quality/ml-100k/lake --model dlrm --kill-after 60 --every 25 \
+		--set training.batch_size=32 --set training.max_hist_len=64
+	$(BIN)/python -m bench.retrieval --dataset all
+	$(BIN)/python -m bench.decoders
+	test -d data/demo/artifacts/retriever || $(BIN)/python -m ray_jobs.demo
+	$(BIN)/python -m bench.serve
 
 # Re-freeze the pins from the current venv (after changing pyproject.toml's direct needs).
 lock: $(STAMP)
