@@ -129,7 +129,11 @@ def run_dataset(name: str, args) -> dict:
     print(f"\n== {name}: {info['requests']:,} requests, {info['candidates']:,} candidates "
           f"(prepared in {info['prepare_s']}s)", flush=True)
     out: dict = {"requests": info["requests"], "candidates": info["candidates"], "task": task}
-    series, artifacts = {}, {}
+    # Models of an earlier run on the same data keep their figures (a run of some models adds to them).
+    earlier = _saved(name)
+    if earlier.get("requests") == info["requests"] and earlier.get("candidates") == info["candidates"]:
+        out.update({k: v for k, v in earlier.items() if k in MODELS and k not in args.models})
+    artifacts = {}
     kinds = list(args.models) + (["zenith-shared"] if "zenith" in args.models and not args.skip_similarity else [])
     for kind in kinds:
         run_cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={
@@ -144,8 +148,8 @@ def run_dataset(name: str, args) -> dict:
                      "calibration": whole["calibration"], "last10_auc": last["auc"], "last10_gauc": last["gauc"],
                      "last10_logloss": last["logloss"], "seconds": run.seconds,
                      "requests_per_s": round(m["requests"] / run.seconds, 1),
-                     "tasks": {t: {k: v[k] for k in ("auc", "gauc", "logloss")} for t, v in m["progressive"].items()}}
-        series[kind] = m["auc_over_time"]
+                     "tasks": {t: {k: v[k] for k in ("auc", "gauc", "logloss")} for t, v in m["progressive"].items()},
+                     "auc_over_time": m["auc_over_time"]}
         _save(name, out)  # a model's figures survive a later model's failure or a stopped run
         print(f"{kind:>9}: AUC {whole['auc']:.4f} GAUC {whole['gauc']:.4f} logloss {whole['logloss']:.4f} | "
               f"last 10%: AUC {last['auc']:.4f} GAUC {last['gauc']:.4f} | {run.seconds:.0f}s", flush=True)
@@ -163,8 +167,14 @@ def run_dataset(name: str, args) -> dict:
     if "zenith" in artifacts and "zenith-shared" in artifacts:
         out["token_similarity"] = token_similarity_rows(cfg, {k: artifacts[k] for k in ("zenith", "zenith-shared")})
         print(f"   token similarity per layer: {out['token_similarity']}")
+    series = {k: v["auc_over_time"] for k, v in out.items() if k in MODELS and "auc_over_time" in v}
     out["plot"] = plot(name, series, task, oracle)
     return out
+
+
+def _saved(name: str) -> dict:
+    path = RESULTS / "quality.json"
+    return (json.loads(path.read_text()) if path.exists() else {}).get(name, {})
 
 
 def _save(name: str, figures: dict, **top) -> None:
