@@ -147,7 +147,7 @@ class SemanticIdIndex:
         item_ids = torch.arange(1, len(table), device=table.device)
         self.items = IntHashSet(values, payload=item_ids)
         self.children = []
-        _, row = torch.unique(prefix_values(values, self.radices, 0), return_inverse=True)  # all 0: the root
+        row = torch.zeros_like(values)  # every item starts at the root, the empty prefix
         for level, t in enumerate(self.radices):
             if level + 1 < len(self.radices):
                 _, child = torch.unique(prefix_values(values, self.radices, level + 1), return_inverse=True)

@@ -5,8 +5,8 @@
 >>> best = BestEpoch(patience=2)
 >>> for epoch, score in enumerate([(0.1, 0.0), (0.3, 0.1), (0.2, 0.0), (0.3, 0.0)], 1):
 ...     best.update(epoch, score, {"r10": score[0]}, model)
->>> best.epoch, best.valid, best.exhausted
-(2, {'r10': 0.3}, True)
+>>> best.epoch, best.valid, best.stop_reason(out_of_time=False)
+(2, {'r10': 0.3}, 'patience')
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 class BestEpoch:
     """The best validation score so far (a tuple: later entries break ties), its epoch, metrics and a copy of the
-    weights; `exhausted` once `patience` evaluations in a row did not beat it; `restore` loads the best weights."""
+    weights; `stop_reason` says when to stop; `restore` loads the best weights."""
 
     def __init__(self, patience: int):
         self.patience = patience
@@ -30,9 +30,12 @@ class BestEpoch:
         else:
             self.bad_evals += 1
 
-    @property
-    def exhausted(self) -> bool:
-        return self.bad_evals >= self.patience
+    def stop_reason(self, out_of_time: bool) -> str | None:
+        """"patience" once `patience` evaluations in a row did not beat the best, else "time_budget" when out of
+        time, else None (go on)."""
+        if self.bad_evals >= self.patience:
+            return "patience"
+        return "time_budget" if out_of_time else None
 
     def restore(self, model: torch.nn.Module) -> None:
         if self.state is not None:

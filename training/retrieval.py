@@ -216,11 +216,8 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
         history.append(row)
         log.info("%s epoch %d loss %.4f valid hr@10 %s (%.0f s training)", name, epoch, row["loss"],
                  f"{row['valid_hr@10']:.4f}" if "valid_hr@10" in row else "-", train_s)
-        if best.exhausted:
-            stopped = "patience"
-            break
-        if out_of_time:
-            stopped = "time_budget"
+        if reason := best.stop_reason(out_of_time):
+            stopped = reason
             break
 
     best.restore(model)

@@ -189,11 +189,8 @@ def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTra
         log.info("%s epoch %d %s valid r10 %s (%.0f s training)", name, epoch,
                  " ".join(f"{key} {v / len(batches):.3f}" for key, v in sums.items()),
                  f"{row['valid_r10']:.4f}" if "valid_r10" in row else "-", train_s)
-        if best.exhausted:
-            stopped = "patience"
-            break
-        if out_of_time:
-            stopped = "time_budget"
+        if reason := best.stop_reason(out_of_time):
+            stopped = reason
             break
     best.restore(model)
     test = {}
