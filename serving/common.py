@@ -11,6 +11,7 @@ so `serve run serving/config.yaml` works from any folder).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -78,31 +79,31 @@ class _Span:
 
 
 class BusyBatchWait:
-    """The batch wait of a `@serve.batch` method, set per request: 0 while no batch runs, `busy_s` while one does.
+    """Runs a `@serve.batch` method's batches in a thread and sets its batch wait per request: 0 while no batch
+    runs, `busy_s` while one does.
 
     Serve's batch loop waits `batch_wait_timeout_s` after a batch's first request for more, and forms the next
     batch while the current one runs. A fixed wait costs every request that wait at low load; with none, a
     busy replica runs a queue of 1-request batches. Waiting only pays while an earlier batch still runs (the new
-    one could not start anyway), so that is when it waits. Call `before_request()` before calling the method,
-    and wrap the batch's work in `with wait.running():`.
+    one could not start anyway), so that is when it waits. A batch run in a thread leaves the event loop free to
+    take the requests that form the next one. Call `before_request()` before calling the batched method, and
+    `await run(fn, ...)` for the batch's work inside it.
     """
 
     def __init__(self, batched, busy_s: float = 0.01):
         self.batched, self.busy_s, self.in_flight = batched, busy_s, 0
 
+    def configure(self, user_config: dict[str, Any], default_size: int) -> None:
+        """user_config keys batch_size and batch_wait_timeout_s (the wait while a batch runs)."""
+        self.batched.set_max_batch_size(int(user_config.get("batch_size", default_size)))
+        self.busy_s = float(user_config.get("batch_wait_timeout_s", 0.01))
+
     def before_request(self) -> None:
         self.batched.set_batch_wait_timeout_s(self.busy_s if self.in_flight else 0.0)
 
-    def running(self) -> _Running:
-        return _Running(self)
-
-
-class _Running:
-    def __init__(self, wait: BusyBatchWait):
-        self.wait = wait
-
-    def __enter__(self) -> None:
-        self.wait.in_flight += 1
-
-    def __exit__(self, *exc) -> None:
-        self.wait.in_flight -= 1
+    async def run(self, fn, *args):
+        self.in_flight += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self.in_flight -= 1

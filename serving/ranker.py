@@ -97,8 +97,7 @@ class Ranker:
         uc = user_config or {}
         if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
             torch.set_num_threads(int(uc["torch_threads"]))
-        self._batched.set_max_batch_size(int(uc.get("batch_size", 8)))
-        self.batch_wait.busy_s = float(uc.get("batch_wait_timeout_s", 0.01))
+        self.batch_wait.configure(uc, default_size=8)
         overrides = list(uc.get("overrides") or [])
         item_ttl_s = float(uc.get("item_cache_ttl_s", 0.0))
         if overrides != self.overrides or self.client is None or item_ttl_s != self.client.item_ttl_s:
@@ -135,8 +134,8 @@ class Ranker:
     async def _batched(self, requests: list[tuple[int, list[int], int]]) -> list[dict[str, Any]]:
         """Concurrent requests share one forward: M-FALCON prefills their histories together. The batch runs
         in a thread, so the event loop keeps taking requests meanwhile: they form the next batch."""
-        with self.batch_wait.running():  # one model for the whole batch, even if a new one is swapped in
-            return await asyncio.to_thread(self._rank_batch, self.model, requests)
+        # One model for the whole batch, even if a new one is swapped in meanwhile.
+        return await self.batch_wait.run(self._rank_batch, self.model, requests)
 
     def _rank_batch(self, model: RankerModel, requests: list[tuple[int, list[int], int]]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()

@@ -109,8 +109,7 @@ class Retriever:
         uc = user_config or {}
         if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
             torch.set_num_threads(int(uc["torch_threads"]))
-        self._batched.set_max_batch_size(int(uc.get("batch_size", 16)))
-        self.batch_wait.busy_s = float(uc.get("batch_wait_timeout_s", 0.01))
+        self.batch_wait.configure(uc, default_size=16)
         artifact = resolve(uc.get("artifact"), self.args)
         if artifact is None:  # explicitly none: answer StageUnavailable (the ingress serves trending items)
             self.model, self.artifact, self.error = None, None, "no retriever artifact configured"
@@ -136,9 +135,8 @@ class Retriever:
     async def _batched(self, requests: list[tuple]) -> list[dict[str, Any]]:
         """The batch runs in a thread, so the event loop keeps taking requests meanwhile (the next batch)."""
         model = self.model  # one model for the whole batch, even if a new one is swapped in meanwhile
-        with self.batch_wait.running():
-            got = await asyncio.to_thread(model.retrieve, [r[0] for r in requests], [r[1] for r in requests],
-                                          [r[2] for r in requests], [r[3] for r in requests])
+        got = await self.batch_wait.run(model.retrieve, [r[0] for r in requests], [r[1] for r in requests],
+                                        [r[2] for r in requests], [r[3] for r in requests])
         return [{"items": items, "scores": scores, "version": model.version, "batch": len(requests)}
                 for items, scores in got]
 
