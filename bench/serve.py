@@ -190,10 +190,10 @@ TUNED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 VARIANTS = ("default", "tuned", "tuned_direct")
 
 
-def variant_subprocess(variant: str, spec: dict, work: Path) -> tuple[dict, dict]:
-    """Runs one variant on its own local Ray (its environment decides Serve's mode); its results and latencies."""
+def variant_subprocess(variant: str, work: Path) -> tuple[dict, dict]:
+    """Runs one variant (set up by work/spec.json) on its own local Ray (its environment decides Serve's mode);
+    its results and latencies."""
     out = work / f"{variant}.json"
-    (work / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, **(TUNED_ENV if variant != "default" else {})}
     subprocess.run([sys.executable, "-m", "bench.serve", "--run-variant", variant, "--work", str(work)],
                    env=env, check=True)
@@ -250,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     profile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     spec = {"profile": str(profile), "overrides": overrides, "ranker": str(ranker), "retriever": str(retriever),
             "port": args.port, "users": users, "seconds": args.seconds}
+    (work / "spec.json").write_text(json.dumps(spec))
     load_before = os.getloadavg()
     results, lats = {}, {}
     for variant in VARIANTS:
         print(f"== {variant} Serve settings", flush=True)
-        results[variant], lats[variant] = variant_subprocess(variant, spec, work)
+        results[variant], lats[variant] = variant_subprocess(variant, work)
     tuned = results["tuned"]
     out = {
         "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
