@@ -170,6 +170,12 @@ class TrainingConfig(Section):
     num_heads: int = Field(2, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     max_hist_len: int = Field(128, ge=1, description="newest history events a model sees")
+    position_bias_slots: int = Field(0, ge=0, description=(
+        "learn a logit offset per display slot and task next to the ranker (models/position.py; kept out of the "
+        "artifact); live-stream samples only, their candidates are in display order; 0 = off"))
+    # Adam moves a parameter by about lr per step, so at the rankers' lr a one-pass run of a few hundred steps
+    # could shift the offsets by only a few tenths of a logit; they are few and seen by every impression.
+    position_bias_lr: float = Field(0.02, gt=0, description="learning rate of the display-slot offsets")
     task_weights: dict[str, float] = Field(default_factory=dict, description="loss weight per task (default 1)")
     bf16: bool = Field(True, description="bf16 autocast on GPU (CPU always runs float32)")
     checkpoint_every_steps: int = Field(50, ge=1)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from deltalake import CommitProperties, write_deltalake
+from deltalake import CommitProperties, WriterProperties, write_deltalake
 
 from config.schema import PlatformConfig
 from features.job import FeatureJob, sort_shuffle
@@ -39,6 +39,9 @@ from features.sample_groups import RankingGroups, ranking_partition, retrieval_p
 from features.spec import FeatureSpec
 
 CHUNK_REQUESTS = 20_000  # requests joined with stats at once: bounds the driver's memory
+# Training reads the stream in blocks of a few batches by sample_no range (training/stream.py); Parquet statistics
+# can only skip whole row groups, so a row group per file (~100k rows) made every 1k-row block decode its file.
+RANKING_ROW_GROUP_ROWS = 1024
 
 
 @dataclass
@@ -101,7 +104,8 @@ class SampleBuilder:
                         .map_groups(ranking_partition, batch_format="pyarrow", fn_kwargs={"groups": groups})
                         .sort(["request_ts", "request_id"]))
             chunks = requests.iter_batches(batch_format="pyarrow", batch_size=CHUNK_REQUESTS)
-            _write(self.ranking_path, self._with_stats(chunks, report), self.opts, ["dt"], metadata)
+            _write(self.ranking_path, self._with_stats(chunks, report), self.opts, ["dt"], metadata,
+                   row_group_rows=RANKING_ROW_GROUP_ROWS)
             report.seconds["ranking"] = round(time.perf_counter() - t, 3)
             t = time.perf_counter()
             sequences = (events.groupby("part", num_partitions=parts)
@@ -149,8 +153,9 @@ class SampleBuilder:
 
 
 def _write(path: str, batches: Iterator[pa.RecordBatch], opts, partition_by: list[str] | None = None,
-           metadata: dict[str, str] | None = None) -> int:
-    """Overwrite the table with `batches` in one commit (rows land in the order given); returns the row count."""
+           metadata: dict[str, str] | None = None, row_group_rows: int | None = None) -> int:
+    """Overwrite the table with `batches` in one commit (rows land in the order given); returns the row count.
+    `row_group_rows` caps the Parquet row groups (the smallest unit a reader decodes)."""
     first = next(batches, None)
     if first is None:
         return 0
@@ -164,7 +169,8 @@ def _write(path: str, batches: Iterator[pa.RecordBatch], opts, partition_by: lis
 
     write_deltalake(path, pa.RecordBatchReader.from_batches(first.schema, counted()), mode="overwrite",
                     partition_by=partition_by, schema_mode="overwrite", storage_options=opts,
-                    commit_properties=CommitProperties(custom_metadata=metadata or {}))
+                    commit_properties=CommitProperties(custom_metadata=metadata or {}),
+                    writer_properties=WriterProperties(max_row_group_size=row_group_rows) if row_group_rows else None)
     return written
 
 

@@ -10,7 +10,9 @@ requests, drops those already trained on (after a restart), scores them with the
 gradients. Every `checkpoint_every_steps` the workers merge the samples they trained on into the
 stream position, flush their scores and rank 0 reports a checkpoint (weights, optimiser, position).
 A worker failure restarts the group from the latest checkpoint (`FailureConfig`). At the end the
-driver computes the headline metrics from the kept scores and writes the model artifact.
+driver computes the headline metrics from the kept scores and writes the model artifact. With
+`position_bias_slots` the workers fit the ranker plus per-slot logit offsets (models/position.py): the
+scores and checkpoints include the offsets, the artifact holds the ranker alone.
 
 Workers may run out of rows at different steps (equal splits, but rows skipped after a restart
 differ per worker): a worker without rows takes a zero-loss step on a one-row dummy batch so DDP's
@@ -45,7 +47,7 @@ from models.inputs import RankingInputs
 from training.artifact import save_artifact
 from training.ranking_batch import RankingFeatures, encode, labels
 from training.ranking_eval import auc_over_time, run_metrics
-from training.ranking_models import build_ranker, extra_loss
+from training.ranking_models import build_ranker, build_trainable, extra_loss, ranker_of
 from training.stream import SAMPLE_NO, PredictionLog, SampleStream, StreamPosition, filesystem
 
 COLUMNS = ["sample_no", "user_id", "request_ts", "hist_item_ids", "hist_author_ids", "hist_actions", "hist_ts",
@@ -113,15 +115,20 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_dir} ended without a checkpoint: {result.error}")
-    model, _ = build_ranker(t.model, feats, t)
+    trained = build_trainable(t.model, feats, t)
     with result.checkpoint.as_directory() as folder:
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        trained.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
         state = _read_json(os.path.join(folder, "state.json"))
     pred = PredictionLog.read(f"{run_dir}/predictions", feats.tasks)
     _check_once(pred, stream.num_samples, run_dir)
     metrics = run_metrics(pred, feats.tasks, t.eval_last_fraction)
     metrics.update(model=t.model, requests=stream.num_samples, steps=state["step"], restarts=state["restarts"],
                    auc_over_time=auc_over_time(pred, feats.tasks[0]))
+    if trained is not ranker_of(trained):  # the learned display-slot effect, for comparison with the logs
+        offsets = trained.position.offsets.detach()
+        metrics["position_offsets"] = {task: [round(v, 4) for v in offsets[:, i].tolist()]
+                                       for i, task in enumerate(feats.tasks)}
+    model = ranker_of(trained)
     _, model_config = build_ranker(t.model, feats, t)
     metadata = {"ranking_features": feats.to_dict(), "tasks": list(feats.tasks), "model": t.model,
                 "training": t.model_dump(), "samples": cfg.lake.table("samples_ranking"), "run_dir": run_dir}
@@ -215,7 +222,7 @@ def _train_loop(config: dict) -> None:
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-    model, _ = build_ranker(t.model, feats, t)
+    model = build_trainable(t.model, feats, t)
     position, step, restarts = StreamPosition(num_samples), 0, 0
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
@@ -233,7 +240,7 @@ def _train_loop(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
         "find_unused_parameters": t.model == "zenith++"})
     device = ray.train.torch.get_device()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     weights = torch.tensor([t.task_weights.get(task, 1.0) for task in feats.tasks], device=device)
@@ -292,6 +299,15 @@ def _train_loop(config: dict) -> None:
             trained_since = []
     _checkpoint(model, optimizer, position, preds, trained_since, step, restarts, rank, Checkpoint)
     progress.line(step, num_samples, final=True)
+
+
+def _param_groups(model: nn.Module, t: TrainingConfig) -> list[dict]:
+    """The ranker at `lr`; the display-slot offsets, if any, at `position_bias_lr` without weight decay."""
+    ranker = ranker_of(model)
+    if ranker is model:
+        return [{"params": list(model.parameters())}]
+    return [{"params": list(ranker.parameters())},
+            {"params": list(model.position.parameters()), "lr": t.position_bias_lr, "weight_decay": 0.0}]
 
 
 def _log_scores(preds: PredictionLog, rows: pa.Table, inputs: RankingInputs, probs: torch.Tensor,

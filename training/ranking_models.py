@@ -21,6 +21,7 @@ from config.schema import TrainingConfig
 from models.dlrm import DLRM, DLRMConfig
 from models.features import FeatureSpec
 from models.genrank import GenRank, HSTURanking, RankerConfig
+from models.position import PositionDebiasedRanker
 from models.zenith import Zenith, ZenithConfig
 from training.ranking_batch import RankingFeatures
 
@@ -53,8 +54,25 @@ def build_ranker(kind: str, feats: RankingFeatures, t: TrainingConfig):
     return (GenRank(config) if kind == "genrank" else HSTURanking(config)), config
 
 
+def build_trainable(kind: str, feats: RankingFeatures, t: TrainingConfig) -> nn.Module:
+    """What training fits: the ranker, with the display-slot offsets when `position_bias_slots` asks for them."""
+    model, _ = build_ranker(kind, feats, t)
+    if not t.position_bias_slots:
+        return model
+    if feats.kind != "livestream":
+        raise ValueError(f"training.position_bias_slots={t.position_bias_slots} needs samples in display order "
+                         f"(livestream); these are {feats.kind!r}: set training.position_bias_slots=0")
+    return PositionDebiasedRanker(model, t.position_bias_slots, len(feats.tasks))
+
+
+def ranker_of(model: nn.Module) -> nn.Module:
+    """The ranker inside what `build_trainable` returned (what the artifact stores)."""
+    return model.ranker if isinstance(model, PositionDebiasedRanker) else model
+
+
 def extra_loss(model: nn.Module):
     """Loss terms a model adds beyond the task BCE (Zenith++'s MoE balance loss of the last forward)."""
+    model = ranker_of(model)
     if isinstance(model, Zenith):
         return model.config.aux_loss_weight * model.aux_loss
     return 0.0

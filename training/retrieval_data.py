@@ -23,6 +23,7 @@ stay as they are.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ DATASET_FILES: dict[str, tuple[str, ...]] = {
     "beauty": ("amazon/Beauty.txt",),
     "sports": ("amazon/Sports_and_Outdoors.txt",),
     "yelp": ("yelp/Yelp.txt",),
+    "games": ("nezha/Games/Games.inter.json",),
 }
 
 
@@ -93,8 +95,21 @@ def read_s3rec_txt(path: str | Path) -> SequenceData:
     return data
 
 
+def read_inter_json(path: str | Path) -> SequenceData:
+    """LETTER / LC-Rec `{"user": [item, ...]}` (0-based ids, chronological, no timestamps); times are ordinal."""
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise ValueError(f"{path}: expected a JSON object of user -> list of item ids")
+    users = [int(u) for u, seq in raw.items() if seq]
+    items = [np.asarray(seq, dtype=np.int64) for seq in raw.values() if seq]
+    times = [np.arange(len(s), dtype=np.int64) for s in items]
+    return sequences_from_interactions(np.repeat(users, [len(s) for s in items]), np.concatenate(items),
+                                       np.concatenate(times), name=Path(path).name.split(".")[0])
+
+
 def load_sequences(dataset: str, root: str | Path = "../shared/datasets") -> SequenceData:
-    """A named dataset (`DATASET_FILES`) under `root`, or a path to a `.dat` / `.txt` file.
+    """A named dataset (`DATASET_FILES`) under `root`, or a path to a `.dat` / `.txt` / `.inter.json` file.
 
     FileNotFoundError names every path it looked for.
     """
@@ -105,7 +120,7 @@ def load_sequences(dataset: str, root: str | Path = "../shared/datasets") -> Seq
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
         raise FileNotFoundError(f"dataset {dataset!r} not found: looked for {', '.join(map(str, candidates))}")
-    reader = read_movielens_dat if path.suffix == ".dat" else read_s3rec_txt
+    reader = {".dat": read_movielens_dat, ".json": read_inter_json}.get(path.suffix, read_s3rec_txt)
     data = reader(path)
     data.name = dataset if dataset in DATASET_FILES else data.name
     return data

@@ -67,6 +67,8 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     # The simulator's clicks depend on the user and item: one pass already ranks above chance.
     assert m["progressive"]["click"]["auc"] > 0.55 and m["last"]["click"]["auc"] > 0.55
     assert any(line.startswith("step ") and "chunk AUC(click)" in line for line in lines)
+    # The embedded profile learns display-slot offsets beside the ranker; the artifact holds the ranker alone.
+    assert len(m["position_offsets"]["click"]) == run_cfg.training.position_bias_slots == 16
 
     model, manifest = load_artifact(run.artifact)
     feats = RankingFeatures.from_dict(manifest.metadata["ranking_features"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from training.retrieval_data import (
     SequenceBatch,
     leave_one_out,
     load_sequences,
+    read_inter_json,
     read_movielens_dat,
     read_s3rec_txt,
     sequences_from_interactions,
@@ -57,6 +59,31 @@ def test_s3rec_reader_keeps_dense_ids_and_uses_ordinal_times(tmp_path):
     assert [s.tolist() for s in data.items] == [[1, 2, 3], [4, 2]]
     assert [t.tolist() for t in data.times] == [[0, 1, 2], [0, 1]]
     assert data.num_items == 4 and data.num_interactions == 5
+
+
+def test_inter_json_reader_and_its_errors(tmp_path):
+    path = tmp_path / "Toy.inter.json"
+    path.write_text('{"0": [3, 0, 5], "1": [5, 3], "2": []}')
+    data = load_sequences(str(path))
+    assert data.user_ids.tolist() == [0, 1] and data.item_vocab.tolist() == [0, 0, 3, 5]
+    assert [data.item_vocab[s].tolist() for s in data.items] == [[3, 0, 5], [5, 3]]
+    assert [t.tolist() for t in data.times] == [[0, 1, 2], [0, 1]]
+    bad = tmp_path / "Bad.inter.json"
+    bad.write_text('[[1, 2]]')
+    with pytest.raises(ValueError, match=r"Bad\.inter\.json: expected a JSON object"):
+        read_inter_json(bad)
+
+
+def test_nezha_beauty_is_amazon_beauty_with_ids_minus_one():
+    root = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+    if not (root / "nezha" / "Beauty" / "Beauty.inter.json").exists() or not (root / "amazon" / "Beauty.txt").exists():
+        pytest.skip(f"needs {root}/nezha/Beauty/Beauty.inter.json and {root}/amazon/Beauty.txt")
+    nezha = read_inter_json(root / "nezha" / "Beauty" / "Beauty.inter.json")
+    amazon = load_sequences("beauty", root)
+    assert nezha.num_interactions == amazon.num_interactions and len(nezha.items) == len(amazon.items)
+    by_user = {int(u): amazon.item_vocab[s] for u, s in zip(amazon.user_ids, amazon.items, strict=True)}
+    for u, s in zip(nezha.user_ids[:500], nezha.items[:500], strict=True):
+        assert (nezha.item_vocab[s] + 1).tolist() == by_user[int(u) + 1].tolist()
 
 
 def test_missing_dataset_names_the_paths_it_looked_for(tmp_path):
