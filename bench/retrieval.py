@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                       protocol="leave-one-out (last = test, second-to-last = validation), full catalogue (every "
                                "valid semantic ID / every item for hstu_dot), nothing excluded but padding")
         speedups = [v["nezha_speedup_vs_beam"] for v in record.values() if isinstance(v, dict)
-                    and "nezha_speedup_vs_beam" in v]
+                    and v.get("nezha_speedup_vs_beam") is not None]  # partial records of earlier runs have none
         record["nezha_speedup_vs_beam"] = min(speedups)  # the least favourable dataset
         record["command"] = results[ds]["command"]
         out_path.parent.mkdir(parents=True, exist_ok=True)
