@@ -97,7 +97,7 @@ def token_similarity_rows(cfg, artifacts: dict[str, str], rows: int = 512) -> di
     return out
 
 
-def plot(name: str, series: dict[str, list[dict]], task: str, oracle: float | None) -> str:
+def plot(name: str, series: dict[str, list[dict]], task: str, oracle: list[dict] | None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,9 +106,9 @@ def plot(name: str, series: dict[str, list[dict]], task: str, oracle: float | No
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind, points in series.items():
         ax.plot([datetime.fromtimestamp(p["ts"], UTC) for p in points], [p["auc"] for p in points], label=kind)
-    if oracle is not None:
-        ax.axhline(oracle, color="black", linestyle="--", label="oracle")
-        ax.set_ylim(top=max(ax.get_ylim()[1], oracle + 0.01))
+    if oracle:
+        ax.plot([datetime.fromtimestamp(p["ts"], UTC) for p in oracle], [p["auc"] for p in oracle],
+                color="black", linestyle="--", label="oracle")
     ax.set_title(f"{name}: progressive AUC ({task}) per 5% of the stream")
     ax.set_ylabel("AUC")
     ax.legend()
@@ -153,10 +153,11 @@ def run_dataset(name: str, args) -> dict:
         _save(name, out)  # a model's figures survive a later model's failure or a stopped run
         print(f"{kind:>9}: AUC {whole['auc']:.4f} GAUC {whole['gauc']:.4f} logloss {whole['logloss']:.4f} | "
               f"last 10%: AUC {last['auc']:.4f} GAUC {last['gauc']:.4f} | {run.seconds:.0f}s", flush=True)
-    oracle = None
+    oracle, oracle_series = None, None
     if name == "simulator":
-        oracle = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"))["auc"]
-        out["oracle_auc"] = oracle
+        ceiling = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"))
+        oracle, oracle_series = ceiling["auc"], ceiling["auc_over_time"]
+        out["oracle_auc"], out["oracle_auc_over_time"] = oracle, oracle_series
         best = max(v["auc"] for k, v in out.items() if isinstance(v, dict) and "auc" in v and k in MODELS)
         out["best_gap_to_oracle"] = round(oracle - best, 4)
         print(f"   oracle AUC {oracle:.4f}; best model {best:.4f} (gap {oracle - best:.4f}; goal <= 0.005)")
@@ -168,7 +169,7 @@ def run_dataset(name: str, args) -> dict:
         out["token_similarity"] = token_similarity_rows(cfg, {k: artifacts[k] for k in ("zenith", "zenith-shared")})
         print(f"   token similarity per layer: {out['token_similarity']}")
     series = {k: v["auc_over_time"] for k, v in out.items() if k in MODELS and "auc_over_time" in v}
-    out["plot"] = plot(name, series, task, oracle)
+    out["plot"] = plot(name, series, task, oracle_series)
     return out
 
 

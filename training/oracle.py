@@ -19,12 +19,16 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from training.metrics import auc
+from training.ranking_eval import auc_over_time
 
 
 def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: int | None = None,
                           max_requests: int | None = None) -> dict[str, float]:
-    """{"auc", "candidates", "matched"}: AUC of the true p_click on the samples' click labels."""
+    """{"auc", "candidates", "matched", "auc_over_time"}: AUC of the true p_click on the samples' click labels
+    (over the whole scope, and per 5% of it in time order as `training.ranking_eval.auc_over_time` slices it)."""
     oracle = pq.read_table(Path(oracle_dir) / "p_click.parquet", columns=["request_id", "item_id", "p_click"])
+    # An item shown twice in one request is one candidate in the samples (its first impression): keep one row.
+    oracle = pa.Table.from_pandas(oracle.to_pandas().drop_duplicates(["request_id", "item_id"]), preserve_index=False)
     samples = DeltaTable(samples_path).to_pyarrow_table(
         columns=["sample_no", "request_id", "request_ts", "cand_item_ids", "label_click"])
     if max_requests is not None:
@@ -33,7 +37,10 @@ def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: in
         ts = pc.divide(pc.cast(samples["request_ts"], pa.int64()), 1_000_000)
         samples = samples.filter(pc.greater_equal(ts, since_s))
     counts = pc.list_value_length(samples["cand_item_ids"]).to_numpy()
+    seconds = pc.divide(pc.cast(samples["request_ts"], pa.int64()), 1_000_000).to_numpy()
     cands = pa.table({
+        "sample_no": np.repeat(samples["sample_no"].to_numpy(), counts),
+        "request_ts": np.repeat(seconds, counts),
         "request_id": np.repeat(samples["request_id"].to_numpy(zero_copy_only=False), counts),
         "item_id": pc.list_flatten(samples["cand_item_ids"]),
         "label": pc.list_flatten(samples["label_click"]),
@@ -41,5 +48,8 @@ def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: in
     joined = cands.join(oracle, ["request_id", "item_id"], join_type="inner")
     y = joined["label"].to_numpy()
     p = joined["p_click"].to_numpy()
+    # The same equal-count time slices as the models' progressive AUC: the ceiling moves with the hour too.
+    scores = pa.table({"sample_no": joined["sample_no"], "request_ts": joined["request_ts"],
+                       "y_click": joined["label"], "p_click": joined["p_click"]})
     return {"auc": auc(y, p) if len(y) else float("nan"), "candidates": int(cands.num_rows),
-            "matched": int(joined.num_rows)}
+            "matched": int(joined.num_rows), "auc_over_time": auc_over_time(scores, "click")}

@@ -80,6 +80,14 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     logits = model(encode(rows, feats))
     assert logits.shape[:1] == (8,) and np.isfinite(logits.detach().numpy()).all()
 
+    from training.oracle import oracle_auc_on_samples
+
+    # The ceiling on the same rows, whole and per time slice (the slices the run's own AUC-over-time uses).
+    ceiling = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"))
+    assert ceiling["matched"] == ceiling["candidates"] == report.candidates
+    assert ceiling["auc"] > m["progressive"]["click"]["auc"]
+    assert [p["ts"] for p in ceiling["auc_over_time"]] == [p["ts"] for p in m["auc_over_time"]]
+
 
 def test_killed_worker_resumes_from_checkpoint_without_training_twice(sim_lake):
     from training.artifact import load_artifact
