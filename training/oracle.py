@@ -33,11 +33,12 @@ def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: in
         columns=["sample_no", "request_id", "request_ts", "cand_item_ids", "label_click"])
     if max_requests is not None:
         samples = samples.filter(pc.less(samples["sample_no"], max_requests))
+    seconds = pc.divide(pc.cast(samples["request_ts"], pa.int64()), 1_000_000)
     if since_s is not None:
-        ts = pc.divide(pc.cast(samples["request_ts"], pa.int64()), 1_000_000)
-        samples = samples.filter(pc.greater_equal(ts, since_s))
+        keep = pc.greater_equal(seconds, since_s)
+        samples, seconds = samples.filter(keep), seconds.filter(keep)
     counts = pc.list_value_length(samples["cand_item_ids"]).to_numpy()
-    seconds = pc.divide(pc.cast(samples["request_ts"], pa.int64()), 1_000_000).to_numpy()
+    seconds = seconds.to_numpy()
     cands = pa.table({
         "sample_no": np.repeat(samples["sample_no"].to_numpy(), counts),
         "request_ts": np.repeat(seconds, counts),

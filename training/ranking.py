@@ -47,7 +47,7 @@ from models.inputs import RankingInputs
 from training.artifact import save_artifact
 from training.ranking_batch import RankingFeatures, encode, labels
 from training.ranking_eval import auc_over_time, run_metrics
-from training.ranking_models import build_ranker, build_trainable, extra_loss, ranker_of
+from training.ranking_models import build_trainable, extra_loss, ranker_of
 from training.stream import SAMPLE_NO, PredictionLog, SampleStream, StreamPosition, filesystem
 
 COLUMNS = ["sample_no", "user_id", "request_ts", "hist_item_ids", "hist_author_ids", "hist_actions", "hist_ts",
@@ -115,7 +115,7 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_dir} ended without a checkpoint: {result.error}")
-    trained = build_trainable(t.model, feats, t)
+    trained, model_config = build_trainable(t.model, feats, t)
     with result.checkpoint.as_directory() as folder:
         trained.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
         state = _read_json(os.path.join(folder, "state.json"))
@@ -129,7 +129,6 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
         metrics["position_offsets"] = {task: [round(v, 4) for v in offsets[:, i].tolist()]
                                        for i, task in enumerate(feats.tasks)}
     model = ranker_of(trained)
-    _, model_config = build_ranker(t.model, feats, t)
     metadata = {"ranking_features": feats.to_dict(), "tasks": list(feats.tasks), "model": t.model,
                 "training": t.model_dump(), "samples": cfg.lake.table("samples_ranking"), "run_dir": run_dir}
     folder = artifact or os.path.join(t.artifact_dir, name)
@@ -222,7 +221,7 @@ def _train_loop(config: dict) -> None:
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-    model = build_trainable(t.model, feats, t)
+    model, _ = build_trainable(t.model, feats, t)
     position, step, restarts = StreamPosition(num_samples), 0, 0
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None

@@ -54,15 +54,16 @@ def build_ranker(kind: str, feats: RankingFeatures, t: TrainingConfig):
     return (GenRank(config) if kind == "genrank" else HSTURanking(config)), config
 
 
-def build_trainable(kind: str, feats: RankingFeatures, t: TrainingConfig) -> nn.Module:
-    """What training fits: the ranker, with the display-slot offsets when `position_bias_slots` asks for them."""
-    model, _ = build_ranker(kind, feats, t)
+def build_trainable(kind: str, feats: RankingFeatures, t: TrainingConfig):
+    """(what training fits, the ranker's config): the ranker, with the display-slot offsets when
+    `position_bias_slots` asks for them."""
+    model, config = build_ranker(kind, feats, t)
     if not t.position_bias_slots:
-        return model
+        return model, config
     if feats.kind != "livestream":
         raise ValueError(f"training.position_bias_slots={t.position_bias_slots} needs samples in display order "
                          f"(livestream); these are {feats.kind!r}: set training.position_bias_slots=0")
-    return PositionDebiasedRanker(model, t.position_bias_slots, len(feats.tasks))
+    return PositionDebiasedRanker(model, t.position_bias_slots, len(feats.tasks)), config
 
 
 def ranker_of(model: nn.Module) -> nn.Module:

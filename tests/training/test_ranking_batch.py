@@ -98,10 +98,10 @@ def test_position_offsets_only_for_samples_in_display_order():
     from training.ranking_models import build_trainable, ranker_of
 
     t = TrainingConfig(model="dlrm", embed_dim=8, position_bias_slots=4)
-    model = build_trainable("dlrm", FEATS, t)
+    model, _ = build_trainable("dlrm", FEATS, t)
     assert isinstance(model, PositionDebiasedRanker) and model.position.offsets.shape == (4, 2)
     assert ranker_of(model) is model.ranker and model(encode(rows(), FEATS)).shape == (2, 2, 2)
-    assert not isinstance(build_trainable("dlrm", FEATS, t.model_copy(update={"position_bias_slots": 0})),
+    assert not isinstance(build_trainable("dlrm", FEATS, t.model_copy(update={"position_bias_slots": 0}))[0],
                           PositionDebiasedRanker)
     with pytest.raises(ValueError, match="position_bias_slots=4 needs samples in display order"):
         build_trainable("dlrm", replace(FEATS, kind="ratings"), t)
