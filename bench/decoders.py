@@ -9,7 +9,8 @@ collision code) over random histories: a quick, quiet-machine companion to `benc
 quality figures need the trained models. Per decoder (verified every step): mean ms per `retrieve` call at
 batch 1 and batch 32 (one torch thread, k=10, beam 20), with every-step verification done two ways in the
 same run: the prefix table, one gather per beam (`SemanticIdIndex.extend`, what the decoders use), and the
-baseline that probes a hash set of valid prefixes once per (beam, code) expansion.
+baseline that probes a hash set of valid prefixes once per (beam, code) expansion. Then the NEZHA vs beam
+search ratio for larger backbones (`--sizes`, d_model x blocks), since it grows with a backbone step's cost.
 Writes bench/results/decoders.json.
 """
 
@@ -50,11 +51,14 @@ def probe_every_expansion(self: SemanticIdIndex, level: int, rows: torch.Tensor)
     return valid.get(expansions).masked_fill((rows < 0)[..., None], -1)
 
 
-def model_of_shape(items: int, codebook: int, levels: int, seed: int) -> NezhaRetriever:
+def model_of_shape(items: int, codebook: int, levels: int, seed: int, d_model: int = 64, blocks: int = 2
+                   ) -> NezhaRetriever:
     g = torch.Generator().manual_seed(seed)
     codes = with_collision_code(torch.randint(codebook, (items, levels), generator=g))
     radices = (codebook,) * levels + (int(codes[:, -1].max()) + 1,)
-    model = NezhaRetriever(NezhaConfig(num_items=items, codebook_sizes=radices, dropout=0.0)).eval()
+    cfg = NezhaConfig(num_items=items, codebook_sizes=radices, dropout=0.0, d_model=d_model, num_blocks=blocks,
+                      num_heads=max(d_model // 32, 2))
+    model = NezhaRetriever(cfg).eval()
     model.set_semantic_ids(torch.cat([codes.new_zeros(1, levels + 1), codes]))
     return model
 
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--requests", type=int, default=50, help="timed calls per decoder and batch size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", default="64x2,128x4,256x4,512x8",
+                        help="backbones (d_model x blocks) for the speed-up vs size sweep; empty: skip it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as a serving replica runs it
     model = model_of_shape(args.items, args.codebook, args.levels, args.seed)
@@ -99,10 +105,27 @@ def main(argv: list[str] | None = None) -> int:
         for b in (1, 32):
             probe, table = rows[f"{d}_probe"][f"ms_b{b}"], rows[f"{d}_table"][f"ms_b{b}"]
             speedup[f"table_vs_probe_{d}_b{b}"] = round(probe / table, 2)
+    # The speed-up vs backbone size: NEZHA saves L-1 cached backbone steps per request, so the ratio grows
+    # with what a backbone step costs; the default shape above is the one the benchmarks train.
+    scaling = []
+    for size in filter(None, args.sizes.split(",")):
+        d, blocks = (int(v) for v in size.split("x"))
+        sized = model_of_shape(args.items, args.codebook, args.levels, args.seed, d_model=d, blocks=blocks)
+        row = {"d_model": d, "blocks": blocks, "parameters": sum(p.numel() for p in sized.parameters())}
+        with torch.no_grad():
+            for decoder in ("nezha", "beam"):
+                for b in (1, 32):
+                    row[f"{decoder}_ms_b{b}"] = round(time_calls(sized, decoder, b, args.requests if b == 1 else
+                                                                 max(args.requests // 5, 5), args.seed), 3)
+        for b in (1, 32):
+            row[f"speedup_b{b}"] = round(row[f"beam_ms_b{b}"] / row[f"nezha_ms_b{b}"], 2)
+        scaling.append(row)
+        print(f"backbone {size}: {row}", flush=True)
     out = {"command": "python -m bench.decoders " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.now(UTC).isoformat(timespec="seconds"), "items": args.items,
            "radices": list(model.cfg.codebook_sizes), "beam": model.cfg.beam_size, "k": 10, "history": 50,
-           "torch_threads": 1, "decoders": rows, "speedups": speedup}
+           "torch_threads": 1, "decoders": rows, "speedups": speedup,
+           "backbone_scaling": scaling}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(speedup, indent=1))

@@ -126,18 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     defaults = PipelineConfig(dataset="")
     for f in fields(PipelineConfig):  # every pipeline knob, same names as ray_jobs.train_retriever
-        if f.name in ("dataset", "root", "item_model", "test_decoders") or isinstance(f.default, tuple | bool):
+        if f.name in ("dataset", "root", "item_model", "test_decoders") or isinstance(f.default, tuple):
+            continue
+        if isinstance(f.default, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=f.default)
             continue
         kind = type(f.default) if f.default is not None else (int if f.name.endswith("users") else float)
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=getattr(defaults, f.name))
-    parser.add_argument("--balanced", action="store_true", help="balanced k-means clusters")
     parser.add_argument("--codebooks", default="256,256,256", help="codes per level (before the collision code)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     item_models = dict(s.split("=", 1) for s in args.item_model)
     names = ALL if args.dataset == "all" else (args.dataset,)
     out_path = Path(args.out)
-    record = json.loads(out_path.read_text()) if out_path.exists() else {}
     results = {}
     for ds in names:
         knobs = {f.name: getattr(args, f.name) for f in fields(PipelineConfig) if hasattr(args, f.name)
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         results[ds]["date"] = datetime.now(UTC).isoformat(timespec="seconds")
         results[ds]["config"] = {k: v for k, v in vars(cfg).items() if k != "root"}
         results[ds]["goals"] = GOALS.get(ds, {})
+        # read just before writing: a run for another dataset may have finished meanwhile
+        record = json.loads(out_path.read_text()) if out_path.exists() else {}
         record[Path(ds).name] = results[ds]
         record.update(machine=machine(), date=results[ds]["date"],
                       protocol="leave-one-out (last = test, second-to-last = validation), full catalogue (every "

@@ -106,6 +106,25 @@ class NezhaRetriever(nn.Module):
         self.semantic_ids.copy_(table)
         self.index()  # validates uniqueness now, not at the first request
 
+    @torch.no_grad()
+    def init_from_codebooks(self, books: list[torch.Tensor]) -> None:
+        """Start level l's code embedding and its draft / LM output rows at the tokeniser's centroids
+        (RQ-KMeans codebooks [T_l, d_model], one per level before the collision code).
+
+        Choice (not in the paper): a history token then starts as the sum of its item's centroids, which
+        approximates the item embedding that was tokenised, and level-l logits start as similarities to
+        the level's centroids, so training begins from the sequential model's geometry rather than noise.
+        """
+        if len(books) >= self.levels:
+            raise ValueError(f"expected at most {self.levels - 1} codebooks (the collision code has none), "
+                             f"got {len(books)}")
+        for level, book in enumerate(books):
+            if tuple(book.shape) != tuple(self.code_emb[level].weight.shape):
+                raise ValueError(f"codebook {level} is {tuple(book.shape)}, level {level} embeds "
+                                 f"{tuple(self.code_emb[level].weight.shape)} (codes x d_model)")
+            for weight in (self.code_emb[level].weight, self.draft_out[level].weight, self.lm_out[level].weight):
+                weight.copy_(book)
+
     def index(self) -> SemanticIdIndex:
         """Hash sets of the current table, rebuilt whenever the buffer changed (e.g. after loading)."""
         table = self.semantic_ids

@@ -54,6 +54,8 @@ class PipelineConfig:
     dropout: float = 0.2
     beam_size: int = 20
     ar_weight: float = 1.0
+    # code embeddings / output rows start at the RQ-KMeans centroids (when they are d_model wide)
+    init_from_codebooks: bool = True
     epochs: int = 30
     patience: int = 3
     batch_size: int = 256
@@ -110,6 +112,12 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                                       d_model=cfg.d_model, num_blocks=cfg.blocks, num_heads=cfg.heads,
                                       max_history=cfg.max_history, dropout=cfg.dropout, beam_size=cfg.beam_size,
                                       ar_weight=cfg.ar_weight)
+    if cfg.init_from_codebooks:
+        if sid.codebooks is not None and sid.codebooks[0].shape[1] == cfg.d_model:
+            model.init_from_codebooks(sid.codebooks)
+        else:  # RQ-VAE latents, or attributes concatenated: no centroids in the model's space
+            log.warning("init_from_codebooks skipped: the tokeniser's centroids are not %d-wide (%s, item source %s)",
+                        cfg.d_model, cfg.sid_method, cfg.item_source)
     train_cfg = RetrieverTrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, max_epochs=cfg.epochs,
                                      patience=cfg.patience, eval_users=cfg.eval_users, seed=cfg.seed,
                                      num_threads=cfg.threads, test_decoders=tuple(cfg.test_decoders),

@@ -30,6 +30,8 @@ class SemanticIds:
     table: torch.Tensor  # [num_items + 1, L + 1] long; row 0 = padding (zeros)
     radices: tuple[int, ...]  # codebook sizes, the last one = collision-code size
     stats: dict = field(default_factory=dict)
+    # RQ-KMeans centroids per level ([T_l, d] in the tokenised embedding's space), None for RQ-VAE
+    codebooks: list[torch.Tensor] | None = None
 
 
 def attribute_embeddings(attributes: list[list[int]], dim: int = 32, seed: int = 0) -> torch.Tensor:
@@ -80,8 +82,9 @@ def build_semantic_ids(embeddings: torch.Tensor, method: str = "rq-kmeans", code
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     t0 = time.perf_counter()
     x = embeddings[1:].detach().float().cpu()
+    books = None
     if method == "rq-kmeans":
-        codes, _ = rq_kmeans(x, codebook_sizes, iters=iters, balanced=balanced, seed=seed)
+        codes, books = rq_kmeans(x, codebook_sizes, iters=iters, balanced=balanced, seed=seed)
     else:
         codes = train_rqvae(x, codebook_sizes, epochs=vae_epochs, seed=seed)
     stats = code_stats(codes, codebook_sizes)
@@ -93,7 +96,7 @@ def build_semantic_ids(embeddings: torch.Tensor, method: str = "rq-kmeans", code
                  unique=bool(len(torch.unique(mixed_radix_encode(full, radices))) == len(full)),
                  seconds=round(time.perf_counter() - t0, 2))
     log.info("semantic IDs (%s): %s", method, stats)
-    return SemanticIds(table=table, radices=radices, stats=stats)
+    return SemanticIds(table=table, radices=radices, stats=stats, codebooks=books)
 
 
 def item_embeddings(model_table: torch.Tensor | None, attributes: torch.Tensor | None,

@@ -169,3 +169,23 @@ def test_nezha_with_a_trivial_backbone_reproduces_hand_computed_beams():
         items, scores = model.retrieve(torch.tensor([[5, 6]]), torch.tensor([2]), k=3, decoder="nezha")
     assert items[0].tolist() == [item_of[p] for _, p in beams]
     torch.testing.assert_close(scores[0], torch.tensor([sc for sc, _ in beams]), atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_codebooks_places_centroids_on_both_sides_and_rejects_wrong_shapes():
+    model = _model()
+    books = [torch.randn(4, 16), torch.randn(3, 16)]  # levels 1-2; level 3 (collision code) keeps its init
+    before = model.code_emb[2].weight.clone()
+    model.init_from_codebooks(books)
+    for level, book in enumerate(books):
+        assert torch.equal(model.code_emb[level].weight, book)
+        assert torch.equal(model.draft_out[level].weight, book) and torch.equal(model.lm_out[level].weight, book)
+    assert torch.equal(model.code_emb[2].weight, before)
+    # a history token is now the sum of its item's centroids (+ the untouched last level)
+    items = torch.tensor([[3]])
+    codes = model.semantic_ids[3]
+    want = books[0][codes[0]] + books[1][codes[1]] + model.code_emb[2].weight[codes[2]]
+    assert torch.allclose(model.item_tokens(items)[0, 0], want)
+    with pytest.raises(ValueError, match="codebook 1 is"):
+        model.init_from_codebooks([torch.randn(4, 16), torch.randn(3, 8)])
+    with pytest.raises(ValueError, match="at most 2 codebooks"):
+        model.init_from_codebooks([torch.randn(4, 16), torch.randn(3, 16), torch.randn(2, 16)])

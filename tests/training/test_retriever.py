@@ -73,6 +73,9 @@ def test_semantic_ids_unique_and_rqvae_option():
         full = sid.table[1:]
         assert sid.stats["unique"] and len(torch.unique(full, dim=0)) == 60 and sid.table.shape[1] == 3
         assert sid.radices[-1] == int(full[:, -1].max()) + 1
+        # RQ-KMeans keeps its centroids (the retriever's warm start); RQ-VAE's live in its latent space
+        assert ([tuple(b.shape) for b in sid.codebooks] == [(4, 6), (4, 6)] if method == "rq-kmeans"
+                else sid.codebooks is None)
     balanced = build_semantic_ids(emb, codebook_sizes=(4, 4), balanced=True, iters=3)
     assert int(torch.bincount(balanced.table[1:, 0]).max()) <= 15
 
@@ -115,3 +118,25 @@ def test_entrypoint_writes_an_artifact_that_retrieves_after_loading(tmp_path):
     fresh, _ = load_artifact(folder)
     fresh.set_semantic_ids(manifest.semantic_ids)
     assert torch.equal(fresh.retrieve(hist, lengths, k=5)[0], model.retrieve(hist, lengths, k=5)[0])
+
+
+def test_pipeline_starts_the_retriever_at_the_centroids_when_they_fit(tmp_path, monkeypatch, caplog):
+    lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
+    (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
+    seen = {}
+
+    def capture(model, split, cfg):  # the model as training would receive it
+        seen["code_emb"] = model.code_emb[0].weight.detach().clone()
+        return None
+
+    monkeypatch.setattr(training.retriever_pipeline, "train_retriever", capture)
+    base = dict(dataset=str(tmp_path / "Ring.txt"), codebooks=(4, 4), dot_epochs=1, max_history=5, blocks=1,
+                threads=None)
+    out = training.retriever_pipeline.run(training.retriever_pipeline.PipelineConfig(
+        dot_d_model=16, d_model=16, **base))
+    assert torch.equal(seen["code_emb"], out["sid"].codebooks[0])
+    with caplog.at_level("WARNING"):  # 8-wide centroids cannot start a 16-wide model: said, and skipped
+        out = training.retriever_pipeline.run(training.retriever_pipeline.PipelineConfig(
+            dot_d_model=8, d_model=16, **base))
+    assert "init_from_codebooks skipped" in caplog.text
+    assert not torch.equal(seen["code_emb"][:, :8], out["sid"].codebooks[0])
