@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", default="64x2,128x4,256x4,512x8",
                         help="backbones (d_model x blocks) for the speed-up vs size sweep; empty: skip it")
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as a serving replica runs it
     model = model_of_shape(args.items, args.codebook, args.levels, args.seed)
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
            "radices": list(model.cfg.codebook_sizes), "beam": model.cfg.beam_size, "k": 10, "history": 50,
            "torch_threads": 1, "decoders": rows, "speedups": speedup,
            "backbone_scaling": scaling}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(speedup, indent=1))
     return 0
 

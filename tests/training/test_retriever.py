@@ -140,3 +140,15 @@ def test_pipeline_starts_the_retriever_at_the_centroids_when_they_fit(tmp_path, 
             dot_d_model=8, d_model=16, **base))
     assert "init_from_codebooks skipped" in caplog.text
     assert not torch.equal(seen["code_emb"][:, :8], out["sid"].codebooks[0])
+
+
+def test_decoder_benchmark_runs_at_a_tiny_shape(tmp_path):
+    from bench import decoders
+
+    out = tmp_path / "decoders.json"
+    assert decoders.main(["--items", "300", "--codebook", "8", "--levels", "2", "--requests", "2",
+                          "--sizes", "16x1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["decoders"]) == {"nezha_table", "beam_table", "nezha_probe", "beam_probe"}
+    (row,) = record["backbone_scaling"]
+    assert row["d_model"] == 16 and row["speedup_b1"] > 0 and row["speedup_b32"] > 0
