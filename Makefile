@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := False
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup demo test lint bench lock clean rehearse
 
 setup: $(STAMP)
 
@@ -25,6 +25,13 @@ $(STAMP): requirements.lock pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m ray_jobs.demo $(DEMO_ARGS)
+
+# The cluster path on this machine: S3 and Redis servers, a 3-node Ray, every stage via `ray job submit`
+# (ray_jobs/rehearsal.py); writes bench/results/rehearsal.json.
+rehearse: $(STAMP)
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+		|| { echo "the rehearsal needs redis-server: apt-get install redis-server"; exit 1; }
+	$(BIN)/python -m ray_jobs.rehearsal $(REHEARSE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -160,6 +160,9 @@ class TrainingConfig(Section):
     # STACK.md: with 2 workers on 2 CPUs, a whole CPU per worker starves Ray Data's readers.
     cpus_per_worker: float = Field(0.5, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
+    retriever_cpus: float = Field(1.0, gt=0, description=(
+        "CPUs of the Ray task that trains the generative retriever on a cluster (ray.address set); with use_gpu "
+        "it also takes one GPU"))
     batch_size: int = Field(128, ge=1, description="requests per worker per step")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

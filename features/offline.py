@@ -18,6 +18,7 @@ same range instead of appending duplicates.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,25 +36,77 @@ FEATURE_TABLES = {"item": "features_item_stats", "author": "features_author_stat
                   "user": "features_user_stats", "sequence": "features_user_sequence"}
 
 
+# delta reads the tables; httpfs defines S3 secrets (delta_scan hands them to its object store); aws resolves
+# credentials by the AWS chain (IRSA / workload identity) when no key is in the environment.
+EXTENSIONS = ("delta", "httpfs", "aws")
+
+
 @functools.cache
 def install_delta_extension() -> None:
-    """Install DuckDB's delta extension from the PyPI wheel (no download), once per process."""
+    """Install DuckDB's delta, httpfs and aws extensions from their PyPI wheels (no download), once per process."""
     import duckdb_ext
 
-    binary = next(Path(duckdb_ext.__path__[0]).glob(f"extensions/v{duckdb.__version__}/*/delta.duckdb_extension"))
+    folder = Path(duckdb_ext.__path__[0]) / "extensions" / f"v{duckdb.__version__}"
     con = duckdb.connect()
-    if not con.execute("SELECT installed FROM duckdb_extensions() WHERE extension_name = 'delta'").fetchone()[0]:
-        con.execute(f"INSTALL '{binary}'")
+    installed = dict(con.execute("SELECT extension_name, installed FROM duckdb_extensions()").fetchall())
+    for name in EXTENSIONS:
+        if not installed.get(name):
+            con.execute(f"INSTALL '{next(folder.glob(f'*/{name}.duckdb_extension'))}'")
     con.close()
 
 
 def duckdb_connection() -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the delta extension loaded (`delta_scan('<table path>')`)."""
+    """A DuckDB connection with the delta extension loaded (`delta_scan('<table path>')`) and, when the
+    environment names S3 settings, an S3 secret built from them (DuckDB does not read AWS_* variables itself, and
+    without a secret it asks the cloud metadata endpoint)."""
     install_delta_extension()
     con = duckdb.connect()
     con.execute("LOAD delta")
     con.execute("SET TimeZone = 'UTC'")
+    secret = s3_secret_sql(os.environ)
+    if secret:
+        con.execute(secret)
     return con
+
+
+def configure_feast_duckdb() -> None:
+    """The same S3 secret on ibis' default DuckDB connection, the one Feast's DuckDB offline store reads Delta
+    tables with (`ibis.read_delta`); a no-op without S3 settings in the environment."""
+    secret = s3_secret_sql(os.environ)
+    if secret:
+        import ibis
+
+        ibis.get_backend().raw_sql(secret)
+
+
+def s3_secret_sql(env) -> str | None:
+    """`CREATE SECRET` for DuckDB from the same variables pyarrow and delta-rs read (storage/); None without any.
+
+    >>> s3_secret_sql({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "k",
+    ...                "AWS_SECRET_ACCESS_KEY": "s"}).split("(")[1]
+    "TYPE s3, KEY_ID 'k', SECRET 's', REGION 'us-east-1', ENDPOINT '127.0.0.1:9000', URL_STYLE 'path', USE_SSL false)"
+    """
+    if not any(k in env for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE")):
+        return None
+
+    def quoted(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    parts = ["TYPE s3"]
+    if env.get("AWS_ACCESS_KEY_ID"):
+        parts += [f"KEY_ID {quoted(env['AWS_ACCESS_KEY_ID'])}",
+                  f"SECRET {quoted(env.get('AWS_SECRET_ACCESS_KEY', ''))}"]
+        if env.get("AWS_SESSION_TOKEN"):
+            parts.append(f"SESSION_TOKEN {quoted(env['AWS_SESSION_TOKEN'])}")
+    else:
+        parts.append("PROVIDER credential_chain")
+    parts.append(f"REGION {quoted(env.get('AWS_REGION') or env.get('AWS_DEFAULT_REGION') or 'us-east-1')}")
+    endpoint = env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        parts += [f"ENDPOINT {quoted(host.rstrip('/'))}", "URL_STYLE 'path'",
+                  f"USE_SSL {str(scheme == 'https').lower()}"]
+    return f"CREATE OR REPLACE SECRET streamrec_s3 ({', '.join(parts)})"
 
 
 def stats_schema(spec: FeatureSpec, entity: str) -> pa.Schema:

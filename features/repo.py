@@ -120,9 +120,10 @@ def open_store(cfg: PlatformConfig):
     """A `feast.FeatureStore` on the rendered repo for `cfg` (renders it first)."""
     from feast import FeatureStore
 
-    from features.offline import install_delta_extension
+    from features.offline import configure_feast_duckdb, install_delta_extension
 
     install_delta_extension()
+    configure_feast_duckdb()
     return FeatureStore(repo_path=str(render_repo(cfg)))
 
 

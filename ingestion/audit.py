@@ -16,10 +16,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 import config
+import storage
 from config.schema import PlatformConfig
 from ingestion.lake import to_uri
 from ingestion.parse import decompress, line_starts
@@ -51,7 +51,7 @@ def audit_lake(cfg: PlatformConfig) -> AuditReport:
     duplicated = sum(n - 1 for n in placed.values() if n > 1)
     duplicated += events.num_rows - len(pc.unique(events["event_id"]))
 
-    fs, root = pafs.FileSystem.from_uri(to_uri(cfg.ingest.landing_dir))
+    fs, root = storage.filesystem(to_uri(cfg.ingest.landing_dir))
     total = lost = 0
     names = {name for row in planned["files"].to_pylist() for name, _ in json.loads(row)}
     for name in sorted(names):

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
+import storage
 from config.schema import PlatformConfig
 from ingestion.contract import (
     EVENTS_PARTITION_BY,
@@ -125,7 +126,7 @@ class IngestJob:
         self.quarantine = open_or_create(cfg.lake.quarantine, QUARANTINE_SCHEMA, None, opts)
         self.batches = open_or_create(cfg.lake.ingest_batches, BATCHES_SCHEMA, None, opts)
         self.landing_uri = to_uri(cfg.ingest.landing_dir).rstrip("/")
-        self.fs, self.landing = pafs.FileSystem.from_uri(self.landing_uri)
+        self.fs, self.landing = storage.filesystem(self.landing_uri)
         min_ts = datetime.fromisoformat(cfg.ingest.min_event_time.replace("Z", "+00:00"))
         self.bounds = EventTimeBounds(min_ts_ms=int(min_ts.timestamp() * 1000),
                                       max_future_ms=cfg.ingest.max_future_s * 1000)

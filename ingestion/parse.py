@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.json as pj
 
+import storage
 from ingestion.contract import (
     ACTIONS,
     DEFAULT_VALUE_RANGE,
@@ -250,7 +250,7 @@ def parse_landing_files(batch: pa.Table, *, bounds: EventTimeBounds, now_ms: int
     """
     outputs = []
     for name, uri in zip(batch["name"].to_pylist(), batch["uri"].to_pylist()):
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = storage.filesystem(uri)
         with fs.open_input_stream(path, compression=None) as fh:
             data = fh.read()
         parsed = parse_file_bytes(name, data, bounds, now_ms)

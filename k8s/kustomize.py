@@ -50,8 +50,18 @@ def _is_core(doc: Doc) -> bool:
     return _group(doc.get("apiVersion", "")) in CORE_GROUPS
 
 
+def _unshare(node: Any) -> Any:
+    """A tree without shared nodes: YAML aliases (`*env`) load as one object, which a patch of one place
+    would change everywhere; kustomize expands them into independent copies."""
+    if isinstance(node, dict):
+        return {k: _unshare(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshare(v) for v in node]
+    return node
+
+
 def _load_docs(path: Path) -> list[Doc]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return [_unshare(d) for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 # --- strategic merge patch -----------------------------------------------------------------------

@@ -10,7 +10,10 @@ Checks, each reported as "<Kind>/<name>: <path>: <problem>":
   stages (shutdownAfterJobFinishes, a TTL, a deadline);
 - the "restricted" Pod Security Standard and resource requests/limits on every pod a manifest makes,
   the pods KubeRay makes from RayCluster templates (and its autoscaler sidecar) included;
-- secrets only by reference: no Secret objects with data, credential-like env vars only from secretKeyRef.
+- secrets only by reference: no Secret objects with data, credential-like env vars only from secretKeyRef;
+- identities across one kustomization: head service accounts exist, the autoscaler's head has a token and
+  KubeRay's autoscaler rules, other Ray pods mount no token;
+- serveConfigV2 against Ray Serve's own schema (where Ray is installed) and where its proxies run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
                       "projected", "secret"}
 CREDENTIAL_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CONNECTION_STRING|CREDENTIAL)", re.I)
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+# A finished stage's cluster holds its nodes until the TTL: minutes, enough to read its logs.
+MAX_TTL_S = 900
+# What KubeRay grants the in-tree autoscaler (ray-operator/controllers/ray/common/rbac.go, BuildRole).
+AUTOSCALER_RULES = {("", "pods"): {"get", "list", "watch", "patch"}, ("", "pods/resize"): {"patch"},
+                    ("ray.io", "rayclusters"): {"get", "patch"}}
+MIN_TOKEN_AUTH_RAY = (2, 52)  # KubeRay validation.go: authOptions.mode token needs Ray >= 2.52.0
 
 
 def crds_dir() -> Path:
@@ -144,6 +153,18 @@ def _cluster_problems(spec: dict, where: str) -> list[str]:
             out.append(f"{where} group {name}: replicas {replicas} outside [{lo}, {hi}]")
         if autoscaling and group.get("suspend"):
             out.append(f"{where} group {name}: cannot be suspended with the autoscaler enabled")
+    head_container = (((head.get("template") or {}).get("spec") or {}).get("containers") or [{}])[0]
+    head_env = {e.get("name") for e in head_container.get("env") or []}
+    if spec.get("gcsFaultToleranceOptions") is not None:
+        # KubeRay passes the password and address itself and rejects these (utils/validation.go).
+        if (head.get("rayStartParams") or {}).get("redis-password"):
+            out.append(f"{where}.headGroupSpec.rayStartParams: no redis-password with gcsFaultToleranceOptions")
+        for name in sorted(head_env & {"REDIS_PASSWORD", "RAY_REDIS_ADDRESS"}):
+            out.append(f"{where}.headGroupSpec: no {name} env with gcsFaultToleranceOptions (use its fields)")
+    if (spec.get("authOptions") or {}).get("mode", "token" if spec.get("authOptions") else None) == "token":
+        version = tuple(int(p) for p in re.findall(r"\d+", str(spec.get("rayVersion", "")))[:2])
+        if version < MIN_TOKEN_AUTH_RAY:
+            out.append(f"{where}.authOptions: token mode needs rayVersion >= 2.52.0")
     if autoscaling:
         options = spec.get("autoscalerOptions") or {}
         # The sidecar KubeRay injects takes these from autoscalerOptions; without them it runs unrestricted.
@@ -172,6 +193,7 @@ def operator_problems(doc: dict) -> list[str]:
         if kind_ not in (None, "NewCluster", "NewClusterWithIncrementalUpgrade", "None"):
             out.append(f"{_name(doc)}: .spec.upgradeStrategy.type {kind_!r} is not valid")
         out += [f"{_name(doc)}: .spec.serveConfigV2: {p}" for p in serve_config_problems(spec.get("serveConfigV2"))]
+        out += [f"{_name(doc)}: {p}" for p in _proxy_problems(spec)]
     else:
         out += [f"{_name(doc)}: {p}" for p in _rayjob_problems(spec)]
     return out
@@ -214,8 +236,30 @@ def _rayjob_problems(spec: dict) -> list[str]:
         out.append(".spec.shutdownAfterJobFinishes: stages must be true (the cluster is freed when the job ends)")
     if not ttl:
         out.append(".spec.ttlSecondsAfterFinished: stages must set a TTL")
+    elif isinstance(ttl, int) and ttl > MAX_TTL_S:
+        out.append(f".spec.ttlSecondsAfterFinished: {ttl}s keeps a finished cluster's pods; at most {MAX_TTL_S}s")
     if deadline is None:
         out.append(".spec.activeDeadlineSeconds: stages must set a deadline")
+    return out
+
+
+def _proxy_problems(spec: dict) -> list[str]:
+    """Where Serve's proxies run against what KubeRay routes to. KubeRay marks a serve worker Ready only
+    while a proxy answers on its serving port (common/pod.go, initLivenessAndReadinessProbe: RayService
+    workers' readiness probe adds the proxy's /-/healthz), and with excludeHeadPodFromServeSvc the head
+    never joins the serve Service (rayservice_controller.go, updateHeadPodServeLabel)."""
+    try:
+        config = yaml.safe_load(spec.get("serveConfigV2") or "") or {}
+    except yaml.YAMLError:
+        return []  # serve_config_problems reports it
+    location = config.get("proxy_location", "EveryNode") if isinstance(config, dict) else "EveryNode"
+    out = []
+    if location in ("HeadOnly", "Disabled") and (spec.get("rayClusterConfig") or {}).get("workerGroupSpecs"):
+        out.append(f".spec.serveConfigV2: proxy_location {location}: serve workers run no proxy and never "
+                   "become Ready (use EveryNode)")
+        if spec.get("excludeHeadPodFromServeSvc"):
+            out.append(".spec.excludeHeadPodFromServeSvc: with proxies only on the head, the serve Service "
+                       "has no endpoints")
     return out
 
 
@@ -242,7 +286,23 @@ def serve_config_problems(text: Any) -> list[str]:
             out.append(f"application {app.get('name')!r}: runtime_env.working_dir has no meaning in the image")
     if len(set(names)) != len(names) or len(set(routes)) != len(routes):
         out.append("application names and route prefixes must be unique")
-    return out
+    return out + _ray_serve_schema_problems(config)
+
+
+def _ray_serve_schema_problems(config: dict) -> list[str]:
+    """Ray Serve's own check of a config (ray.serve.schema.ServeDeploySchema, what `serve deploy` and
+    KubeRay's submission go through): e.g. num_replicas next to autoscaling_config is rejected. Skipped
+    where Ray is not installed."""
+    try:
+        from pydantic import ValidationError
+        from ray.serve.schema import ServeDeploySchema
+    except ImportError:
+        return []
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as err:
+        return [f"rejected by Ray Serve: {e['loc']}: {e['msg']}" for e in err.errors()]
+    return []
 
 
 # --- pods ------------------------------------------------------------------------------------------
@@ -352,11 +412,79 @@ def security_problems(doc: dict) -> list[str]:
     return out
 
 
-def problems(docs: list[dict], crds: Path | None) -> list[str]:
-    """Every problem in a rendered set of objects (empty when all is well)."""
+# --- identities (a whole rendered kustomization) -----------------------------------------------------
+
+
+def _cluster_of(doc: dict) -> dict | None:
+    spec = doc.get("spec") or {}
+    return {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig")}.get(doc.get("kind"))
+
+
+def _token_mounted(pod: dict, accounts: dict[str, dict]) -> bool:
+    if "automountServiceAccountToken" in pod:
+        return bool(pod["automountServiceAccountToken"])
+    account = accounts.get(pod.get("serviceAccountName", "default"), {})
+    return account.get("automountServiceAccountToken", True) is not False
+
+
+def _grants(role: dict) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role.get("rules") or []:
+        for group in rule.get("apiGroups") or []:
+            for resource in rule.get("resources") or []:
+                out.setdefault((group, resource), set()).update(rule.get("verbs") or [])
+    return out
+
+
+def identity_problems(docs: list[dict]) -> list[str]:
+    """Service accounts of the Ray pods, checked across the objects of one namespace:
+    - a head service account named in the template must exist: KubeRay creates one only when the template
+      names none (raycluster_controller.go, reconcileAutoscalerServiceAccount);
+    - with enableInTreeAutoscaling the head mounts a token and its account holds KubeRay's autoscaler rules
+      (common/rbac.go, BuildRole): the sidecar calls the API with it (ray autoscaler/_private/kuberay/
+      node_provider.py, load_k8s_secrets);
+    - workers and submitters mount no token (they never call the API)."""
+    accounts = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ServiceAccount"}
+    roles = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Role"}
+    bound: dict[str, dict[tuple[str, str], set[str]]] = {}
+    for binding in (d for d in docs if d.get("kind") == "RoleBinding"):
+        role = roles.get((binding.get("roleRef") or {}).get("name"), {})
+        for subject in binding.get("subjects") or []:
+            if subject.get("kind") == "ServiceAccount":
+                for key, verbs in _grants(role).items():
+                    bound.setdefault(subject["name"], {}).setdefault(key, set()).update(verbs)
+    out = []
+    for doc in docs:
+        if doc.get("kind") not in RAY_KINDS:
+            continue
+        cluster = _cluster_of(doc) or {}
+        for where, pod in pod_specs(doc):
+            account = pod.get("serviceAccountName", "default")
+            if "headGroupSpec" in where:
+                if account != "default" and account not in accounts:
+                    out.append(f"{_name(doc)}: {where}: service account {account} does not exist")
+                if cluster.get("enableInTreeAutoscaling"):
+                    if not _token_mounted(pod, accounts):
+                        out.append(f"{_name(doc)}: {where}: the autoscaler needs the head's token (automount)")
+                    grants = bound.get(account, {})
+                    missing = {k: v - grants.get(k, set()) for k, v in AUTOSCALER_RULES.items()}
+                    if any(missing.values()):
+                        out.append(f"{_name(doc)}: {where}: {account} lacks the autoscaler's rules "
+                                   f"{ {k: sorted(v) for k, v in missing.items() if v} }")
+            elif _token_mounted(pod, accounts):
+                out.append(f"{_name(doc)}: {where}: mounts a service-account token it does not need")
+    return out
+
+
+def problems(docs: list[dict], crds: Path | None, *, whole: bool | None = None) -> list[str]:
+    """Every problem in a rendered set of objects (empty when all is well). `whole`: the objects are a
+    whole kustomization (default: when they hold a Namespace), so references between them are checked."""
     out = []
     for doc in docs:
         out += schema_problems(doc, crds) + operator_problems(doc) + security_problems(doc)
+    if whole if whole is not None else any(d.get("kind") == "Namespace" for d in docs):
+        out += identity_problems(docs)
     return out
 
 

@@ -4,7 +4,11 @@
     python -m ray_jobs.deploy --config cluster --ranker ... --retriever ...   # in the cluster (address auto)
     python -m ray_jobs.deploy ... --roll-ranker data/artifacts/ranker-v2     # swap a model in, no restart
 
-Without --blocking it returns once the app is RUNNING: on a cluster the app stays up; on a local Ray started
+It succeeds only when `/healthz` reports both models loaded from the given artifacts, with the versions written
+in their manifests: an artifact
+that cannot be loaded fails the command (exit 1, the load error printed) while the replicas keep serving the
+version they had. Artifacts may be local folders or s3:// URIs. Without --blocking it returns once the app
+serves them: on a cluster the app stays up; on a local Ray started
 by this command it ends with the command (use --blocking, or `serve run serving/config.yaml`).
 The /events API key is read by the ingress from the env var named by serving.api_key_env.
 """
@@ -33,26 +37,47 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.from_args(args)
 
     from ray_jobs.runtime import init_ray
-    from serving.deploy import CONFIG_PATH, base_url, deploy, serve_config, set_user_config, shutdown
+    from serving.deploy import (
+        CONFIG_PATH,
+        base_url,
+        deploy,
+        serve_config,
+        set_user_config,
+        shutdown,
+        wait_for_versions,
+    )
 
     def local(path: str | None) -> str | None:
         return path if path is None or "://" in path else str(Path(path).resolve())
 
+    from training.artifact import artifact_version
+
+    ranker, retriever = local(args.ranker), local(args.retriever)
+    try:  # before touching Serve: a missing or unreadable manifest changes nothing
+        expected = {name: (path, artifact_version(path))
+                    for name, path in (("ranker", ranker), ("retriever", retriever)) if path}
+    except (OSError, ValueError, KeyError) as err:
+        print(f"deploy failed: cannot read an artifact's manifest: {err}", file=sys.stderr)
+        return 1
     init_ray(cfg.ray)
     sc = serve_config(args.serve_config or CONFIG_PATH, config=args.config or "embedded", overrides=args.overrides,
-                      ranker=local(args.ranker), retriever=local(args.retriever), host=cfg.serving.host,
+                      ranker=ranker, retriever=retriever, host=cfg.serving.host,
                       port=cfg.serving.port, base_dir=str(Path.cwd()))
     t = time.perf_counter()
     deploy(sc)
     url = base_url(sc)
-    import httpx
-
-    health = httpx.get(f"{url}/healthz", timeout=30).json()
-    print(json.dumps({"url": url, "docs": f"{url}/docs", "seconds": round(time.perf_counter() - t, 1),
-                      "health": health}, indent=1))
-    if args.roll_ranker:
-        sc = set_user_config(sc, "Ranker", artifact=local(args.roll_ranker))
-        print(json.dumps({"rolled": httpx.get(f"{url}/healthz", timeout=30).json()["model_versions"]}))
+    try:
+        health = wait_for_versions(url, expected)
+        print(json.dumps({"url": url, "docs": f"{url}/docs", "seconds": round(time.perf_counter() - t, 1),
+                          "health": health}, indent=1))
+        if args.roll_ranker:
+            rolled = local(args.roll_ranker)
+            expected = {"ranker": (rolled, artifact_version(rolled))}
+            sc = set_user_config(sc, "Ranker", artifact=rolled)
+            print(json.dumps({"rolled": wait_for_versions(url, expected)["model_versions"]}))
+    except (RuntimeError, TimeoutError, OSError, ValueError) as err:
+        print(f"deploy failed: {err}", file=sys.stderr)
+        return 1
     if args.blocking:
         # `serve run` style: SIGTERM (what a non-interactive shell sends) and Ctrl-C both end it cleanly.
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

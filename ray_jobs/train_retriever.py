@@ -9,9 +9,13 @@ and save the artifact serving loads.
 path to a `.txt` (user item item ...), `.dat` or LETTER `.inter.json` file. Every stage option is a
 flag named after training.retriever_pipeline.PipelineConfig (tuples comma-separated). Writes
 `<out>/nezha-<dataset>-<UTC time>/` (or exactly `--artifact`; training.artifact, with
-semantic_ids.safetensors) and prints its metrics. `--source lake` trains on the configured lake's
-`samples_retrieval` (the platform's own users) instead of a dataset file. Plain PyTorch in the driver:
-runs locally and unchanged under `ray job submit`.
+semantic_ids.safetensors; a local path or s3://) and prints its metrics. `--source lake` trains on the
+configured lake's `samples_retrieval` (the platform's own users) instead of a dataset file.
+
+Where it runs: plain PyTorch in this process on a local Ray (`ray.address` unset); on a cluster
+(`ray.address` set, e.g. under `ray job submit`) in one Ray task with `training.retriever_cpus` CPUs and,
+with `training.use_gpu`, one GPU (device cuda), so it lands on a worker node: the job's driver sits on the
+head, which has no CPUs for work (`num-cpus: 0`) and no GPU.
 """
 
 from __future__ import annotations
@@ -21,17 +25,22 @@ import dataclasses
 import json
 import logging
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import config
+import storage
+from config.schema import PlatformConfig
 from training.retriever_pipeline import PipelineConfig, run, save
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_config_args(parser)
-    parser.add_argument("--out", default="data/artifacts", help="folder that receives the artifact folder")
+    parser.add_argument("--out", default=None,
+                        help="folder (or s3:// URI) that receives the artifact folder; default training.artifact_dir")
     parser.add_argument("--artifact", default=None, help="write the artifact exactly here (the cluster pipeline)")
     parser.add_argument("--source", choices=("dataset", "lake"), default="dataset",
                         help="lake: train on the platform's own users (samples_retrieval of the configured lake)")
@@ -66,22 +75,48 @@ def main(argv: list[str] | None = None) -> int:
             cast = int if f.name == "codebooks" else str
             value = tuple(cast(v) for v in str(value).split(",") if v)
         values[f.name] = value
-    if args.source == "lake":
-        from training.lake_sequences import export_retrieval_sequences
-
-        exported = Path(args.out) / "_lake_sequences" / f"{datetime.now(UTC):%Y%m%dT%H%M%S}.txt"
-        values["dataset"] = str(export_retrieval_sequences(platform, exported))
-    elif not values["dataset"]:
+    if args.source == "dataset" and not values["dataset"]:
         _parser().error("--dataset is required (or --source lake)")
-    cfg = PipelineConfig(root=str(platform.datasets.root), **values)
-    out = run(cfg)
-    name = Path(cfg.dataset).name.split(".")[0]
-    folder = Path(args.artifact) if args.artifact else (
-        Path(args.out) / f"nezha-{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
-    manifest = save(folder, out)
-    print(json.dumps({"artifact": str(folder), "version": manifest.version, "semantic_ids": out["sid"].stats,
-                      **manifest.metrics}, indent=1))
+    out = args.out or platform.training.artifact_dir
+    if not platform.ray.address:
+        summary = train_and_save(platform, values, args.source, args.artifact, out)
+    else:
+        import ray
+
+        from ray_jobs.runtime import init_ray
+
+        init_ray(platform.ray)
+        gpus = 1 if platform.training.use_gpu else 0
+        values["device"] = "cuda" if gpus else values.get("device", "cpu")
+        task = ray.remote(num_cpus=platform.training.retriever_cpus, num_gpus=gpus)(train_and_save)
+        summary = ray.get(task.remote(platform, values, args.source, args.artifact, out))
+    print(json.dumps(summary, indent=1))
     return 0
+
+
+def train_and_save(platform: PlatformConfig, values: dict[str, Any], source: str, artifact: str | None,
+                   out: str) -> dict[str, Any]:
+    """Train on a dataset file or the lake's sequences and write the artifact; returns what main prints."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with tempfile.TemporaryDirectory(prefix="lake-sequences-") as scratch:
+        if source == "lake":
+            from training.lake_sequences import export_retrieval_sequences
+
+            exported = Path(scratch) / f"lake-{datetime.now(UTC):%Y%m%dT%H%M%S}.txt"
+            values = {**values, "dataset": str(export_retrieval_sequences(platform, exported))}
+        cfg = PipelineConfig(root=str(platform.datasets.root), **values)
+        result = run(cfg)
+    name = Path(cfg.dataset).name.split(".")[0]
+    folder = artifact or storage.join(out, f"nezha-{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    manifest = save(folder, result)
+    return {"artifact": folder, "version": manifest.version, "node_id": _ray_node_id(),
+            "device": cfg.device, "semantic_ids": result["sid"].stats, **manifest.metrics}
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 if __name__ == "__main__":

@@ -235,13 +235,15 @@ class Ingress:
                 problems += [got] if isinstance(got, str) else list(got or [])
             except Exception as err:
                 problems.append(f"{name}: {type(err).__name__}")
-        versions = {}
+        versions, artifacts = {}, {}
         for name, handle in (("retriever", self.retriever), ("ranker", self.ranker)):
             try:
-                versions[name] = await self._call(handle.version.remote())
+                loaded = await self._call(handle.loaded.remote())
             except Exception:
-                versions[name] = None
-        return Health(status="degraded" if problems else "ok", model_versions=versions, problems=problems)
+                loaded = {}
+            versions[name], artifacts[name] = loaded.get("version"), loaded.get("artifact")
+        return Health(status="degraded" if problems else "ok", model_versions=versions, model_artifacts=artifacts,
+                      problems=problems)
 
 
 def build_app(args: dict[str, Any] | None = None):

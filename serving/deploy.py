@@ -72,7 +72,8 @@ def deploy(sc: dict[str, Any], timeout_s: float = 300.0) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     http = sc.get("http_options", {})
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000),
+    serve.start(proxy_location=sc.get("proxy_location"),
+                http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000),
                               "request_timeout_s": http.get("request_timeout_s")})
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(sc))
     wait_running(timeout_s)
@@ -109,6 +110,34 @@ def set_user_config(sc: dict[str, Any], deployment: str, timeout_s: float = 300.
     time.sleep(0.5)  # let the controller pick the new target up before polling its status
     wait_running(timeout_s, {deployment: {}})
     return new
+
+
+def wait_for_versions(url: str, expected: dict[str, tuple[str, str]], timeout_s: float = 180.0) -> dict[str, Any]:
+    """Poll `/healthz` until every named model ({"ranker": (artifact, version), ...}) is served from that
+    artifact with that version and no problem names it; returns the last health. "RUNNING" is not enough: a
+    replica that cannot load a new artifact keeps serving the old one (its `reconfigure` keeps what is loaded).
+    The location is checked too, since a copy of an artifact carries its version. Raises at once when /healthz
+    names a failed load of one of the artifacts, else at the timeout."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    health: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{url}/healthz", timeout=10).json()
+        except httpx.HTTPError as err:
+            health = {"problems": [f"/healthz: {type(err).__name__}: {err}"]}
+        failed = [p for p in health.get("problems", []) for name, (artifact, _) in expected.items()
+                  if f"{name} artifact {artifact}:" in p]
+        if failed:
+            raise RuntimeError(f"a model did not load, still serving {health.get('model_versions')}: "
+                               f"{'; '.join(failed)}")
+        versions, artifacts = health.get("model_versions") or {}, health.get("model_artifacts") or {}
+        if all(artifacts.get(name) == artifact and versions.get(name) == version
+               for name, (artifact, version) in expected.items()):
+            return health
+        time.sleep(1.0)
+    raise TimeoutError(f"/healthz at {url} did not report {expected} within {timeout_s:.0f}s; last: {health}")
 
 
 def shutdown() -> None:

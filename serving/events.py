@@ -30,6 +30,7 @@ from typing import Any
 
 from ray import serve
 
+import storage
 from ingestion.contract import OPTIONAL_FIELDS, REQUIRED_FIELDS, EventTimeBounds, check_event
 from serving.common import platform_config
 
@@ -53,9 +54,7 @@ def write_landing(folder: str, prefix: str, events: list[dict]) -> str:
         with LandingWriter(folder, prefix=prefix, lines_per_file=len(events) + 1) as writer:
             writer.write_events(events)
         return str(writer.files[-1])
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(folder)
+    fs, root = storage.filesystem(folder)
     name = f"{root.rstrip('/')}/{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.jsonl"
     with fs.open_output_stream(name) as out:  # one PUT: the object exists whole or not at all
         out.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode())

@@ -166,5 +166,7 @@ class Ranker:
             problems.append(f"ranker feature store: {self.store_error}")
         return problems
 
-    async def version(self) -> str | None:
-        return self.model.version if self.model else None
+    async def loaded(self) -> dict[str, str | None]:
+        """The version and artifact location of the model answering now (a failed reload leaves the old one)."""
+        return {"version": self.model.version if self.model else None,
+                "artifact": self.artifact if self.model else None}

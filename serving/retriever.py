@@ -140,8 +140,10 @@ class Retriever:
         return [{"items": items, "scores": scores, "version": model.version, "batch": len(requests)}
                 for items, scores in got]
 
-    async def version(self) -> str | None:
-        return self.model.version if self.model else None
+    async def loaded(self) -> dict[str, str | None]:
+        """The version and artifact location of the model answering now (a failed reload leaves the old one)."""
+        return {"version": self.model.version if self.model else None,
+                "artifact": self.artifact if self.model else None}
 
     async def check(self) -> list[str]:
         return [] if self.model is not None and self.error is None else [f"retriever: {self.error}"]

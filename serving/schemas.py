@@ -93,4 +93,6 @@ class EventsAccepted(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     model_versions: dict[str, str | None]
+    # Where each loaded model came from: a deploy checks both, since two artifacts can carry one version.
+    model_artifacts: dict[str, str | None] = Field(default_factory=dict)
     problems: list[str] = Field(default_factory=list)

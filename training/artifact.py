@@ -8,6 +8,10 @@
       metrics.json             the metrics the model was trained to
       semantic_ids.safetensors optional: the item -> semantic-ID table of a retrieval model
 
+The folder may be local or remote (`s3://bucket/artifacts/x`, through `storage`). A remote artifact is
+written file by file with the manifest last, so a reader never finds a manifest whose files are missing;
+loading one downloads it to a temporary folder and checks every file's sha256 there.
+
 The model is rebuilt from a registry of known classes: `config` is either one registered config
 dataclass (the constructor's only argument, e.g. `DLRM(DLRMConfig(...))`) or a dict of keyword
 arguments whose values may be registered dataclasses, numbers, strings, lists, tuples and dicts
@@ -46,6 +50,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+import storage
 from models.dlrm import DLRM, DLRMConfig
 from models.features import FeatureSpec
 from models.genrank import GenRank, HSTURanking
@@ -150,7 +155,7 @@ def build_model(model_class: str, config: Any) -> nn.Module:
 class Manifest:
     """What `load_artifact` returns next to the model (and `save_artifact` returns alone)."""
 
-    folder: Path
+    folder: str  # a local path or a URI
     version: str
     model_class: str
     created_utc: str
@@ -183,11 +188,11 @@ def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: d
     yet. The version is `<name>-<UTC time>-<first 8 hex of the weights' sha256>`, name defaulting
     to the lower-cased class name.
     """
-    folder = Path(folder)
+    folder = str(folder)
     model_class = type(model).__name__
     if MODEL_CLASSES.get(model_class) is not type(model):
         raise TypeError(f"model class {model_class} is not registered (training.artifact.register_model)")
-    if folder.exists() and any(folder.iterdir()):
+    if storage.list_files(folder):
         raise FileExistsError(f"artifact folder {folder} already exists and is not empty")
     encoded = encode_config(config)
     rebuilt = build_model(model_class, decode_config(encoded))
@@ -198,8 +203,10 @@ def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: d
         raise ValueError(f"config does not rebuild this model: state dict keys or shapes differ, e.g. {wrong}")
     metadata, metrics = dict(metadata or {}), dict(metrics or {})
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remote = storage.is_remote(folder)
+    parent = tempfile.gettempdir() if remote else os.path.dirname(storage.local_path(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{os.path.basename(folder.rstrip('/'))}.", dir=parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the artifact from a serving process of another user
         _write_json(tmp / CONFIG, {"model_class": model_class, "config": encoded})
@@ -214,12 +221,15 @@ def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: d
         _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "version": version,
                                      "model_class": model_class, "created_utc": created.isoformat(),
                                      "files": files})
-        if folder.exists():
-            folder.rmdir()  # empty, checked above
-        os.replace(tmp, folder)
-    except BaseException:
+        if remote:  # the manifest last: it is what makes the artifact loadable
+            for file_name in [*files, MANIFEST]:
+                storage.upload_file(str(tmp / file_name), storage.join(folder, file_name))
+        else:
+            if os.path.exists(folder):
+                os.rmdir(folder)  # empty, checked above
+            os.replace(tmp, folder)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Manifest(folder, version, model_class, created.isoformat(), decode_config(encoded), metadata, metrics,
                     semantic_ids)
 
@@ -230,7 +240,17 @@ def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tup
     Every file's sha256 is checked against the manifest first, so a half-copied or edited artifact
     fails loudly instead of serving wrong weights.
     """
+    if storage.is_remote(str(folder)):
+        if not storage.exists(storage.join(str(folder), MANIFEST)):
+            raise FileNotFoundError(f"{folder}: no {MANIFEST} (not an artifact, or still being written)")
+        with tempfile.TemporaryDirectory(prefix="artifact-") as local:
+            storage.download_dir(str(folder), local)
+            model, manifest = load_artifact(local, device)
+        manifest.folder = str(folder)
+        return model, manifest
     folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        raise FileNotFoundError(f"{folder}: no {MANIFEST} (not an artifact, or still being written)")
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: unsupported artifact format {manifest.get('format_version')!r}")
@@ -246,7 +266,7 @@ def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tup
     if SEMANTIC_IDS in manifest["files"]:
         semantic_ids = load_file(str(folder / SEMANTIC_IDS), device=str(device))["semantic_ids"]
     return model, Manifest(
-        folder=folder,
+        folder=str(folder),
         version=manifest["version"],
         model_class=stored["model_class"],
         created_utc=manifest["created_utc"],
@@ -255,3 +275,8 @@ def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tup
         metrics=json.loads((folder / METRICS).read_text()),
         semantic_ids=semantic_ids,
     )
+
+
+def artifact_version(folder: str) -> str:
+    """The version string in an artifact's manifest (local or remote), without loading the model."""
+    return storage.read_json(storage.join(str(folder), MANIFEST))["version"]

@@ -44,11 +44,12 @@ from config.schema import PlatformConfig, TrainingConfig
 from features.offline import duckdb_connection
 from models.heads import multitask_bce
 from models.inputs import RankingInputs
+from storage import filesystem
 from training.artifact import save_artifact
 from training.ranking_batch import RankingFeatures, encode, labels
 from training.ranking_eval import auc_over_time, run_metrics
 from training.ranking_models import build_trainable, extra_loss, ranker_of
-from training.stream import SAMPLE_NO, PredictionLog, SampleStream, StreamPosition, filesystem
+from training.stream import SAMPLE_NO, PredictionLog, SampleStream, StreamPosition
 
 COLUMNS = ["sample_no", "user_id", "request_ts", "hist_item_ids", "hist_author_ids", "hist_actions", "hist_ts",
            "hist_values", "cand_item_ids", "cand_author_ids", "user_stats", "cand_item_stats", "cand_author_stats"]

@@ -34,6 +34,7 @@ class PipelineConfig:
     max_history: int = 50
     seed: int = 0
     threads: int | None = 1
+    device: str = "cpu"  # "cuda" on a GPU worker (ray_jobs.train_retriever with training.use_gpu)
     # item embeddings
     item_source: str = "model"  # "model" | "attributes" | "both"
     item_model: str | None = None  # artifact folder of a trained dot-product retriever (else one is trained)
@@ -78,7 +79,7 @@ def _dot_model(cfg: PipelineConfig, split, out: dict[str, Any]):
     model, model_config = build_retrieval_model("hstu", split.num_items, d_model=cfg.dot_d_model,
                                                 max_len=cfg.max_history + 1, dropout=cfg.dot_dropout, seed=cfg.seed)
     train_cfg = RetrievalTrainConfig(max_epochs=cfg.dot_epochs, patience=cfg.dot_patience, seed=cfg.seed,
-                                     num_threads=cfg.threads,
+                                     num_threads=cfg.threads, device=cfg.device,
                                      max_train_seconds=cfg.dot_minutes * 60 if cfg.dot_minutes else None)
     result = train_retrieval(model, split, train_cfg, name="hstu-dot")
     out["dot_result"] = result.to_dict()
@@ -100,7 +101,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     table = attrs = None
     if cfg.item_source in ("model", "both"):
         out["dot_model"] = _dot_model(cfg, split, out)
-        table = out["dot_model"].item_embeddings().detach()
+        table = out["dot_model"].item_embeddings().detach().cpu()
     if cfg.item_source in ("attributes", "both"):
         lists = read_attributes(cfg.dataset, cfg.root, data.item_vocab)
         if lists is None:
@@ -120,7 +121,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                         cfg.d_model, cfg.sid_method, cfg.item_source)
     train_cfg = RetrieverTrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, max_epochs=cfg.epochs,
                                      patience=cfg.patience, eval_users=cfg.eval_users, seed=cfg.seed,
-                                     num_threads=cfg.threads, test_decoders=tuple(cfg.test_decoders),
+                                     num_threads=cfg.threads, device=cfg.device,
+                                     test_decoders=tuple(cfg.test_decoders),
                                      test_users=cfg.test_users, end_users=cfg.end_users,
                                      max_train_seconds=cfg.minutes * 60 if cfg.minutes else None)
     result = train_retriever(model, split, train_cfg)

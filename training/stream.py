@@ -38,14 +38,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
+from storage import filesystem
+
 SAMPLE_NO = "sample_no"
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local folder or a URI (s3://... on a cluster)."""
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
 
 
 @dataclass

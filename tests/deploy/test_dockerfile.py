@@ -44,7 +44,7 @@ def test_base_image_pinned_and_user_not_root():
 
 def test_dependencies_from_the_lock_only():
     runs = " ".join(arg for op, arg in _instructions() if op == "RUN")
-    assert "pip install -r requirements.lock" in runs
+    assert "pip install -r requirements.runtime.lock" in runs
     assert re.findall(r"pip install (?!-r|--index-url)", runs) == []
     assert "rm -rf /var/lib/apt/lists/*" in runs and "--no-install-recommends" in runs
 
@@ -60,3 +60,52 @@ def test_every_package_copied_and_context_lean():
         assert not _ignored(src), f"{src} is excluded by .dockerignore"
     for path in ("data", ".venv", "tests", ".git", "bench", "k8s", "serving/__pycache__/x.pyc"):
         assert _ignored(path), path
+
+
+def test_one_dockerfile_two_torch_builds():
+    """TORCH_FLAVOR selects torch's build: the CPU wheel from PyTorch's CPU index, the CUDA wheel from PyPI;
+    anything else fails the build instead of silently picking one."""
+    steps = _instructions()
+    args = [arg for op, arg in steps if op == "ARG"]
+    assert "TORCH_FLAVOR=cpu" in args
+    runs = " ".join(arg for op, arg in steps if op == "RUN")
+    assert "cpu) TORCH_INDEX=https://download.pytorch.org/whl/cpu" in runs
+    assert "cuda) TORCH_INDEX=https://pypi.org/simple" in runs
+    assert 'pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in runs
+    assert "exit 1" in runs
+
+
+def test_base_image_pinned_by_digest():
+    """A tag moves when Docker rebuilds it; a digest never does (refresh: docker buildx imagetools inspect)."""
+    for _, ref in ((op, arg) for op, arg in _instructions() if op == "FROM"):
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}( AS \w+)?", ref), ref
+    assert "docker buildx imagetools inspect" in (ROOT / "Dockerfile").read_text()
+
+
+def test_no_test_or_lint_tools_in_the_image():
+    """The image installs requirements.runtime.lock: requirements.lock's pins for the runtime closure only
+    (infra/runtime_lock.py), regenerated whenever the lock changes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("runtime_lock", ROOT / "infra" / "runtime_lock.py")
+    runtime_lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime_lock)
+    runtime = (ROOT / "requirements.runtime.lock").read_text()
+    assert runtime == runtime_lock.render(), "stale: run python infra/runtime_lock.py"
+    pins = [line for line in runtime.splitlines() if line and not line.startswith("#")]
+    full = set((ROOT / "requirements.lock").read_text().splitlines())
+    assert pins and set(pins) <= full  # the exact versions CI tests
+    names = {line.split("==")[0].lower() for line in pins}
+    assert not names & {"pytest", "pytest-timeout", "ruff", "mypy", "hypothesis", "moto", "schemathesis"}
+    assert {"torch", "ray", "deltalake", "feast", "kubernetes", "boto3"} <= names
+    instructions = " ".join(arg for _, arg in _instructions())
+    assert "requirements.lock" not in instructions.replace("requirements.runtime.lock", "")
+    assert not re.search(r"\b(pytest|ruff|mypy)\b", instructions)
+
+
+def test_writable_home_for_the_non_root_user():
+    """uid 1000 owns /data, its HOME (Ray's ~/.ray, torch and Feast caches); TMPDIR is /tmp. The manifests
+    mount emptyDirs on both (tests/deploy/test_kuberay_rules.py), so the root filesystem may be read-only."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    assert re.search(r"HOME=/data\b", text) and re.search(r"TMPDIR=/tmp\b", text)
+    assert "--home-dir /data" in text and "chown 1000:1000 /data" in text

@@ -76,8 +76,11 @@ def test_secrets_by_reference_only(overlay):
     text = yaml.safe_dump_all(docs)
     assert not re.search(r"password=|AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]", text, re.I)
     refs = set(re.findall(r"secretKeyRef:\s*\n\s*key: (\w+)\s*\n\s*name: ([\w-]+)", text))
-    assert refs == {("AWS_ACCESS_KEY_ID", "streamrec-s3"), ("AWS_SECRET_ACCESS_KEY", "streamrec-s3"),
-                    ("REDIS_CONNECTION_STRING", "streamrec-redis"), ("STREAMREC_API_KEY", "streamrec-api")}
+    expected = {("AWS_ACCESS_KEY_ID", "streamrec-s3"), ("AWS_SECRET_ACCESS_KEY", "streamrec-s3"),
+                ("REDIS_CONNECTION_STRING", "streamrec-redis"), ("STREAMREC_API_KEY", "streamrec-api")}
+    if overlay == "prod":  # GCS fault tolerance's Redis password (gcsFaultToleranceOptions.redisPassword)
+        expected.add(("REDIS_PASSWORD", "streamrec-redis"))
+    assert refs == expected
     # Each Secret the manifests read is created by a documented command.
     deploy_doc = (ROOT / "docs" / "deploy.md").read_text()
     for secret in ("streamrec-s3", "streamrec-redis", "streamrec-api"):
@@ -89,13 +92,11 @@ def test_network_policy_and_scraping(overlay):
     docs = rendered(f"k8s/overlays/{overlay}")
     deny = find(docs, "NetworkPolicy", "default-deny-ingress")[0]["spec"]
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
-    for doc in find(docs, "RayJob") + find(docs, "RayService"):
+    # Heads run as the account with a token (the autoscaler's), every other Ray pod as the one without.
+    for doc in find(docs, "RayJob") + find(docs, "RayService") + find(docs, "RayCluster"):
         for where, pod in validate.pod_specs(doc):
-            if "submitter" in where:
-                continue
-            template = {"RayJob": doc["spec"].get("rayClusterSpec"), "RayService": doc["spec"].get("rayClusterConfig")}
-            assert template[doc["kind"]] is not None
-            assert pod["serviceAccountName"] == "streamrec-ray"
+            head = "headGroupSpec" in where
+            assert pod["serviceAccountName"] == ("streamrec-ray-head" if head else "streamrec-ray"), where
     for doc in find(docs, "RayJob"):
         cluster = doc["spec"]["rayClusterSpec"]
         for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:

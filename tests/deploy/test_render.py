@@ -23,7 +23,8 @@ def test_overlay_renders_every_stage_and_the_service(overlay):
     assert len(find(docs, "RayService")) == 1
     assert [n["metadata"]["name"] for n in find(docs, "Namespace")] == [namespace]
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {namespace}
-    assert find(docs, "RoleBinding")[0]["subjects"][0]["namespace"] == namespace
+    for name in ("streamrec-ray-autoscaler", "streamrec-rayjob-cleanup"):
+        assert find(docs, "RoleBinding", name)[0]["subjects"][0]["namespace"] == namespace
     images = {c["image"] for j in jobs for c in
               j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]}
     assert images == {"registry.example.com/streamrec:0.1.0"}
