@@ -56,10 +56,12 @@ bench: $(STAMP)
 	test -d data/demo/artifacts/retriever || $(BIN)/python -m ray_jobs.demo
 	$(BIN)/python -m bench.serve
 
-# Re-freeze the pins from the current venv (after changing pyproject.toml's direct needs).
+# Re-freeze the pins from the current venv (after changing pyproject.toml's direct needs), and the image's
+# runtime subset (requirements.runtime.lock: no test or lint tools).
 lock: $(STAMP)
 	{ head -2 requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
+	$(BIN)/python infra/runtime_lock.py
 
 clean:
 	rm -rf data .pytest_cache

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -32,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import storage
 from config import add_config_args, from_args
 from config.schema import SimulatorConfig
 from ingestion.contract import ACTION_INDEX, ACTIONS, REQUIRED_FIELDS
@@ -176,7 +179,24 @@ def _items_table(world: World) -> pa.Table:
 
 
 def simulate(cfg: SimulatorConfig, out_dir: str | Path, fsync: bool = True) -> dict:
-    """Writes `cfg.events` valid events (plus injected lines) into `out_dir`; returns a summary."""
+    """Writes `cfg.events` valid events (plus injected lines) into `out_dir`; returns a summary.
+
+    Either folder may be remote (s3://): then everything is written to a local scratch folder first and put
+    there file by file (a producer's upload; each object appears whole), landing files after the oracle."""
+    targets = {"landing": str(out_dir), "oracle": str(cfg.oracle_dir)}
+    if not any(storage.is_remote(t) for t in targets.values()):
+        return _simulate(cfg, out_dir, fsync)
+    with tempfile.TemporaryDirectory(prefix="simulate-") as scratch:
+        local = {k: os.path.join(scratch, k) if storage.is_remote(t) else t for k, t in targets.items()}
+        summary = _simulate(cfg.model_copy(update={"oracle_dir": local["oracle"]}), local["landing"], fsync=False)
+        for kind in ("oracle", "landing"):
+            if storage.is_remote(targets[kind]):
+                for name in sorted(os.listdir(local[kind])):
+                    storage.upload_file(os.path.join(local[kind], name), storage.join(targets[kind], name))
+    return {**summary, "landing_dir": targets["landing"], "oracle_dir": targets["oracle"]}
+
+
+def _simulate(cfg: SimulatorConfig, out_dir: str | Path, fsync: bool) -> dict:
     began, began_cpu = time.perf_counter(), time.process_time()
     oracle_dir = Path(cfg.oracle_dir)
     oracle_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +286,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def read_oracle(oracle_dir: str | Path) -> pd.DataFrame:
-    return pq.read_table(Path(oracle_dir) / "p_click.parquet").to_pandas()
+    fs, path = storage.filesystem(storage.join(str(oracle_dir), "p_click.parquet"))
+    return pq.read_table(path, filesystem=fs).to_pandas()
 
 
 def oracle_auc(oracle_dir: str | Path, events: pd.DataFrame | Iterable[dict] | None = None,

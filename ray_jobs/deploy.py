@@ -4,12 +4,13 @@
     python -m ray_jobs.deploy --config cluster --ranker ... --retriever ...   # in the cluster (address auto)
     python -m ray_jobs.deploy ... --roll-ranker data/artifacts/ranker-v2     # swap a model in, no restart
 
-It succeeds only when `/healthz` reports both models loaded from the given artifacts, with the versions written
-in their manifests: an artifact
-that cannot be loaded fails the command (exit 1, the load error printed) while the replicas keep serving the
-version they had. Artifacts may be local folders or s3:// URIs. Without --blocking it returns once the app
-serves them: on a cluster the app stays up; on a local Ray started
-by this command it ends with the command (use --blocking, or `serve run serving/config.yaml`).
+It succeeds only when `/healthz` reports both models loaded from the given artifacts, with the versions
+written in their manifests. An artifact that cannot be loaded fails the command (exit 1, the load error
+printed) while the replicas keep serving the version they had, and the application config is put back to the
+artifacts they serve (so a replica started later loads those, not the broken one). Artifacts may be local
+folders or s3:// URIs. Without --blocking it returns once the app serves them: on a cluster the app stays up;
+on a local Ray started by this command it ends with the command (use --blocking, or `serve run
+serving/config.yaml`).
 The /events API key is read by the ingress from the env var named by serving.api_key_env.
 """
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         CONFIG_PATH,
         base_url,
         deploy,
+        deployed_app,
+        restore,
         serve_config,
         set_user_config,
         shutdown,
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                       ranker=ranker, retriever=retriever, host=cfg.serving.host,
                       port=cfg.serving.port, base_dir=str(Path.cwd()))
     t = time.perf_counter()
+    previous = deployed_app()
     deploy(sc)
     url = base_url(sc)
     try:
@@ -73,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.roll_ranker:
             rolled = local(args.roll_ranker)
             expected = {"ranker": (rolled, artifact_version(rolled))}
+            previous = deployed_app()
             sc = set_user_config(sc, "Ranker", artifact=rolled)
             print(json.dumps({"rolled": wait_for_versions(url, expected)["model_versions"]}))
     except (RuntimeError, TimeoutError, OSError, ValueError) as err:
         print(f"deploy failed: {err}", file=sys.stderr)
+        if previous is not None:
+            restore(sc, previous)
+            print("deploy rolled back: the application config names the artifacts it served before again",
+                  file=sys.stderr)
         return 1
     if args.blocking:
         # `serve run` style: SIGTERM (what a non-interactive shell sends) and Ctrl-C both end it cleanly.

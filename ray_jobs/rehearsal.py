@@ -194,9 +194,9 @@ def _corrupt_copy(src: str, dst: str) -> None:
 def rehearse(events: int, log=print) -> dict[str, Any]:
     started = datetime.now(UTC)
     run = started.strftime("%Y%m%dt%H%M%S")
-    scratch = tempfile.mkdtemp(prefix="rehearsal-")
+    machine = _machine()
     t0 = time.perf_counter()
-    with S3Server() as s3, RedisServer() as redis:
+    with tempfile.TemporaryDirectory(prefix="rehearsal-") as scratch, S3Server() as s3, RedisServer() as redis:
         serve_port = free_port()
         env = {**s3.env, "STREAMREC_BUCKET": s3.bucket, "REDIS_CONNECTION_STRING": redis.connection_string,
                "STREAMREC_SCRATCH": scratch, "STREAMREC_SERVE_PORT": str(serve_port),
@@ -209,7 +209,7 @@ def rehearse(events: int, log=print) -> dict[str, Any]:
             r = Rehearsal(cluster, s3.bucket, run, log)
 
             t = time.perf_counter()
-            landing = _produce(events, scratch, r.s3("landing"))
+            landing = _produce(events, r.s3("landing"))
             r.record("produce", time.perf_counter() - t, {"landing": r.s3("landing"), "files": landing,
                                                           "events": events})
             logs = r.stage("ingest", "ray_jobs.ingest", "--once", outputs={"events": r.s3("lake", "events")})
@@ -238,36 +238,45 @@ def rehearse(events: int, log=print) -> dict[str, Any]:
             serving = _check_proxies(cluster, serve_port, ranker, retriever)
             r.stages[-1]["outputs"].update(serving)
 
-            bad = r.s3("artifacts", f"ranker-{run}-corrupt")
-            _corrupt_copy(ranker, bad)
-            log(f"\n== bad deploy: ranker {bad} (weights do not match its manifest)")
-            t = time.perf_counter()
-            bad_logs = r.finish(r.submit("ray_jobs.deploy", "--ranker", bad, "--retriever", retriever),
-                                expect="FAILED")
-            after = _health(serve_port)
-            if after["model_versions"] != serving["model_versions"] or after["model_artifacts"]["ranker"] != ranker:
-                raise StageFailed(f"a failed deploy changed what is served: {after['model_versions']}")
-            bad_deploy = {"artifact": bad, "job": "FAILED", "seconds": round(time.perf_counter() - t, 1),
-                          "error": _first(r"deploy failed: .*", bad_logs), "still_serving": after["model_versions"],
-                          "still_serving_from": after["model_artifacts"]}
-            log(f"   bad deploy failed as it must: {bad_deploy['error']}; still serving {after['model_versions']}")
-    return {"date": started.isoformat(timespec="seconds"), "machine": _machine(), "events": events,
+            bad_deploy = deploy_broken_artifact(r, serve_port, ranker, retriever, serving["model_versions"])
+    machine["load_at_end"] = _machine()["load_1_5_15"]
+    return {"date": started.isoformat(timespec="seconds"), "machine": machine, "events": events,
             "servers_s": round(servers_s, 1), "total_s": round(time.perf_counter() - t0, 1), "stages": r.stages,
             "node_loss": kill, "bad_deploy": bad_deploy}
 
 
-def _produce(events: int, scratch: str, landing: str) -> int:
-    """Simulated logs written locally, then put into the landing prefix (a producer's upload)."""
+def deploy_broken_artifact(r: Rehearsal, serve_port: int, ranker: str, retriever: str,
+                           serving: dict[str, str]) -> dict[str, Any]:
+    """Deploy a copy of the ranker whose weights no longer match its manifest: the job must fail, the old
+    models keep serving, and the app config must name the old ranker again."""
+    bad = r.s3("artifacts", f"ranker-{r.run}-corrupt")
+    _corrupt_copy(ranker, bad)
+    r.log(f"\n== bad deploy: ranker {bad} (weights do not match its manifest)")
+    t = time.perf_counter()
+    logs = r.finish(r.submit("ray_jobs.deploy", "--ranker", bad, "--retriever", retriever), expect="FAILED")
+    after = _health(serve_port)
+    if after["model_versions"] != serving or after["model_artifacts"]["ranker"] != ranker:
+        raise StageFailed(f"a failed deploy changed what is served: {after}")
+    details = httpx.get(f"{r.cluster.dashboard_url}/api/serve/applications/", timeout=30).json()
+    app = details["applications"]["streamrec"]["deployed_app_config"]
+    configured = {d["name"]: (d.get("user_config") or {}).get("artifact") for d in app["deployments"]}
+    if configured.get("Ranker") != ranker:
+        raise StageFailed(f"after the failed deploy the app config names {configured.get('Ranker')}")
+    result = {"artifact": bad, "job": "FAILED", "seconds": round(time.perf_counter() - t, 1),
+              "error": _first(r"deploy failed: .*", logs), "still_serving": after["model_versions"],
+              "still_serving_from": after["model_artifacts"], "config_restored_to": configured["Ranker"]}
+    r.log(f"   bad deploy failed as it must: {result['error']}; still serving {after['model_versions']}")
+    return result
+
+
+def _produce(events: int, landing: str) -> int:
+    """Simulated live-stream logs put into the landing prefix (and the oracle next to it), as a producer would."""
     import config
     from ingestion.simulator import simulate
 
     cfg = config.load("rehearsal")
-    local = os.path.join(scratch, "landing")
-    simulate(cfg.simulator.model_copy(update={"events": events}), local, fsync=False)
-    names = sorted(os.listdir(local))
-    for name in names:
-        storage.upload_file(os.path.join(local, name), storage.join(landing, name))
-    return len(names)
+    simulate(cfg.simulator.model_copy(update={"events": events}), landing)
+    return len(storage.list_files(landing))
 
 
 def _redis_keys(redis: RedisServer) -> int:

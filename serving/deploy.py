@@ -112,6 +112,30 @@ def set_user_config(sc: dict[str, Any], deployment: str, timeout_s: float = 300.
     return new
 
 
+def deployed_app() -> dict[str, Any] | None:
+    """The application's config as Serve last applied it; None when Serve or the app is not running."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    app = (client.get_serve_details().get("applications") or {}).get(APP_NAME) or {}
+    return app.get("deployed_app_config")
+
+
+def restore(sc: dict[str, Any], app: dict[str, Any], timeout_s: float = 300.0) -> None:
+    """Apply an earlier application config again (after a failed deploy): the replicas keep the models they
+    serve, and a replica started later (autoscaling, a lost node) loads those too instead of the broken one."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    previous = copy.deepcopy(sc)
+    previous["applications"] = [app]
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(previous))
+    time.sleep(0.5)  # let the controller pick the target up before polling its status
+    wait_running(timeout_s)
+
+
 def wait_for_versions(url: str, expected: dict[str, tuple[str, str]], timeout_s: float = 180.0) -> dict[str, Any]:
     """Poll `/healthz` until every named model ({"ranker": (artifact, version), ...}) is served from that
     artifact with that version and no problem names it; returns the last health. "RUNNING" is not enough: a

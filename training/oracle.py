@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
+import storage
 from training.metrics import auc
 from training.ranking_eval import auc_over_time
 
@@ -26,7 +27,8 @@ def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: in
                           max_requests: int | None = None) -> dict[str, float]:
     """{"auc", "candidates", "matched", "auc_over_time"}: AUC of the true p_click on the samples' click labels
     (over the whole scope, and per 5% of it in time order as `training.ranking_eval.auc_over_time` slices it)."""
-    oracle = pq.read_table(Path(oracle_dir) / "p_click.parquet", columns=["request_id", "item_id", "p_click"])
+    fs, path = storage.filesystem(storage.join(str(oracle_dir), "p_click.parquet"))
+    oracle = pq.read_table(path, filesystem=fs, columns=["request_id", "item_id", "p_click"])
     # An item shown twice in one request is one candidate in the samples (its first impression): keep one row.
     oracle = pa.Table.from_pandas(oracle.to_pandas().drop_duplicates(["request_id", "item_id"]), preserve_index=False)
     samples = DeltaTable(samples_path).to_pyarrow_table(

@@ -18,8 +18,10 @@ redeploying on the same data would only burn a GPU and roll the models for nothi
 serving step points the Ranker and Retriever deployments of the RayService's serveConfigV2 at the new
 artifacts; KubeRay applies that in place and Ray Serve reloads the models through `reconfigure`. RUNNING
 does not prove the reload worked (a replica that cannot load an artifact keeps serving the old model), so
-the step then polls the serving app's `/healthz` until it reports new model versions, and fails, saying
-that the old model still serves, when it names a failed load of the new artifacts.
+the step then polls the serving app's `/healthz` until it reports new model versions. When it names a
+failed load of the new artifacts, or the new versions do not show in time, the step puts serveConfigV2 back
+to what it was (so a replica started later loads the old artifacts, not the broken ones) and fails, saying
+that the old model keeps serving.
 
 Where things run (k8s/pipeline/README.md): the pipeline's pods run in the Kubeflow profile namespace
 `streamrec-pipelines` (k8s/kubeflow/) as service account `streamrec-pipeline`; only the RayJob and
@@ -167,7 +169,8 @@ def ingested_events(namespace: str, rayjob: str, timeout_s: int = 300, poll_s: i
 
 @dsl.component(base_image=CONTROL_IMAGE, install_kfp_package=False)
 def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retriever_artifact: str,
-                   healthz_url: str = "", timeout_s: int = 1800, poll_s: int = 10, confirm_reads: int = 3) -> str:
+                   healthz_url: str = "", timeout_s: int = 1800, poll_s: int = 10, confirm_reads: int = 3,
+                   revert_timeout_s: int = 600) -> str:
     """Point the RayService's Ranker / Retriever at new artifacts; wait until /healthz says it serves them.
 
     The RayService's RUNNING is not enough: a replica whose `reconfigure` cannot load the new artifact keeps
@@ -183,6 +186,16 @@ def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retrie
     serving/deploy.py wait_for_versions, which compares with the manifests' versions; this image (kfp,
     kubernetes, PyYAML) cannot read s3:// manifests, so the step compares with what was served before.
     HTTP with the standard library only.
+
+    On either failure the step first rolls back, as ray_jobs/deploy.py does: left pointing at a broken
+    artifact, serveConfigV2 would make every replica started later (autoscaling, a lost node, a NewCluster
+    upgrade) fail to load it and serve nothing. So it patches serveConfigV2 back to the exact string it read
+    before its own patch, but only while the object still holds what the step wrote (a compare-and-swap on
+    metadata.resourceVersion: the API server refuses the patch with 409 if anything changed the object since
+    the read; re-read and retried, since KubeRay's status writes change it too). If someone else changed
+    serveConfigV2 meanwhile, their change stays and the message says so. Then it waits up to
+    `revert_timeout_s` for the RayService to be Ready again and fails with the problem, what serves, and
+    whether serveConfigV2 was restored.
 
     `healthz_url` defaults to the serve Service inside the cluster: KubeRay names it `<rayservice>-serve-svc`
     and gives it the head container's port named `serve`, 8000 here (kuberay v1.7.0 ray-operator/
@@ -247,21 +260,76 @@ def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retrie
               f"versions are unknown, so any version /healthz reports with no artifact problem is accepted")
     print(f"before the patch: {namespace}/{rayservice} serves {before or 'unknown versions'} from {old_paths}")
 
-    deadline = time.monotonic() + timeout_s
-    patched = api.patch_namespaced_custom_object(group, version, namespace, plural, rayservice,
-                                                 {"spec": {"serveConfigV2": yaml.safe_dump(serve, sort_keys=False)}})
-    generation = patched["metadata"].get("generation", 0)
-    while True:
+    def ready(generation: int) -> tuple[bool, dict]:
+        """Whether the RayService has applied `generation` and is Ready with every application RUNNING."""
         status = api.get_namespaced_custom_object_status(group, version, namespace, plural, rayservice).get(
             "status") or {}
         conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
         apps = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).values()
-        if status.get("observedGeneration", 0) >= generation and conditions.get("Ready") == "True" \
-                and conditions.get("UpgradeInProgress") != "True" and all(a.get("status") == "RUNNING" for a in apps):
+        return (status.get("observedGeneration", 0) >= generation and conditions.get("Ready") == "True"
+                and conditions.get("UpgradeInProgress") != "True"
+                and all(a.get("status") == "RUNNING" for a in apps)), status
+
+    original = obj["spec"]["serveConfigV2"]  # put back verbatim on failure
+    written = yaml.safe_dump(serve, sort_keys=False)
+
+    def revert() -> str:
+        """Patch serveConfigV2 back to `original` if it still holds `written`, then wait (bounded) for Ready.
+        Says what happened, for the failure message; never raises (the step fails with its own error)."""
+        where = f"serveConfigV2 of {namespace}/{rayservice}"
+        if written == original:
+            return f"{where} is as it was before this step (its patch changed nothing)"
+        try:
+            for attempt in range(5):
+                current = api.get_namespaced_custom_object(group, version, namespace, plural, rayservice)
+                if current["spec"].get("serveConfigV2") != written:
+                    return (f"{where} was NOT restored: someone else changed it after this step's patch, so it is "
+                            f"left as they set it; check which artifacts it names (before this step: {old_paths})")
+                # resourceVersion makes the patch conditional: 409 if the object changed since this read.
+                body = {"metadata": {"resourceVersion": (current.get("metadata") or {}).get("resourceVersion")},
+                        "spec": {"serveConfigV2": original}}
+                try:
+                    patched = api.patch_namespaced_custom_object(group, version, namespace, plural, rayservice, body)
+                    break
+                except client.ApiException as err:
+                    if err.status != 409 or attempt == 4:
+                        raise
+                    print(f"rollback: {namespace}/{rayservice} changed since it was read (409 Conflict); reading again")
+        except Exception as err:  # any failure here must not hide the step's own error
+            return (f"{where} could NOT be restored ({type(err).__name__}: {str(err).strip()[:300]}): it still names "
+                    f"the new artifacts, which a new replica would fail to load; patch the deployments back to "
+                    f"{old_paths}")
+        print(f"rollback: {where} restored to the artifacts served before this step: {old_paths}")
+        generation = patched["metadata"].get("generation", 0)
+        until, status = time.monotonic() + revert_timeout_s, {}
+        try:
+            while True:
+                done, status = ready(generation)
+                if done:
+                    return (f"{where} was restored to the artifacts served before ({old_paths}) and the RayService "
+                            f"is Ready again")
+                if time.monotonic() > until:
+                    break
+                time.sleep(poll_s)
+        except Exception as err:
+            status = {"error": f"{type(err).__name__}: {err}"}
+        return (f"{where} was restored to the artifacts served before ({old_paths}), but the RayService was not "
+                f"seen Ready within {revert_timeout_s}s after that: {status}")
+
+    deadline = time.monotonic() + timeout_s
+    patched = api.patch_namespaced_custom_object(group, version, namespace, plural, rayservice,
+                                                 {"spec": {"serveConfigV2": written}})
+    generation = patched["metadata"].get("generation", 0)
+    while True:
+        done, status = ready(generation)
+        if done:
             print(f"RayService {namespace}/{rayservice} is RUNNING; checking what {url} serves")
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"RayService {namespace}/{rayservice} not ready after {timeout_s}s: {status}")
+            reverted = revert()
+            raise TimeoutError(f"RayService {namespace}/{rayservice} not ready after {timeout_s}s: {status}. The "
+                               f"old model keeps serving (a replica keeps what it has until a new load succeeds). "
+                               f"Rollback: {reverted}.")
         time.sleep(poll_s)
 
     # A model whose artifact path changed must serve a version other than the one before. One whose path did
@@ -287,12 +355,12 @@ def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retrie
         problems = [str(p) for p in last.get("problems") or []]
         failed = [p for p in problems if names_new_artifact(p)]
         if failed:
+            reverted = revert()
             raise RuntimeError(
                 f"deploy failed: {'; '.join(failed)}. The old model is still serving: the replicas keep what they "
-                f"had loaded, and /healthz at {url} reports model versions {versions} (before this step: "
-                f"{before or 'unknown'}) although the RayService is RUNNING. serveConfigV2 of "
-                f"{namespace}/{rayservice} now names the new artifacts, which a new replica would fail to load "
-                f"too: fix the artifact and re-run, or point the deployments back at {old_paths}.")
+                f"had loaded, and /healthz at {url} reported model versions {versions} (before this step: "
+                f"{before or 'unknown'}) although the RayService was RUNNING. Rollback: {reverted}. Fix the "
+                f"artifact and re-run.")
         artifact_problems = [p for p in problems if any(f"{m} artifact" in p for m in new)]
         served = all(versions.get(m) and (not changed[m] or versions.get(m) != before.get(m)) for m in new)
         good = good + 1 if "unreachable" not in last and served and not artifact_problems else 0
@@ -300,10 +368,12 @@ def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retrie
             print(f"RayService {namespace}/{rayservice} serves {versions} from {new} (before: {before})")
             return rayservice
         if time.monotonic() > deadline:
+            reverted = revert()
             raise TimeoutError(
                 f"/healthz at {url} did not report the new models within {timeout_s}s: wanted a version other "
                 f"than {before} for each of {[m for m in new if changed[m]]} and no artifact problem; last "
-                f"answer {last}. The RayService is RUNNING, but the old model may still be serving.")
+                f"answer {last}. The old model keeps serving (replicas that had loaded a new one go back to the "
+                f"old artifacts). Rollback: {reverted}.")
         # Confirming reads follow quickly; waiting for a change polls every poll_s.
         time.sleep(max(0.0, min(min(1.0, poll_s) if good else poll_s, deadline - time.monotonic())))
 

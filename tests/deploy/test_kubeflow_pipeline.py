@@ -2,7 +2,8 @@
 the way KFP's launcher runs it) against a fake Kubernetes API server on 127.0.0.1 that serves the real
 rendered templates and enforces the project namespace's Role `streamrec-pipeline` the way RBAC does.
 
-What stands in for a cluster: KubeRay (each created RayJob finishes at once), the submitter pod of the
+What stands in for a cluster: KubeRay (each created RayJob finishes at once), the API server's optimistic
+concurrency (metadata.resourceVersion: a patch naming another version gets 409), the submitter pod of the
 ingest RayJob (its log carries ray_jobs.ingest's report line), the RayService's status, and the serving
 app's `GET /healthz` (FakeServe, on another loopback port: the step's `healthz_url` points at it instead
 of the serve Service). What is real: the pipeline's DAG and `dsl.If`, the components' code, the kubernetes
@@ -96,17 +97,30 @@ class FakeKube(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.rules = find(docs, "Role", "streamrec-pipeline")[0]["rules"]
         self.objects = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("RayJob", "RayService")}
+        for obj in self.objects.values():
+            obj["metadata"]["resourceVersion"] = "1"
+        # serveConfigV2 as rendered, before any patch: what a rollback must put back, byte for byte.
+        self.original = {name: obj["spec"]["serveConfigV2"] for (kind, name), obj in self.objects.items()
+                         if kind == "RayService"}
         self.valid_events = valid_events
         self.calls, self.denied, self.created, self.patches = [], [], [], []
         self.serve: FakeServe | None = None  # the serving app, when the test starts one
         self.reads_before_patch: int | None = None
 
+    def edit(self, name: str, spec: dict) -> None:
+        """Change the RayService's spec as an accepted write does: a new generation and resourceVersion."""
+        meta = self.objects[("RayService", name)]["metadata"]
+        self.objects[("RayService", name)]["spec"].update(spec)
+        meta["generation"] = meta.get("generation", 1) + 1
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+
     def served_after_patch(self) -> list[dict]:
+        """/healthz replies sent after the step's (first) patch."""
         return self.serve.reads[self.reads_before_patch:] if self.patches else []
 
     def new_artifacts(self) -> dict[str, str]:
-        """The Ranker / Retriever artifacts the last patch set, by /healthz's model names."""
-        serve = yaml.safe_load(self.patches[-1]["spec"]["serveConfigV2"])
+        """The Ranker / Retriever artifacts the step's patch (the first) set, by /healthz's model names."""
+        serve = yaml.safe_load(self.patches[0]["spec"]["serveConfigV2"])
         return {d["name"].lower(): d["user_config"]["artifact"] for app in serve["applications"]
                 for d in app.get("deployments", []) if d["name"] in ("Ranker", "Retriever")}
 
@@ -161,12 +175,16 @@ class Handler(BaseHTTPRequestHandler):
                     "activeServiceStatus": {"applicationStatuses": {"streamrec": {"status": "RUNNING"}}}}
                 return self._send(200, dict(obj, status=status))
             return self._send(200, obj)
-        if kind == "RayService" and verb == "patch":
-            kube.patches.append(body)
-            kube.reads_before_patch = len(kube.serve.reads) if kube.serve else None
+        if kind == "RayService" and verb == "patch":  # a JSON merge patch of spec
             obj = kube.objects[(kind, name)]
-            obj["spec"].update(body["spec"])
-            obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+            wanted = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != obj["metadata"]["resourceVersion"]:  # a precondition that fails
+                return self._send(409, {"kind": "Status", "status": "Failure", "reason": "Conflict", "code": 409,
+                                        "message": "the object has been modified"})
+            kube.patches.append(body)
+            if kube.reads_before_patch is None:
+                kube.reads_before_patch = len(kube.serve.reads) if kube.serve else None
+            kube.edit(name, body["spec"])
             return self._send(200, obj)
         if plural == "pods" and verb == "list":  # the Job controller's label on the submitter Job's pods
             job = query["labelSelector"].removeprefix("job-name=")
@@ -325,10 +343,26 @@ def test_serving_step_waits_until_healthz_reports_the_new_versions(cluster):
     assert [r["model_versions"]["ranker"] for r in server.served_after_patch()] == [OLD["ranker"]] + ["ranker-new"] * 4
 
 
-def test_a_failed_load_fails_the_step_at_once_and_says_the_old_model_serves(cluster, capsys):
+def assert_rolled_back(server: FakeKube, out: str) -> None:
+    """The step sent exactly one more patch after its own: the rendered serveConfigV2, byte for byte, made
+    conditional on the resourceVersion its own patch left (nothing else wrote in between); the API server
+    holds it again; the step then read the RayService's status (waited for Ready); its message says so."""
+    original = server.original["streamrec-serve"]
+    assert len(server.patches) == 2 and server.patches[0]["spec"]["serveConfigV2"] != original
+    assert server.patches[1] == {"metadata": {"resourceVersion": "2"}, "spec": {"serveConfigV2": original}}
+    assert server.objects[("RayService", "streamrec-serve")]["spec"]["serveConfigV2"] == original
+    last_patch = max(i for i, call in enumerate(server.calls) if call == ("ray.io", "rayservices", "patch"))
+    assert ("ray.io", "rayservices/status", "get") in server.calls[last_patch + 1:]
+    assert "serveConfigV2 of streamrec-dev/streamrec-serve was restored to the artifacts served before" in out
+    assert "the RayService is Ready again" in out
+    assert server.denied == []  # the rollback needs no permission beyond the roll forward's
+
+
+def test_a_failed_load_fails_the_step_at_once_and_rolls_serve_config_back(cluster, capsys):
     """(b) The replicas cannot load the new ranker artifact: /healthz keeps the old versions and names the
-    new artifact in `problems`. The step fails on that first read, with the replica's message, and says
-    that the old model is still serving (the RayService itself is RUNNING)."""
+    new artifact in `problems`. The step fails on that first read, with the replica's message, says that
+    the old model is still serving (the RayService itself is RUNNING), and first puts serveConfigV2 back to
+    what it was, so that a replica started later loads the old artifacts, not the broken one."""
     problem = f"ranker: ranker artifact {NEW['ranker']}: FileNotFoundError: {NEW['ranker']}/manifest.json"
 
     def answer(kube):
@@ -341,17 +375,50 @@ def test_a_failed_load_fails_the_step_at_once_and_says_the_old_model_serves(clus
     assert f"deploy failed: {problem}" in out and "The old model is still serving" in out
     assert str(OLD) in out  # the versions still served
     assert len(server.served_after_patch()) == 1
+    assert_rolled_back(server, out)
+
+
+def test_a_serve_config_someone_else_changed_meanwhile_is_left_alone(cluster, capsys):
+    """(d) While the step waits, someone edits serveConfigV2 themselves (a hot-fix artifact for the ranker),
+    then /healthz names the step's broken artifact. The step still fails as in (b), but sends no rollback:
+    the object no longer holds what the step wrote, so putting the old string back would undo their change.
+    The message says serveConfigV2 was not restored and why."""
+    problem = f"ranker: ranker artifact {NEW['ranker']}: FileNotFoundError: {NEW['ranker']}/manifest.json"
+    theirs = {}
+
+    def answer(kube):
+        def reply(n):
+            if not kube.patches:
+                return health(OLD["ranker"], OLD["retriever"])
+            if not theirs:  # the human's edit lands before the step's first read after its patch
+                theirs["config"] = kube.patches[0]["spec"]["serveConfigV2"].replace(
+                    NEW["ranker"], "s3://lake/artifacts/hotfix/ranker")
+                kube.edit("streamrec-serve", {"serveConfigV2": theirs["config"]})
+            return health(OLD["ranker"], OLD["retriever"], problem)
+        return reply
+
+    server = cluster(answer=answer)
+    with pytest.raises(RuntimeError, match="finished with status"):
+        _update(server, poll_s=0, timeout_s=60)
+    out = capsys.readouterr().out
+    assert f"deploy failed: {problem}" in out and "The old model is still serving" in out
+    assert len(server.patches) == 1  # the step's own patch only: no rollback
+    assert server.objects[("RayService", "streamrec-serve")]["spec"]["serveConfigV2"] == theirs["config"]
+    assert "serveConfigV2 of streamrec-dev/streamrec-serve was NOT restored: someone else changed it" in out
 
 
 def test_versions_that_never_change_time_out(cluster, capsys):
     """(c) /healthz stays at the old versions with no problem at all (as if the change never reached the
-    replicas): RUNNING is not taken for success; the step fails at its timeout."""
+    replicas): RUNNING is not taken for success; the step fails at its timeout, after rolling serveConfigV2
+    back as in (b) (an artifact that never showed up in time is not one to leave for new replicas)."""
     server = cluster(answer=lambda kube: lambda n: health(OLD["ranker"], OLD["retriever"]))
     with pytest.raises(RuntimeError, match="finished with status"):
         _update(server, poll_s=1, timeout_s=2)
     out = capsys.readouterr().out
     assert "TimeoutError" in out and "did not report the new models within 2s" in out
+    assert "The old model keeps serving" in out
     assert len(server.served_after_patch()) >= 2
+    assert_rolled_back(server, out)
 
 
 def test_redeploying_the_same_artifacts_accepts_the_same_versions_only_without_problems(cluster, capsys):

@@ -6,6 +6,7 @@ test_kubeflow_pipeline.py."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import re
@@ -134,13 +135,17 @@ def test_the_pipeline_expects_a_recent_enough_kfp():
 
 
 class FakeApi:
-    """CustomObjectsApi's calls the components make, over a dict of objects."""
+    """CustomObjectsApi's calls the components make, over a dict of objects. A patch is a merge of `spec`
+    with the API server's precondition on metadata.resourceVersion (409 when it is not the object's);
+    `conflicts` patches carrying a resourceVersion first meet a write by someone else (KubeRay updating the
+    status) and get 409. Each accepted patch gives the next generation, from 7."""
 
-    def __init__(self, objects: dict, statuses: list[dict] | None = None):
+    def __init__(self, objects: dict, statuses: list[dict] | None = None, conflicts: int = 0):
         self.objects, self.statuses, self.created, self.patches = objects, list(statuses or []), [], []
+        self.generation, self.conflicts = 6, conflicts
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        return self.objects[(plural, name)]
+        return copy.deepcopy(self.objects[(plural, name)])
 
     def get_namespaced_custom_object_status(self, group, version, namespace, plural, name):
         return {"status": self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]}
@@ -149,8 +154,20 @@ class FakeApi:
         self.created.append(body)
 
     def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        from kubernetes.client import ApiException
+
         self.patches.append(body)
-        return {"metadata": {"generation": 7}}
+        meta = self.objects[(plural, name)].setdefault("metadata", {})
+        wanted = (body.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and self.conflicts:
+            self.conflicts -= 1
+            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+        if wanted is not None and wanted != meta.get("resourceVersion"):
+            raise ApiException(status=409, reason="Conflict")
+        self.objects[(plural, name)]["spec"].update(body["spec"])
+        meta["resourceVersion"] = str(int(meta.get("resourceVersion", 0)) + 1)
+        self.generation += 1
+        return {"metadata": {"generation": self.generation}}
 
 
 class FakeCore:
@@ -304,10 +321,104 @@ def test_update_serving_asks_the_serve_service_kuberay_creates(fake, monkeypatch
     monkeypatch.setattr(urllib.request, "build_opener", build_opener)
     serve = {"applications": [{"name": "streamrec", "deployments": [{"name": "Ranker"}, {"name": "Retriever"}]}]}
     fake["api"] = FakeApi({("rayservices", "streamrec-serve"): {"spec": {"serveConfigV2": yaml.safe_dump(serve)}}},
-                          [{"observedGeneration": 7, "conditions": [{"type": "Ready", "status": "True"}]}])
+                          [{"observedGeneration": 8, "conditions": [{"type": "Ready", "status": "True"}]}])
     with pytest.raises(TimeoutError, match="did not report the new models"):
         pipeline.update_serving.python_func(namespace="streamrec", rayservice="streamrec-serve", ranker_artifact="a",
                                             retriever_artifact="b", poll_s=0, timeout_s=0)
     assert set(asked) == {"http://streamrec-serve-serve-svc.streamrec.svc.cluster.local:8000/healthz"}
     assert len(asked) == 4  # three tries before the patch, one after (timeout 0)
     assert [type(h).__name__ for h in handlers] == ["ProxyHandler"] and handlers[0].proxies == {}
+
+
+def _rayservice(ranker: str = "s3://old/ranker", retriever: str = "s3://old/retriever") -> tuple[str, dict]:
+    """(serveConfigV2 as a human wrote it: comments, its own order; the RayService holding it)."""
+    original = ("# serving/config.yaml, rendered\napplications:\n- name: streamrec\n  deployments:\n"
+                f"  - name: Ranker\n    user_config: {{artifact: '{ranker}', micro_batch: 256}}\n"
+                f"  - name: Retriever\n    user_config: {{artifact: '{retriever}'}}\n")
+    return original, {"metadata": {"name": "streamrec-serve", "resourceVersion": "100"},
+                      "spec": {"serveConfigV2": original, "upgradeStrategy": {"type": "NewCluster"}}}
+
+
+def _ready(generation: int) -> dict:
+    return {"observedGeneration": generation, "conditions": [{"type": "Ready", "status": "True"}],
+            "activeServiceStatus": {"applicationStatuses": {"streamrec": {"status": "RUNNING"}}}}
+
+
+def test_a_failed_load_is_rolled_back_through_a_conflict_and_waits_for_ready(fake, capsys):
+    """The rollback is a compare-and-swap: it reads the object, checks it still holds what the step wrote,
+    and patches the original string back with that read's resourceVersion. KubeRay writing the status in
+    between (409 Conflict) is read again and retried, not given up on. Then the step waits for the
+    RayService to observe the rollback's generation and be Ready before it fails."""
+    original, svc = _rayservice()
+    fake["api"] = api = FakeApi({("rayservices", "streamrec-serve"): svc},
+                                [_ready(7), _ready(7), {"observedGeneration": 8}, _ready(8)], conflicts=1)
+    problem = "ranker: ranker artifact s3://new/ranker: ValueError: unsupported artifact format"
+    healthz = FakeServe(lambda n: health("r1", "q1", *([problem] if api.patches else []))).start()
+    try:
+        with pytest.raises(RuntimeError, match="deploy failed: ranker: ranker artifact s3://new/ranker") as err:
+            pipeline.update_serving.python_func(namespace="ns", rayservice="streamrec-serve",
+                                                ranker_artifact="s3://new/ranker", retriever_artifact="s3://new/q",
+                                                healthz_url=healthz.url, poll_s=0, timeout_s=60)
+    finally:
+        healthz.stop()
+    written = api.patches[0]["spec"]["serveConfigV2"]
+    assert "s3://new/ranker" in written and "s3://old/ranker" not in written
+    # The step's patch made it 101; KubeRay's write made it 102: the first try is refused, the second lands.
+    assert api.patches[1:] == [{"metadata": {"resourceVersion": "101"}, "spec": {"serveConfigV2": original}},
+                               {"metadata": {"resourceVersion": "102"}, "spec": {"serveConfigV2": original}}]
+    assert svc["spec"]["serveConfigV2"] == original  # byte for byte: comments and order too
+    assert api.statuses == [_ready(8)]  # it polled past the not-yet-observed generation to Ready
+    message = str(err.value)
+    assert "The old model is still serving" in message
+    assert "was restored to the artifacts served before" in message and "Ready again" in message
+    assert "409 Conflict" in capsys.readouterr().out
+
+
+def test_a_rayservice_that_never_gets_ready_is_rolled_back_with_a_bounded_wait(fake):
+    """Timing out on the RayService itself (it never reports the new generation Ready) also rolls back; the
+    wait for Ready after the rollback is bounded by `revert_timeout_s`, and the message says the config was
+    restored but the RayService was not seen Ready."""
+    original, svc = _rayservice()
+    fake["api"] = api = FakeApi({("rayservices", "streamrec-serve"): svc}, [{"observedGeneration": 6}])
+    healthz = FakeServe(lambda n: health("r1", "q1")).start()
+    try:
+        with pytest.raises(TimeoutError) as err:
+            pipeline.update_serving.python_func(namespace="ns", rayservice="streamrec-serve",
+                                                ranker_artifact="s3://new/ranker", retriever_artifact="s3://new/q",
+                                                healthz_url=healthz.url, poll_s=0, timeout_s=0, revert_timeout_s=0)
+    finally:
+        healthz.stop()
+    assert api.patches[1] == {"metadata": {"resourceVersion": "101"}, "spec": {"serveConfigV2": original}}
+    assert svc["spec"]["serveConfigV2"] == original
+    message = str(err.value)
+    assert "not ready after 0s" in message and "The old model keeps serving" in message
+    assert "was restored to the artifacts served before" in message and "not seen Ready within 0s" in message
+
+
+def test_a_rollback_the_api_server_refuses_is_reported_not_raised(fake):
+    """A rollback that cannot be sent (here 403: someone narrowed the Role) does not hide the failure the
+    step is about: it still fails with the load error, and says serveConfigV2 could not be restored and
+    which artifacts to patch back by hand."""
+    from kubernetes.client import ApiException
+
+    _, svc = _rayservice()
+    fake["api"] = api = FakeApi({("rayservices", "streamrec-serve"): svc}, [_ready(7)])
+    step_patch = api.patch_namespaced_custom_object
+
+    def patch(group, version, namespace, plural, name, body):
+        if api.patches:
+            raise ApiException(status=403, reason="Forbidden")
+        return step_patch(group, version, namespace, plural, name, body)
+
+    api.patch_namespaced_custom_object = patch
+    problem = "retriever: retriever artifact s3://new/q: OSError: no such key"
+    healthz = FakeServe(lambda n: health("r1", "q1", *([problem] if api.patches else []))).start()
+    try:
+        with pytest.raises(RuntimeError, match=f"deploy failed: {problem}") as err:
+            pipeline.update_serving.python_func(namespace="ns", rayservice="streamrec-serve",
+                                                ranker_artifact="s3://new/ranker", retriever_artifact="s3://new/q",
+                                                healthz_url=healthz.url, poll_s=0, timeout_s=60)
+    finally:
+        healthz.stop()
+    assert "could NOT be restored (ApiException" in str(err.value)
+    assert "'retriever': 's3://old/retriever'" in str(err.value)

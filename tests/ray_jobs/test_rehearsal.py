@@ -50,4 +50,6 @@ def test_every_stage_runs_on_the_cluster_path(tmp_path):
     # A deploy whose artifact cannot be loaded failed the job and left the old versions serving.
     bad = record["bad_deploy"]
     assert bad["job"] == "FAILED" and bad["still_serving"] == versions
+    # ... and put the app config back, so a replica started later loads the old ranker, not the broken one.
+    assert bad["config_restored_to"] == stages["train"]["outputs"]["artifact"]
     assert "sha256" in (bad["error"] or ""), bad
