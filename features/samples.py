@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import ray
 from deltalake import CommitProperties, WriterProperties, write_deltalake
 
+import storage
 from config.schema import PlatformConfig
 from features.job import FeatureJob, sort_shuffle
 from features.offline import day_strings, duckdb_connection
@@ -67,7 +68,7 @@ class SampleBuilder:
     def __init__(self, cfg: PlatformConfig):
         self.cfg = absolute_paths(cfg)
         self.spec = FeatureSpec.from_config(self.cfg.features)
-        self.opts = self.cfg.lake.storage_options or None
+        self.opts = storage.delta_options(self.cfg.lake.storage_options)
         self.ranking_path = self.cfg.lake.table("samples_ranking")
         self.retrieval_path = self.cfg.lake.table("samples_retrieval")
 
