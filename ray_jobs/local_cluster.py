@@ -64,6 +64,17 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _serve(cmd: list[str], ready, what: str) -> subprocess.Popen:
+    """Start a server and wait until `ready()`; a server that never gets ready is stopped, not left behind."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(ready, what)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
 class S3Server:
     """moto's S3 server on 127.0.0.1 with one bucket; `env` is what a pod gets from its Secret and overlay."""
 
@@ -78,18 +89,18 @@ class S3Server:
                     "AWS_EC2_METADATA_DISABLED": "true"}
 
     def __enter__(self) -> S3Server:
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait(lambda: httpx.get(self.url, timeout=2).status_code < 500, f"S3 server at {self.url}")
-            import boto3
+        import boto3
 
+        def ready() -> bool:
+            if httpx.get(self.url, timeout=2).status_code >= 500:
+                return False
             boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
                          aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
                          aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=self.bucket)
-        except BaseException:
-            _stop(self.proc)
-            raise
+            return True
+
+        self.proc = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], ready,
+                           f"S3 server at {self.url}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -106,17 +117,12 @@ class RedisServer:
         self.connection_string = f"127.0.0.1:{self.port},password={self.password}"
 
     def __enter__(self) -> RedisServer:
-        self.proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no", "--requirepass", self.password],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
-        try:
-            _wait(client.ping, f"redis-server on port {self.port}")
-        except BaseException:
-            _stop(self.proc)
-            raise
+        self.proc = _serve(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                            "--appendonly", "no", "--requirepass", self.password], client.ping,
+                           f"redis-server on port {self.port}")
         return self
 
     def __exit__(self, *exc) -> None:
