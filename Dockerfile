@@ -7,10 +7,12 @@
 # runtime libraries as pip packages) from PyPI. Ray needs the same Ray and Python on every node: it has.
 # The code is copied, not installed, so Ray workers import it from /app as `python -m ray_jobs.<stage>` does.
 #
-# The base image is pinned by digest: a tag moves when Docker rebuilds it, a digest never does. To move to
-# a newer patch release, look the digest up and replace the whole reference (then rebuild, run the tests):
-#   docker buildx imagetools inspect python:3.11.7-slim-bookworm --format '{{json .Manifest.Digest}}'
-FROM python:3.11.7-slim-bookworm@sha256:d11b9bd5e49ea7401753d78f4d3b56f3aec952b85b49bcae88981f0452818e0b
+# The base image: Python 3.11's latest patch release (3.11.7 predates published CVE fixes), pinned by digest:
+# a tag moves when Docker rebuilds it, a digest never does. The digest is the tag's multi-architecture index
+# as several independent public repositories pin it; no registry is reachable where it was written, so check
+# it once before the first build (docs/deploy.md, "Image digests"):
+#   docker buildx imagetools inspect python:3.11.14-slim-bookworm --format '{{json .Manifest.Digest}}'
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 # cpu or cuda (see above).
 ARG TORCH_FLAVOR=cpu

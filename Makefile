@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.decoders
 	test -d data/demo/artifacts/retriever || $(BIN)/python -m ray_jobs.demo
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.hostile
 
 # Re-freeze the pins from the current venv (after changing pyproject.toml's direct needs), and the image's
 # runtime subset (requirements.runtime.lock: no test or lint tools).

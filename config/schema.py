@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Errors name the key, never the value: a value may be a secret expanded from the environment.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
 class RayConfig(Section):
@@ -24,11 +25,34 @@ class RayConfig(Section):
     local_ip: str = "127.0.0.1"
 
 
+# delta-rs options that would put credentials in a profile (they come from the environment: a Secret).
+S3_CREDENTIAL_OPTIONS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+
+
 class LakeConfig(Section):
     root: str = "data/lake"
     storage_options: dict[str, str] = Field(default_factory=dict)
     # Local folder for Great Expectations' project and Data Docs; None = <root>/_gx (local lakes).
     gx_dir: str | None = None
+    # S3 over plain http only where a profile says so (an in-cluster MinIO without TLS, the rehearsal's local
+    # server); config.load holds the environment's AWS_ENDPOINT_URL / AWS_ALLOW_HTTP to it as well.
+    s3_allow_http: bool = False
+
+    @model_validator(mode="after")
+    def _s3_transport(self) -> LakeConfig:
+        options = {k.upper(): v for k, v in self.storage_options.items()}
+        if credentials := sorted(options.keys() & S3_CREDENTIAL_OPTIONS):
+            raise ValueError(f"lake.storage_options: {credentials} are credentials; they come from the "
+                             "environment (a Kubernetes Secret), never from a profile")
+        if options.get("AWS_ALLOW_INVALID_CERTIFICATES", "").lower() == "true":
+            raise ValueError("lake.storage_options: AWS_ALLOW_INVALID_CERTIFICATES turns S3 certificate checks "
+                             "off; use a CA the system trusts instead")
+        plain = options.get("AWS_ALLOW_HTTP", "").lower() == "true" or \
+            options.get("AWS_ENDPOINT_URL", "").startswith("http://")
+        if plain and not self.s3_allow_http:
+            raise ValueError("lake.storage_options: AWS_ALLOW_HTTP or an http:// AWS_ENDPOINT_URL sends S3 traffic "
+                             "unencrypted; set lake.s3_allow_http: true only for an S3 server without TLS")
+        return self
 
     def table(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -72,7 +96,15 @@ class IngestConfig(Section):
     max_batch_bytes: int = Field(256 << 20, description="landing bytes per ingestion batch")
     poll_interval_s: float = 1.0
     min_event_time: str = "2000-01-01T00:00:00Z"
-    max_future_s: int = 24 * 3600
+    max_future_s: int = Field(300, ge=0, description="event times further ahead of the clock are quarantined")
+    # Caps on one landing file: a file over either is quarantined (the lines read before the decompressed cap
+    # land), so one hostile file costs bounded memory and time and never stops the batch.
+    max_file_bytes: int = Field(2 << 30, gt=0, description="landing file size as stored (gzip: compressed)")
+    max_decompressed_bytes: int = Field(8 << 30, gt=0, description="content bytes read from one landing file")
+    # One ingestion run at a time per lake: a lease object in the lake, renewed while the run works.
+    lease_ttl_s: float = Field(900.0, gt=0, description="a crashed holder's lease expires after this long")
+    lease_wait_s: float = Field(60.0, ge=0, description="a second run waits this long for the lease, then fails")
+    max_batch_attempts: int = Field(3, ge=1, description="runs that may try one planned batch before it is an error")
     batch_rules: BatchRulesConfig = Field(default_factory=BatchRulesConfig)
     build_data_docs: bool = True
 
@@ -104,9 +136,40 @@ class DatasetsConfig(Section):
 class OnlineStoreConfig(Section):
     type: Literal["sqlite", "redis"] = "sqlite"
     path: str = "data/feast/online.db"
-    connection_string: str | None = None
+    # Feast's form `host:port,db=0,password=...,ssl=true`; a secret (config.SECRET_KEYS), so not in repr.
+    connection_string: str | None = Field(None, repr=False)
+    # TLS to Redis: the connection string must carry Feast's `ssl=true` exactly when this is set.
+    tls: bool = False
     # The serving client's socket timeout: past it the store counts as unreachable (serving falls back).
     timeout_ms: int = Field(200, gt=0)
+
+    @model_validator(mode="after")
+    def _redis_connection(self) -> OnlineStoreConfig:
+        if self.type != "redis":
+            return self
+        where = "features.online_store.connection_string"
+        if not self.connection_string:
+            raise ValueError(f"{where} is required for redis")
+        nodes, options = [], {}
+        for part in self.connection_string.split(","):
+            key, is_option, value = part.partition("=")
+            if is_option:
+                options[key.strip().lower()] = value.strip().lower()  # only ssl and ssl_cert_reqs are read
+            else:
+                nodes.append(part)
+        # Messages name the option, never the string: it holds the password.
+        if any("://" in node for node in nodes):
+            raise ValueError(f"{where}: Feast's form is host:port,db=0,password=...,ssl=true, not a redis:// "
+                             "or rediss:// URL (for TLS set features.online_store.tls and ssl=true)")
+        if not nodes or any(not host or (port and not port.isdigit())
+                            for host, _, port in (node.strip().partition(":") for node in nodes)):
+            raise ValueError(f"{where}: must start with host:port")
+        if (options.get("ssl") == "true") != self.tls:
+            raise ValueError(f"{where}: needs ssl=true when features.online_store.tls is set" if self.tls else
+                             f"{where}: has ssl=true; set features.online_store.tls: true as well")
+        if options.get("ssl_cert_reqs") == "none":
+            raise ValueError(f"{where}: ssl_cert_reqs=none turns certificate checks off")
+        return self
 
 
 class FeaturesConfig(Section):
@@ -136,7 +199,7 @@ class FeaturesConfig(Section):
 
 
 class SamplesConfig(Section):
-    """Training samples (DESIGN.md, "Training samples")."""
+    """Training samples (docs/design.md, "Training samples")."""
 
     kind: Literal["auto", "livestream", "ratings"] = Field(
         "auto", description="auto: ratings when the events hold `rate` actions and no impressions")
@@ -215,6 +278,8 @@ class ServingConfig(Section):
 
 class PlatformConfig(Section):
     profile: str = "embedded"
+    # Secrets that config.load expanded from `${NAME}` references: dotted key -> (reference, value).
+    _secret_references: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
     ray: RayConfig = Field(default_factory=RayConfig)
     lake: LakeConfig = Field(default_factory=LakeConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
@@ -224,3 +289,21 @@ class PlatformConfig(Section):
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    def keep_secret_references(self, references: dict[str, tuple[str, str]]) -> None:
+        """Dump these secrets as their `${NAME}` references (dotted key -> (reference, value))."""
+        self._secret_references = dict(references)
+
+    @model_serializer(mode="wrap")
+    def _dump_secret_references(self, handler):
+        # A dump is what rendered files are written from (the Feast repo's platform.yaml, a profile for a
+        # subprocess): it names a secret by its reference, unless the value was replaced after loading.
+        out = handler(self)
+        for dotted, (reference, value) in self._secret_references.items():
+            *sections, key = dotted.split(".")
+            node = out
+            for section in sections:
+                node = node.get(section) if isinstance(node, dict) else None
+            if isinstance(node, dict) and node.get(key) == value:
+                node[key] = reference
+        return out

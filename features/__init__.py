@@ -1,5 +1,5 @@
 """Features: the Feast repository, the Ray Data feature job, the real-time updater, the serving client and
-the training-sample builder (DESIGN.md, "Features" and "Training samples").
+the training-sample builder (docs/design.md, "Features" and "Training samples").
 
 - `spec`: names, windows and layouts every part shares; `windows`: the vectorised window arithmetic;
 - `definitions` / `repo` / `feature_repo/`: the Feast objects and the repo folder (`feast apply` works there);

@@ -29,7 +29,6 @@ import pyarrow.dataset as pads
 import ray
 from deltalake import DeltaTable, write_deltalake
 
-import storage
 from config.schema import PlatformConfig
 from features import partitions
 from features.offline import (
@@ -108,7 +107,7 @@ class FeatureJob:
     def __init__(self, cfg: PlatformConfig):
         self.cfg = absolute_paths(cfg)
         self.spec = FeatureSpec.from_config(self.cfg.features)
-        self.opts = storage.delta_options(self.cfg.lake.storage_options)
+        self.opts = self.cfg.lake.storage_options or None
         self.state_path = self.cfg.lake.table("_features_state")
 
     def table(self, kind: str) -> str:

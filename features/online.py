@@ -10,11 +10,20 @@ Both read only the packed values (`stats`, `item_author_id`, the sequence arrays
 Unknown entities get defaults (zero stats, empty sequence) flagged as missing; a store that cannot be
 read raises `FeatureStoreUnavailable`, the one exception serving catches to fall back.
 
+Two processes write the store: the batch job (Feast's materialize) and the real-time updater (Feast's push).
+`guard_online_store`, run when an updater starts, makes a write that is older than the stored row a no-op, so
+materialising a range that ends before the updater's clock never replaces its fresher rows. SQLite gets a
+trigger per table; on Redis the repo uses `features.redis_store.GuardedRedisOnlineStore`, whose every write
+is one compare-and-set on the server (Feast's own store reads and writes in two round trips, so a push
+landing between them was rolled back). It also
+puts SQLite in WAL mode, where a writer's transaction never blocks readers (a batch materialisation holds
+its write lock for the whole view).
+
 `item_ttl_s > 0` keeps item and author rows that long (never the user's: its history must be fresh), so a
 ranker scoring the same popular candidates request after request reads them about once per TTL; their stats
 may then lag the store by up to the TTL (the real-time path itself takes up to a second, BENCHMARKS.md).
 
->>> # client = OnlineFeatureClient(config.load()); f = client.get(7, [1, 2, 3]); f.item_stats.shape  (3, 42)
+    client = OnlineFeatureClient(config.load()); f = client.get(7, [1, 2, 3]); f.item_stats.shape  # (3, 42)
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import numpy as np
 
 from config.schema import PlatformConfig
 from features.repo import absolute_paths
-from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, SEQUENCE_VIEW, FeatureSpec, stats_view
+from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, SEQUENCE_VIEW, STATS_ENTITIES, FeatureSpec, stats_view
 
 MAX_CANDIDATES = 500
 SEQUENCE_FEATURES = ("asof_ms", *SEQUENCE_FIELDS)
@@ -152,6 +161,28 @@ class _PackedDoubles:
         return out, missing
 
 
+def guard_online_store(cfg: PlatformConfig) -> None:
+    """Make the SQLite online store keep the fresher row of every write and let readers run beside writers.
+
+    Both settings live in the database file, so every later connection (Feast's writers, other processes)
+    gets them. Feast names the row time `event_ts` and stores it as ISO text, whose order is time order."""
+    online = absolute_paths(cfg).features.online_store
+    if online.type != "sqlite":
+        return
+    views = [stats_view(entity) for entity in STATS_ENTITIES] + [SEQUENCE_VIEW]
+    con = sqlite3.connect(online.path, timeout=online.timeout_ms / 1000 + 5)
+    try:
+        con.execute("PRAGMA journal_mode = WAL")
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        with con:
+            for table in (f"{cfg.features.project}_{view}" for view in views):
+                if table in tables:
+                    con.execute(f'CREATE TRIGGER IF NOT EXISTS "{table}_keep_fresher" BEFORE UPDATE ON "{table}" '
+                                "WHEN NEW.event_ts < OLD.event_ts BEGIN SELECT RAISE(IGNORE); END")
+    finally:
+        con.close()
+
+
 class _SqliteReader:
     def __init__(self, path: str, project: str, timeout_s: float):
         self.project = project
@@ -211,7 +242,8 @@ class _RedisReader:
         kwargs = dict(option.split("=", 1) for option in options)
         self.client = redis.Redis(host=host, port=int(port or 6379), db=int(kwargs.get("db", 0)),
                                   password=kwargs.get("password"), socket_timeout=timeout_s,
-                                  socket_connect_timeout=timeout_s)
+                                  socket_connect_timeout=timeout_s,
+                                  ssl=kwargs.get("ssl", "false").lower() == "true")  # Feast's own `ssl=true` option
         self.script = self.client.register_script(_HMGET_ALL)
         self.project = project.encode()
         self.field = lambda view, feature: _mmh3(f"{view}:{feature}")

@@ -13,6 +13,14 @@ The updater is the single writer of the entities it serves and keeps their bucke
 per process that takes events (or partition entities between them). `start_from_lake` rebuilds its
 state from the lake's most recent events, so a restart loses nothing that was ingested.
 
+Its clock is event time, so one event from a skewed producer would otherwise move it (and the store's
+write times) into the future: windows would expire early and every correct write after it would lose
+to the future-dated row. Events later than wall-clock + `ingest.max_future_s` (the contract's bound, a
+few minutes) are therefore skipped (ingestion quarantines them too), and so are event_ids already
+applied within the longest window, or older than it (too late to tell from a duplicate: the batch job
+counts them). `UpdateReport.skipped` says how many of each. The batch job's writes never replace a
+fresher real-time row (`features.online.guard_online_store`).
+
     updater = start_from_lake(cfg)          # after the feature job has run
     updater.update([{"event_id": "x", "ts": 1767571200000, "user_id": 1, "item_id": 2, "action": "click"}])
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +40,7 @@ import pyarrow.compute as pc
 
 from config.schema import PlatformConfig
 from features.offline import TS_TYPE, duckdb_connection, open_table
-from features.online import OnlineFeatureClient
+from features.online import OnlineFeatureClient, guard_online_store
 from features.partitions import stats_table
 from features.repo import absolute_paths
 from features.spec import (
@@ -47,6 +56,8 @@ from features.spec import (
 )
 from ingestion.contract import ACTION_INDEX
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class UpdateReport:
@@ -54,6 +65,7 @@ class UpdateReport:
 
     events: int
     written: dict[str, int] = field(default_factory=dict)  # view -> entities written
+    skipped: dict[str, int] = field(default_factory=dict)  # "future" / "duplicate" / "late" -> events
     seconds: float = 0.0
 
 
@@ -97,7 +109,9 @@ def event_columns(events: pa.Table | list[dict]) -> dict[str, np.ndarray]:
 
     values = (table["value"].cast(pa.float64()).to_numpy(zero_copy_only=False) if "value" in table.column_names
               else np.full(table.num_rows, np.nan))
-    return {"user_id": ints("user_id"), "item_id": ints("item_id"), "author_id": ints("author_id"),
+    ids = (table["event_id"].to_numpy(zero_copy_only=False) if "event_id" in table.column_names
+           else np.full(table.num_rows, None))
+    return {"event_id": ids, "user_id": ints("user_id"), "item_id": ints("item_id"), "author_id": ints("author_id"),
             "ts": ts.cast(pa.int64()).to_numpy(zero_copy_only=False),
             "action": np.array([ACTION_INDEX[a] for a in table["action"].to_pylist()], np.int64),
             "value": np.asarray(values, np.float64)}
@@ -120,13 +134,17 @@ class RealtimeFeatureUpdater:
         self._heap: list[tuple[int, str, int]] = []
         self._scheduled: dict[tuple[str, int], int] = {}
         self._last_write_us = 0
+        self.max_future_ms = self.cfg.ingest.max_future_s * 1000
+        self._seen: dict[str, int] = {}  # event_id -> ts of the events applied within the longest window
+        self._seen_after_prune = 0
+        guard_online_store(self.cfg)
 
     def update(self, events: pa.Table | list[dict], write: bool = True) -> UpdateReport:
         """Apply validated events; with `write`, push every entity whose features changed."""
         started = time.perf_counter()
-        cols = event_columns(events)
-        n = len(cols["ts"])
-        report = UpdateReport(events=n)
+        report = UpdateReport(events=0)
+        cols = self._admit(event_columns(events), report)
+        n = report.events = len(cols["ts"])
         if n:
             self.watermark_ms = max(self.watermark_ms or 0, int(cols["ts"].max()))
         dirty = {e: set() for e in STATS_ENTITIES}
@@ -152,6 +170,29 @@ class RealtimeFeatureUpdater:
             report.written[SEQUENCE_VIEW] = len(changed_users)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _admit(self, cols: dict[str, np.ndarray], report: UpdateReport) -> dict[str, np.ndarray]:
+        """The events to apply: none later than wall-clock + the allowed skew, no event_id twice."""
+        ts = cols["ts"]
+        keep = ts <= int(time.time() * 1000) + self.max_future_ms
+        if not keep.all():
+            report.skipped["future"] = int((~keep).sum())
+            log.warning("skipped %d events dated more than %d s ahead of this clock (newest ts %d)",
+                        report.skipped["future"], self.max_future_ms // 1000, int(ts.max()))
+        newest = max(self.watermark_ms or 0, int(ts[keep].max()) if keep.any() else 0)
+        horizon = newest - max(self.spec.windows_ms)
+        for i in np.flatnonzero(keep & np.not_equal(cols["event_id"], None)).tolist():
+            event_id, t = cols["event_id"][i], int(ts[i])
+            reason = "late" if t < horizon else "duplicate" if event_id in self._seen else None
+            if reason:
+                keep[i] = False
+                report.skipped[reason] = report.skipped.get(reason, 0) + 1
+            else:
+                self._seen[event_id] = t
+        if len(self._seen) > 2 * self._seen_after_prune + 1024:  # amortised: prune once the map has doubled
+            self._seen = {e: t for e, t in self._seen.items() if t >= horizon}
+            self._seen_after_prune = len(self._seen)
+        return cols if keep.all() else {name: column[keep] for name, column in cols.items()}
 
     def _add_to_buckets(self, cols: dict[str, np.ndarray], dirty: dict[str, set]) -> None:
         metrics = event_metrics(cols["action"], cols["value"])

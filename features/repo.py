@@ -73,7 +73,12 @@ def feature_store_yaml(cfg: PlatformConfig, relative_to: Path | None = None) -> 
     if online.type == "redis":
         if not online.connection_string:
             raise ValueError("features.online_store.connection_string is required for redis")
-        online_store = {"type": "redis", "connection_string": online.connection_string}
+        # The file Feast reads keeps a secret's `${VAR}` reference (Feast expands it when it loads the file), so
+        # the password is never written to disk; a string given literally stays literal.
+        written = cfg.model_dump(mode="json")["features"]["online_store"]["connection_string"]
+        from features.redis_store import TYPE as guarded_redis  # imports Feast: only when Redis is used
+
+        online_store = {"type": guarded_redis, "connection_string": written}
     else:
         online_store = {"type": "sqlite", "path": local(online.path)}
     return {

@@ -1,4 +1,4 @@
-"""Training samples (DESIGN.md, "Training samples"): `samples_ranking` and `samples_retrieval` Delta tables.
+"""Training samples (docs/design.md, "Training samples"): `samples_ranking` and `samples_retrieval` Delta tables.
 
 Ranking: one row per recommendation request (live-stream) or exposure group (ratings), in time order:
 - live-stream: the impressions sharing a `request_id` are the candidates, the request time T is the
@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 import ray
 from deltalake import CommitProperties, WriterProperties, write_deltalake
 
-import storage
 from config.schema import PlatformConfig
 from features.job import FeatureJob, sort_shuffle
 from features.offline import day_strings, duckdb_connection
@@ -68,7 +67,7 @@ class SampleBuilder:
     def __init__(self, cfg: PlatformConfig):
         self.cfg = absolute_paths(cfg)
         self.spec = FeatureSpec.from_config(self.cfg.features)
-        self.opts = storage.delta_options(self.cfg.lake.storage_options)
+        self.opts = self.cfg.lake.storage_options or None
         self.ranking_path = self.cfg.lake.table("samples_ranking")
         self.retrieval_path = self.cfg.lake.table("samples_retrieval")
 

@@ -21,8 +21,7 @@ from deltalake import DeltaTable
 import config
 import storage
 from config.schema import PlatformConfig
-from ingestion.lake import to_uri
-from ingestion.parse import decompress, line_starts
+from ingestion.parse import FileContent, FileLimits, chunk_line_offsets, line_chunks, read_stored
 
 
 @dataclass
@@ -43,7 +42,7 @@ def audit_lake(cfg: PlatformConfig) -> AuditReport:
     events = DeltaTable(cfg.lake.events, storage_options=opts).to_pyarrow_table(
         columns=["event_id", "source_file", "source_offset"])
     quarantine = DeltaTable(cfg.lake.quarantine, storage_options=opts).to_pyarrow_table(
-        columns=["source_file", "source_offset", "line_no"])
+        columns=["source_file", "source_offset", "line_no", "reason"])
     planned = DeltaTable(cfg.lake.ingest_batches, storage_options=opts).to_pyarrow_table(columns=["files"])
     lines = quarantine.filter(pc.greater_equal(quarantine["line_no"], 0))
     placed = Counter(zip(events["source_file"].to_pylist(), events["source_offset"].to_pylist()))
@@ -51,17 +50,20 @@ def audit_lake(cfg: PlatformConfig) -> AuditReport:
     duplicated = sum(n - 1 for n in placed.values() if n > 1)
     duplicated += events.num_rows - len(pc.unique(events["event_id"]))
 
-    fs, root = storage.filesystem(to_uri(cfg.ingest.landing_dir))
+    # Files the job could not read at all are quarantined whole (one file-level row): no lines to place.
+    unreadable = {q["source_file"] for q in quarantine.filter(pc.less(quarantine["line_no"], 0)).to_pylist()
+                  if q["reason"].startswith("unreadable file")}
+
+    # The lines are counted as the job cut them: same streaming reader, same caps.
+    fs, root = storage.filesystem(cfg.ingest.landing_dir)
+    limits = FileLimits.from_config(cfg.ingest)
     total = lost = 0
     names = {name for row in planned["files"].to_pylist() for name, _ in json.loads(row)}
-    for name in sorted(names):
-        with fs.open_input_stream(f"{root}/{name}", compression=None) as fh:
-            data = fh.read()
-        if name.endswith(".gz"):
-            data, _ = decompress(data)
-        offsets = line_starts(data).tolist()
-        total += len(offsets)
-        lost += sum(1 for off in offsets if (name, off) not in placed)
+    for name in sorted(names - unreadable):
+        for chunk in line_chunks(FileContent(name, read_stored(fs, f"{root}/{name}"), limits)):
+            offsets = chunk_line_offsets(chunk).tolist()
+            total += len(offsets)
+            lost += sum(1 for off in offsets if (name, off) not in placed)
     return AuditReport(total, events.num_rows, quarantine.num_rows, lost, duplicated)
 
 

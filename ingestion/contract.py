@@ -1,4 +1,4 @@
-"""The interaction-event contract (DESIGN.md, "Interaction event"): one place for it.
+"""The interaction-event contract (docs/design.md, "Interaction event"): one place for it.
 
 Everything that reads, writes or checks events imports from here: the Arrow schemas of the
 `events` and `events_quarantine` Delta tables, the action vocabulary, and the row rules as
@@ -73,10 +73,20 @@ QUARANTINE_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class EventTimeBounds:
-    """Event times outside [min_ts_ms, now + max_future_ms] are rejected."""
+    """Event times outside [min_ts_ms, now + max_future_ms] are rejected.
+
+    The defaults are `config.schema.IngestConfig`'s; stages build their bounds with `from_config`.
+    """
 
     min_ts_ms: int = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp() * 1000)
-    max_future_ms: int = 24 * 3600 * 1000
+    # Clocks drift by seconds, not hours: an event further ahead is forged or from a broken clock.
+    max_future_ms: int = 300 * 1000
+
+    @classmethod
+    def from_config(cls, ingest) -> EventTimeBounds:
+        """The bounds of an `IngestConfig` (`min_event_time`, `max_future_s`)."""
+        min_ts = datetime.fromisoformat(ingest.min_event_time.replace("Z", "+00:00"))
+        return cls(min_ts_ms=int(min_ts.timestamp() * 1000), max_future_ms=int(ingest.max_future_s * 1000))
 
 
 @dataclass(frozen=True)

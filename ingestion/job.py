@@ -16,6 +16,13 @@ A run first finishes the last planned batch if a crash left it half-committed. K
 any moment and running it again therefore leaves every input line in exactly one table, once.
 Landing files are immutable once they appear under their final name (producers write a temp
 name and rename): a changed file under a known name is not read again.
+
+Hostile input stays contained: a file is read streaming within `ingest.max_file_bytes` and
+`ingest.max_decompressed_bytes`, and what cannot be read becomes quarantine rows for that file (see
+`ingestion.parse`). Each try of a batch is counted in the lake; the last allowed try
+(`ingest.max_batch_attempts`) quarantines any file that still fails to read, and a batch that fails even
+then stops the run with `BatchFailedError` instead of being retried forever. One run at a time works on a
+lake: the run holds the lake's lease (`ingestion.lease`) while it plans and writes.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ from ingestion.contract import (
     EventTimeBounds,
 )
 from ingestion.expectations import ExpectationGate
-from ingestion.lake import append_once, committed_version, open_or_create, to_uri
-from ingestion.parse import PARSED_SCHEMA, parse_landing_files, read_lines_at
+from ingestion.lake import append_once, committed_version, open_or_create
+from ingestion.lease import Lease
+from ingestion.parse import PARSED_SCHEMA, FileLimits, parse_landing_files, read_lines_at, read_stored
 
 log = logging.getLogger("ingestion")
 
@@ -57,7 +65,15 @@ BATCHES_SCHEMA = pa.schema([
 
 
 # Reasons whose text after the colon is detail (grouped by prefix in reports).
-_DETAILED_REASONS = ("malformed JSON", "corrupt gzip", "batch expectation")
+_DETAILED_REASONS = ("malformed JSON", "corrupt gzip", "batch expectation", "unreadable file")
+
+
+class BatchFailedError(RuntimeError):
+    """A planned batch failed on every allowed try; the run stops rather than retry it forever."""
+
+
+class PlanConflictError(RuntimeError):
+    """Another writer planned the same batch number: two runs are working on one lake."""
 
 
 @dataclass
@@ -116,24 +132,41 @@ def _day_strings(ts_ms: pa.Array) -> pa.Array:
 class IngestJob:
     """Runs ingestion batches against one lake. Ray must already be initialised.
 
-    >>> # job = IngestJob(config.load()); report = job.run_once()   # see ray_jobs.ingest
+        job = IngestJob(config.load()); report = job.run_once()   # see ray_jobs.ingest
     """
 
     def __init__(self, cfg: PlatformConfig):
         self.cfg = cfg
-        opts = cfg.lake.storage_options
-        self.events = open_or_create(cfg.lake.events, EVENTS_SCHEMA, EVENTS_PARTITION_BY, opts)
-        self.quarantine = open_or_create(cfg.lake.quarantine, QUARANTINE_SCHEMA, None, opts)
-        self.batches = open_or_create(cfg.lake.ingest_batches, BATCHES_SCHEMA, None, opts)
-        self.landing_uri = to_uri(cfg.ingest.landing_dir).rstrip("/")
-        self.fs, self.landing = storage.filesystem(self.landing_uri)
-        min_ts = datetime.fromisoformat(cfg.ingest.min_event_time.replace("Z", "+00:00"))
-        self.bounds = EventTimeBounds(min_ts_ms=int(min_ts.timestamp() * 1000),
-                                      max_future_ms=cfg.ingest.max_future_s * 1000)
-        self.gate = ExpectationGate(cfg.lake.gx_root, cfg.ingest)
+        landing = cfg.ingest.landing_dir.rstrip("/")
+        # Absolute, because Ray workers do not share the driver's working directory.
+        self.landing_root = landing if storage.is_remote(landing) else storage.local_path(landing)
+        self.fs, self.landing = storage.filesystem(self.landing_root)
+        self.bounds = EventTimeBounds.from_config(cfg.ingest)
+        self.limits = FileLimits.from_config(cfg.ingest)
+        control = storage.join(cfg.lake.root, "_ingest_control")
+        self.lease = Lease(storage.join(control, "lease"), cfg.ingest.lease_ttl_s, cfg.ingest.lease_wait_s,
+                           cfg.lake.storage_options)
+        # Tries of the last planned batch (only the last plan can be unfinished): {"batch", "attempts"}.
+        self.attempts_uri = storage.join(control, "attempts.json")
+        self._opened = False
 
-    def _uri(self, name: str) -> str:
-        return f"{self.landing_uri}/{name}"
+    def _open_lake(self) -> None:
+        """Create or open the tables and the GX project; under the lease, so concurrent first runs do not race."""
+        if self._opened:
+            return
+        opts = self.cfg.lake.storage_options
+        self.events = open_or_create(self.cfg.lake.events, EVENTS_SCHEMA, EVENTS_PARTITION_BY, opts)
+        self.quarantine = open_or_create(self.cfg.lake.quarantine, QUARANTINE_SCHEMA, None, opts)
+        self.batches = open_or_create(self.cfg.lake.ingest_batches, BATCHES_SCHEMA, None, opts)
+        self.gate = ExpectationGate(self.cfg.lake.gx_root, self.cfg.ingest)
+        self._opened = True
+
+    # -- attempts -------------------------------------------------------------------------
+    def _attempts(self, batch_no: int) -> int:
+        if not storage.exists(self.attempts_uri):
+            return 0
+        record = storage.read_json(self.attempts_uri)
+        return record["attempts"] if record["batch"] == batch_no else 0
 
     # -- planning ---------------------------------------------------------------------------
     def _plans(self) -> list[BatchPlan]:
@@ -164,19 +197,22 @@ class IngestJob:
         plan = BatchPlan(batch_no, chosen, int(time.time() * 1000))
         row = pa.table({"batch": [batch_no], "files": [json.dumps(chosen)], "now_ms": [plan.now_ms],
                         "planned_at": pa.array([plan.now_ms * 1000], TS_TYPE)}, schema=BATCHES_SCHEMA)
-        append_once(self.batches, row, BATCHES_SCHEMA, batch_no,
-                    storage_options=self.cfg.lake.storage_options)
+        if not append_once(self.batches, row, BATCHES_SCHEMA, batch_no):
+            # Running our plan now would read other files than the recorded one under the same number.
+            raise PlanConflictError(f"batch {batch_no} was planned by another writer while this run held the "
+                                    "lease: two ingestion runs are working on one lake; this run stops")
         return plan
 
     # -- one batch --------------------------------------------------------------------------
-    def _parse(self, plan: BatchPlan) -> pa.Table:
+    def _parse(self, plan: BatchPlan, isolate: bool) -> pa.Table:
         # Blocks come back in plan order (preserve_order): with the parser keeping line order within
         # a file, "first occurrence wins" in de-duplication means first in (file, line) order.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        files = [{"name": name, "uri": self._uri(name)} for name, _ in plan.files]
+        files = [{"name": name} for name, _ in plan.files]
         ds = ray.data.from_items(files, override_num_blocks=max(1, len(files)))
         ds = ds.map_batches(parse_landing_files, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"bounds": self.bounds, "now_ms": plan.now_ms})
+                            fn_kwargs={"landing": self.landing_root, "bounds": self.bounds, "now_ms": plan.now_ms,
+                                       "limits": self.limits, "isolate": isolate})
         tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
         return pa.concat_tables(tables) if tables else PARSED_SCHEMA.empty_table()
 
@@ -189,9 +225,8 @@ class IngestJob:
         for i, name in enumerate(files):
             by_file.setdefault(name, []).append(i)
         for name, idx in by_file.items():
-            with self.fs.open_input_stream(f"{self.landing}/{name}", compression=None) as fh:
-                data = fh.read()
-            for i, line in zip(idx, read_lines_at(name, data, [offsets[i] for i in idx])):
+            stored = read_stored(self.fs, f"{self.landing}/{name}")
+            for i, line in zip(idx, read_lines_at(name, stored, [offsets[i] for i in idx], self.limits)):
                 raws[i] = line
         return raws
 
@@ -212,7 +247,11 @@ class IngestJob:
         first_rows[np.asarray(firsts["row_min"])] = True
         return dup | ~first_rows
 
-    def run_batch(self, plan: BatchPlan) -> BatchReport:
+    def run_batch(self, plan: BatchPlan, attempt: int = 1) -> BatchReport:
+        """Run a planned batch; `attempt` counts the tries of this plan, this one included."""
+        self.lease.renew()
+        # Counted before the work, so that a try that kills the process counts too.
+        storage.write_json(self.attempts_uri, {"batch": plan.batch_no, "attempts": attempt})
         phases: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -222,7 +261,7 @@ class IngestJob:
             phases[name] = round(now - clock, 4)
             clock = now
 
-        parsed = self._parse(plan)
+        parsed = self._parse(plan, isolate=attempt >= self.cfg.ingest.max_batch_attempts)
         lap("parse")
         is_reject = np.asarray(pc.is_valid(parsed["reason"]))
         valid = parsed.filter(pa.array(~is_reject))
@@ -239,12 +278,10 @@ class IngestJob:
             rejects = pa.concat_tables([rejects, self._as_rejects(valid, reason)])
             valid = valid.slice(0, 0)
         lap("expectations")
-        opts = self.cfg.lake.storage_options
         append_once(self.events, self._to_events(valid, plan.batch_no), EVENTS_SCHEMA, plan.batch_no,
-                    EVENTS_PARTITION_BY, opts)
+                    EVENTS_PARTITION_BY)
         lap("write_events")
-        append_once(self.quarantine, self._to_quarantine(rejects, plan), QUARANTINE_SCHEMA, plan.batch_no,
-                    None, opts)
+        append_once(self.quarantine, self._to_quarantine(rejects, plan), QUARANTINE_SCHEMA, plan.batch_no)
         lap("write_quarantine")
         reasons: dict[str, int] = {}
         for r in rejects["reason"].to_pylist():
@@ -291,11 +328,24 @@ class IngestJob:
         last = plans[-1]
         if min(committed_version(self.events), committed_version(self.quarantine)) >= last.batch_no:
             return None
-        log.warning("batch %d was planned but not fully committed: redoing it", last.batch_no)
-        return self.run_batch(last)
+        tried = self._attempts(last.batch_no)
+        if tried >= self.cfg.ingest.max_batch_attempts:
+            names = ", ".join(name for name, _ in last.files)
+            raise BatchFailedError(
+                f"batch {last.batch_no} ({names}) was tried {tried} times (ingest.max_batch_attempts) and never "
+                "committed; the earlier runs' errors say why. Fix the cause, then delete "
+                f"{self.attempts_uri} to allow new tries.")
+        log.warning("batch %d was planned but not fully committed: redoing it (try %d of %d)", last.batch_no,
+                    tried + 1, self.cfg.ingest.max_batch_attempts)
+        return self.run_batch(last, tried + 1)
 
     def run_once(self) -> RunReport:
         """Ingest every pending file, then return. Batches that fail an expectation are reported."""
+        with self.lease:
+            return self._run_pending()
+
+    def _run_pending(self) -> RunReport:
+        self._open_lake()
         report = RunReport()
         redone = self.recover()
         if redone is not None:
@@ -317,18 +367,22 @@ class IngestJob:
         return report
 
     def follow(self, max_seconds: float | None = None, on_batch=None) -> RunReport:
-        """Poll the landing folder and ingest new files until `max_seconds` or KeyboardInterrupt."""
+        """Poll the landing folder and ingest new files until `max_seconds` or KeyboardInterrupt.
+
+        The lease is held the whole time: another run on this lake waits, then fails, meanwhile."""
         report = RunReport()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        try:
-            while deadline is None or time.monotonic() < deadline:
-                step = self.run_once()
-                report.batches += step.batches
-                report.docs_path = step.docs_path
-                for batch in step.batches:
-                    if on_batch is not None:
-                        on_batch(batch)
-                time.sleep(self.cfg.ingest.poll_interval_s)
-        except KeyboardInterrupt:
-            log.info("follow mode stopped")
+        with self.lease:
+            try:
+                while deadline is None or time.monotonic() < deadline:
+                    self.lease.renew()
+                    step = self._run_pending()
+                    report.batches += step.batches
+                    report.docs_path = step.docs_path
+                    for batch in step.batches:
+                        if on_batch is not None:
+                            on_batch(batch)
+                    time.sleep(self.cfg.ingest.poll_interval_s)
+            except KeyboardInterrupt:
+                log.info("follow mode stopped")
         return report

@@ -3,28 +3,26 @@
 Exactly-once rests on Delta application transactions: every append carries
 (app_id, version = ingestion batch number) in the same atomic commit as its data, and an
 append happens only if the table's recorded version for that app is older. A replay of the same
-batch therefore never duplicates rows, whatever moment a previous run died at.
+batch therefore never duplicates rows, whatever moment a previous run died at. The check and the
+append are one optimistic transaction: the commit is made against the snapshot that was checked, and
+delta-rs refuses it if a concurrent commit for the same app landed in between (no check-then-write race).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 INGEST_APP_ID = "streamrec-ingest"
 
 
-def to_uri(path: str) -> str:
-    """A local path as a file:// URI (remote URIs unchanged), for pyarrow.fs.FileSystem.from_uri."""
-    return path if "://" in path else Path(path).resolve().as_uri()
-
-
 def open_or_create(path: str, schema: pa.Schema, partition_by: list[str] | None = None,
                    storage_options: dict[str, str] | None = None) -> DeltaTable:
+    """Open the table, creating it when missing. Not safe against a concurrent creator (delta-rs may then commit
+    a second CREATE TABLE): the ingestion job calls it only while holding the lake's lease."""
     try:
         return DeltaTable(path, storage_options=storage_options or None)
     except TableNotFoundError:
@@ -39,13 +37,14 @@ def committed_version(table: DeltaTable, app_id: str = INGEST_APP_ID) -> int:
 
 
 def append_once(table: DeltaTable, data: pa.Table | Iterable[pa.RecordBatch], schema: pa.Schema,
-                batch_no: int, partition_by: list[str] | None = None,
-                storage_options: dict[str, str] | None = None, app_id: str = INGEST_APP_ID,
+                batch_no: int, partition_by: list[str] | None = None, app_id: str = INGEST_APP_ID,
                 metadata: dict[str, str] | None = None) -> bool:
     """Append `data` with transaction (app_id, batch_no) unless that batch is already committed.
 
-    Returns True when it committed. Rows and the transaction marker land in one commit, so a
-    crash leaves either both or neither.
+    Returns True when it committed, False when the table already held the batch (also when a concurrent
+    writer committed it first). Rows and the transaction marker land in one commit, so a crash leaves
+    either both or neither. Raises CommitFailedError when a concurrent commit of another batch of the same
+    app got in between: two writers are interleaving batches, which the ingestion lease should prevent.
     """
     if committed_version(table, app_id) >= batch_no:
         return False
@@ -53,12 +52,17 @@ def append_once(table: DeltaTable, data: pa.Table | Iterable[pa.RecordBatch], sc
         data = data.cast(schema)
     else:
         data = pa.RecordBatchReader.from_batches(schema, data)
-    write_deltalake(
-        table.table_uri, data, mode="append", partition_by=partition_by,
-        storage_options=storage_options or None,
-        commit_properties=CommitProperties(
-            app_transactions=[Transaction(app_id=app_id, version=batch_no)],
-            custom_metadata={"ingest_batch": str(batch_no), **(metadata or {})},
-        ),
-    )
+    try:
+        # The table object, not its URI: the commit's read version is the one checked above.
+        write_deltalake(
+            table, data, mode="append", partition_by=partition_by,
+            commit_properties=CommitProperties(
+                app_transactions=[Transaction(app_id=app_id, version=batch_no)],
+                custom_metadata={"ingest_batch": str(batch_no), **(metadata or {})},
+            ),
+        )
+    except CommitFailedError:
+        if committed_version(table, app_id) >= batch_no:
+            return False
+        raise
     return True

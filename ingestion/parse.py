@@ -1,21 +1,29 @@
 """Parse one landing file into valid event rows and rejected lines (with reasons).
 
-Every line of the file ends up in exactly one of the two outputs. The fast path hands whole
-chunks of lines to Arrow's JSON reader and applies the row rules vectorised; a chunk Arrow
-cannot read (a malformed line, a wrong type, NaN, non-UTF-8 ...) is re-read line by line with
+Every line of the file ends up in exactly one of the two outputs. A file is streamed: its stored bytes
+are read in blocks up to `ingest.max_file_bytes`, gunzipped (by name: `.gz`) in bounded steps up to
+`ingest.max_decompressed_bytes`, and cut into chunks of whole lines, so a hostile file (a gzip bomb, one
+endless line, a corrupt stream) costs bounded memory. What cannot be read past such a point becomes one
+file-level reject (line_no -1) naming the reason; the lines read before it are parsed as usual.
+
+The fast path hands whole chunks of lines to Arrow's JSON reader and applies the row rules vectorised; a
+chunk Arrow cannot read (a malformed line, a wrong type, NaN, non-UTF-8 ...) is re-read line by line with
 `json.loads` and `contract.check_event`, so one bad line costs one slow chunk, not a slow file.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.json as pj
 
 import storage
@@ -33,7 +41,7 @@ from ingestion.contract import (
 )
 
 CHUNK_BYTES = 8 << 20
-GZIP_READ_BYTES = 1 << 20
+READ_BYTES = 1 << 20  # stored bytes per read, and content bytes per gunzip step
 _JSON_PARSE = pj.ParseOptions(explicit_schema=RAW_EVENT_SCHEMA, unexpected_field_behavior="ignore")
 
 # Rows of a parsed file: the event fields plus where each line came from.
@@ -54,32 +62,148 @@ class ParsedFile:
     lines: int  # lines read (valid + rejected, excluding a file-level record)
 
 
-def decompress(data: bytes) -> tuple[bytes, tuple[bytes, int, str] | None]:
-    """Gunzip as far as the stream is intact. Returns (content, (tail, offset, error) or None).
+@dataclass(frozen=True)
+class FileLimits:
+    """Caps on one landing file (`ingest.max_file_bytes`, `ingest.max_decompressed_bytes`)."""
 
-    A corrupt stream keeps every line decoded before the damage; the undecodable compressed
-    tail is returned so that it can be quarantined as it was (nothing is lost).
+    max_file_bytes: int
+    max_decompressed_bytes: int
+
+    @classmethod
+    def from_config(cls, ingest) -> FileLimits:
+        return cls(ingest.max_file_bytes, ingest.max_decompressed_bytes)
+
+
+@dataclass
+class FileProblem:
+    """Why reading a file stopped early: one file-level reject."""
+
+    reason: str
+    offset: int  # in the stored bytes for gzip damage, else in the content
+    raw: bytes = b""  # gzip damage: the undecodable stored bytes from `offset` (at most one read block)
+
+
+class FileContent:
+    """The content of one landing file as blocks of at most READ_BYTES, within `limits`.
+
+    Iterate it once; afterwards `problem` says why it stopped before the end of the file, if it did.
     """
-    out: list[bytes] = []
-    pos = 0
-    d = zlib.decompressobj(wbits=31)
-    while pos < len(data):
-        piece = data[pos:pos + GZIP_READ_BYTES]
-        try:
-            out.append(d.decompress(piece))
-        except zlib.error as err:
-            return b"".join(out), (data[pos:], pos, f"corrupt gzip: {err}")
-        pos += len(piece)
-        if d.eof:  # concatenated gzip members are legal: start the next one
-            rest = d.unused_data
-            pos -= len(rest)
-            if not rest:
-                break
-            d = zlib.decompressobj(wbits=31)
-    if not d.eof:
-        out.append(d.flush())
-        return b"".join(out), (b"", len(data), "corrupt gzip: truncated stream")
-    return b"".join(out), None
+
+    def __init__(self, name: str, stored: Iterable[bytes], limits: FileLimits):
+        self.gzip = name.endswith(".gz")
+        self.stored = stored
+        self.limits = limits
+        self.problem: FileProblem | None = None
+
+    def _stop(self, problem: FileProblem) -> None:
+        if self.problem is None:  # the first cause wins (a capped gzip stream also looks truncated)
+            self.problem = problem
+
+    def _capped_stored(self) -> Iterator[bytes]:
+        cap, read = self.limits.max_file_bytes, 0
+        for block in self.stored:
+            if read + len(block) > cap:
+                yield block[:cap - read]
+                self._stop(FileProblem(f"file over {cap} bytes (ingest.max_file_bytes)", cap))
+                return
+            read += len(block)
+            yield block
+
+    def _gunzip(self, stored: Iterator[bytes]) -> Iterator[bytes]:
+        d = zlib.decompressobj(wbits=31)
+        fed = False  # has the current gzip member seen input?
+        pos = 0  # stored offset of the start of `data`
+        for data in stored:
+            while True:
+                # max_length bounds each step's output: a bomb inflates by at most READ_BYTES at a time.
+                try:
+                    out = d.decompress(data, READ_BYTES)
+                except zlib.error as err:
+                    self._stop(FileProblem(f"corrupt gzip: {err}", pos, bytes(data[:READ_BYTES])))
+                    return
+                fed = fed or bool(data)
+                rest = d.unused_data if d.eof else d.unconsumed_tail
+                pos += len(data) - len(rest)
+                data = rest
+                if out:
+                    yield out
+                if d.eof:  # concatenated gzip members are legal: start the next one
+                    d, fed = zlib.decompressobj(wbits=31), False
+                if not data and len(out) < READ_BYTES:
+                    break  # input used up and no output pending: read more
+        if fed and not d.eof:
+            self._stop(FileProblem("corrupt gzip: truncated stream", pos))
+
+    def __iter__(self) -> Iterator[bytes]:
+        blocks = self._capped_stored()
+        if self.gzip:
+            blocks = self._gunzip(blocks)
+        cap, total = self.limits.max_decompressed_bytes, 0
+        for block in blocks:
+            if total + len(block) > cap:
+                yield block[:cap - total]
+                self._stop(FileProblem(f"content over {cap} bytes (ingest.max_decompressed_bytes)", cap))
+                return
+            total += len(block)
+            yield block
+
+
+def read_stored(fs: pafs.FileSystem, path: str) -> Iterator[bytes]:
+    """A file's stored bytes in blocks (never the whole file at once)."""
+    with fs.open_input_stream(path, compression=None) as fh:
+        while block := fh.read(READ_BYTES):
+            yield block
+
+
+@dataclass
+class LineChunk:
+    offset: int  # content offset of data[0]
+    first_line: int  # line number of the first line in data
+    data: bytes  # whole lines (the content's last line may lack its newline)
+    oversize: bool = False  # data is the first MAX_LINE_BYTES bytes of one longer line
+
+
+def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iterator[LineChunk]:
+    """Cut content blocks into chunks of whole lines; memory stays about chunk_bytes whatever the lines.
+
+    A line that outgrows MAX_LINE_BYTES before its newline comes is yielded (truncated) as an `oversize`
+    chunk of its own and the rest of it is skipped: one endless line cannot hold the whole file in memory.
+    """
+    buf = bytearray()
+    offset = line = 0
+    skipping = False  # inside a line already yielded as oversize
+    for block in blocks:
+        if skipping:
+            nl = block.find(b"\n")
+            if nl < 0:
+                offset += len(block)
+                continue
+            offset += nl + 1
+            block = block[nl + 1:]
+            skipping = False
+        buf += block
+        if len(buf) < chunk_bytes:
+            continue
+        cut = buf.rfind(b"\n") + 1
+        if cut:
+            data = bytes(buf[:cut])
+            yield LineChunk(offset, line, data)
+            offset, line = offset + cut, line + data.count(b"\n")
+            del buf[:cut]
+        if len(buf) > MAX_LINE_BYTES:
+            yield LineChunk(offset, line, bytes(buf[:MAX_LINE_BYTES]), oversize=True)
+            offset, line = offset + len(buf), line + 1
+            buf.clear()
+            skipping = True
+    if buf:
+        yield LineChunk(offset, line, bytes(buf))
+
+
+def chunk_line_offsets(chunk: LineChunk) -> np.ndarray:
+    """Content offsets of the lines that start in a chunk."""
+    if chunk.oversize:
+        return np.array([chunk.offset], dtype=np.int64)
+    return line_starts(chunk.data) + chunk.offset
 
 
 def line_starts(content: bytes) -> np.ndarray:
@@ -132,16 +256,24 @@ class _Collector:
     def __init__(self) -> None:
         self.valid: list[pa.Table] = []
         self.rejects: dict[str, list] = {"raw": [], "source_offset": [], "line_no": [], "reason": []}
+        self.base = 0  # content offset of the bytes being parsed (offsets below are relative to them)
 
     def reject(self, raw: bytes, offset: int, line_no: int, reason: str) -> None:
         self.rejects["raw"].append(raw)
-        self.rejects["source_offset"].append(offset)
+        self.rejects["source_offset"].append(self.base + offset)
         self.rejects["line_no"].append(line_no)
         self.rejects["reason"].append(reason)
 
     def add_valid(self, table: pa.Table, offsets: np.ndarray, line_nos: np.ndarray) -> None:
-        self.valid.append(table.append_column("source_offset", pa.array(offsets, pa.int64()))
+        self.valid.append(table.append_column("source_offset", pa.array(self.base + offsets, pa.int64()))
                           .append_column("line_no", pa.array(line_nos, pa.int64())))
+
+    def result(self, lines: int) -> ParsedFile:
+        valid = pa.concat_tables(self.valid) if self.valid else VALID_SCHEMA.empty_table()
+        return ParsedFile(valid, pa.Table.from_pydict(self.rejects, schema=REJECT_SCHEMA), lines)
+
+
+OVERSIZE_REASON = f"line over {MAX_LINE_BYTES} bytes"  # its raw keeps the first MAX_LINE_BYTES bytes
 
 
 def _parse_lines_slow(content: bytes, starts: np.ndarray, ends: np.ndarray, first_line: int,
@@ -153,7 +285,7 @@ def _parse_lines_slow(content: bytes, starts: np.ndarray, ends: np.ndarray, firs
         body = raw.rstrip(b"\r\n")
         reason: str | None
         if len(body) > MAX_LINE_BYTES:
-            reason = f"line over {MAX_LINE_BYTES} bytes"
+            raw, reason = raw[:MAX_LINE_BYTES], OVERSIZE_REASON
         elif not body.strip():
             reason = "empty line"
         else:
@@ -196,64 +328,82 @@ def _parse_chunk(content: bytes, starts: np.ndarray, ends: np.ndarray, first_lin
     out.add_valid(table.filter(pa.array(keep)), starts[keep], line_nos[keep])
 
 
-def parse_content(content: bytes, bounds: EventTimeBounds, now_ms: int) -> ParsedFile:
-    """Parse decompressed JSON-lines bytes."""
-    out = _Collector()
+def _parse_line_chunk(chunk: LineChunk, bounds: EventTimeBounds, now_ms: int, out: _Collector) -> int:
+    """Parse one chunk of whole lines into `out`; returns its line count."""
+    out.base = chunk.offset
+    if chunk.oversize:
+        out.reject(chunk.data, 0, chunk.first_line, OVERSIZE_REASON)
+        return 1
+    content = chunk.data
     starts = line_starts(content)
     ends = np.append(starts[1:], len(content)).astype(np.int64)
     i = 0
     while i < len(starts):
-        # A chunk is a run of whole lines of about CHUNK_BYTES.
-        j = int(np.searchsorted(starts, starts[i] + CHUNK_BYTES, side="left"))
-        j = max(j, i + 1)
-        _parse_chunk(content, starts[i:j], ends[i:j], i, bounds, now_ms, out)
+        # Arrow reads runs of whole lines of about CHUNK_BYTES (a caller may hand over more at once).
+        j = max(int(np.searchsorted(starts, starts[i] + CHUNK_BYTES, side="left")), i + 1)
+        _parse_chunk(content, starts[i:j], ends[i:j], chunk.first_line + i, bounds, now_ms, out)
         i = j
-    valid = pa.concat_tables(out.valid) if out.valid else VALID_SCHEMA.empty_table()
-    rejects = pa.Table.from_pydict(out.rejects, schema=REJECT_SCHEMA)
-    return ParsedFile(valid=valid, rejects=rejects, lines=len(starts))
+    return len(starts)
 
 
-def parse_file_bytes(name: str, data: bytes, bounds: EventTimeBounds, now_ms: int) -> ParsedFile:
-    """Parse a landing file's bytes (gzip when the name ends in .gz)."""
-    damage = None
-    if name.endswith(".gz"):
-        data, damage = decompress(data)
-    parsed = parse_content(data, bounds, now_ms)
-    extra = _Collector()
-    if damage is not None:
-        tail, offset, reason = damage
-        extra.reject(tail, offset, -1, reason)
-    elif parsed.lines == 0:
-        extra.reject(b"", 0, -1, "empty file")
-    if extra.rejects["raw"]:
-        parsed.rejects = pa.concat_tables(
-            [parsed.rejects, pa.Table.from_pydict(extra.rejects, schema=REJECT_SCHEMA)])
-    return parsed
+def parse_content(content: bytes, bounds: EventTimeBounds, now_ms: int) -> ParsedFile:
+    """Parse decompressed JSON-lines bytes."""
+    out = _Collector()
+    lines = sum(_parse_line_chunk(c, bounds, now_ms, out) for c in line_chunks([content]))
+    return out.result(lines)
 
 
-def read_lines_at(name: str, data: bytes, offsets: list[int]) -> list[bytes]:
-    """The raw lines that start at `offsets` (used to quarantine rows that parsed as valid)."""
-    if name.endswith(".gz"):
-        data, _ = decompress(data)
-    lines = []
-    for off in offsets:
-        end = data.find(b"\n", off)
-        lines.append(data[off:] if end < 0 else data[off:end + 1])
-    return lines
+def parse_file(name: str, stored: Iterable[bytes], bounds: EventTimeBounds, now_ms: int,
+               limits: FileLimits) -> ParsedFile:
+    """Parse a landing file from its stored bytes (gzip when the name ends in .gz), streaming."""
+    content = FileContent(name, stored, limits)
+    out = _Collector()
+    lines = sum(_parse_line_chunk(c, bounds, now_ms, out) for c in line_chunks(content))
+    out.base = 0
+    if content.problem is not None:
+        out.reject(content.problem.raw, content.problem.offset, -1, content.problem.reason)
+    elif lines == 0:
+        out.reject(b"", 0, -1, "empty file")
+    return out.result(lines)
 
 
-def parse_landing_files(batch: pa.Table, *, bounds: EventTimeBounds, now_ms: int) -> pa.Table:
-    """Ray Data map over rows (name, uri) of landing files: each file -> its parsed rows and rejects.
+def read_lines_at(name: str, stored: Iterable[bytes], offsets: list[int], limits: FileLimits) -> list[bytes]:
+    """The raw lines that start at `offsets` (used to quarantine rows that parsed as valid), streaming."""
+    wanted = sorted(set(offsets))
+    found: dict[int, bytes] = {}
+    for chunk in line_chunks(FileContent(name, stored, limits)):
+        end_of_chunk = chunk.offset + len(chunk.data)
+        for off in wanted[bisect.bisect_left(wanted, chunk.offset):bisect.bisect_left(wanted, end_of_chunk)]:
+            local = off - chunk.offset
+            nl = chunk.data.find(b"\n", local)
+            found[off] = chunk.data[local:] if nl < 0 else chunk.data[local:nl + 1]
+    return [found[off] for off in offsets]
 
-    Files are read here, as bytes, rather than with `read_binary_files`, which would gunzip by
-    extension and fail on a corrupt stream instead of keeping its intact prefix.
+
+def _file_reject(reason: str) -> ParsedFile:
+    out = _Collector()
+    out.reject(b"", 0, -1, reason)
+    return out.result(0)
+
+
+def parse_landing_files(batch: pa.Table, *, landing: str, bounds: EventTimeBounds, now_ms: int,
+                        limits: FileLimits, isolate: bool) -> pa.Table:
+    """Ray Data map over rows (name) of landing files in the folder `landing`: each file -> its rows and rejects.
+
+    Files are opened by path inside the folder, never as URIs, so names with '#', '?', '%' or spaces are
+    read as they are. Content problems are rejects already; with `isolate` (a batch's last attempt) any
+    other error reading one file (a deleted file, a denied read) also becomes that file's reject, so one
+    bad file cannot fail its batch forever.
     """
+    fs, root = storage.filesystem(landing)
     outputs = []
-    for name, uri in zip(batch["name"].to_pylist(), batch["uri"].to_pylist()):
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(path, compression=None) as fh:
-            data = fh.read()
-        parsed = parse_file_bytes(name, data, bounds, now_ms)
+    for name in batch["name"].to_pylist():
+        try:
+            parsed = parse_file(name, read_stored(fs, f"{root}/{name}"), bounds, now_ms, limits)
+        except Exception as err:
+            if not isolate:
+                raise
+            parsed = _file_reject(f"unreadable file: {type(err).__name__}: {err}")
         n_valid, n_rej = parsed.valid.num_rows, parsed.rejects.num_rows
         valid = parsed.valid.append_column("raw", pa.nulls(n_valid, pa.large_binary())) \
             .append_column("reason", pa.nulls(n_valid, pa.string()))

@@ -1,4 +1,4 @@
-"""Synthetic live-stream interaction logs: the platform's default dataset (DESIGN.md, "Datasets").
+"""Synthetic live-stream interaction logs: the platform's default dataset (docs/design.md, "Datasets").
 
     python -m ingestion.simulator --config embedded --set simulator.events=1000000 --out data/landing
 

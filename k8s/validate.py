@@ -7,7 +7,7 @@ Checks, each reported as "<Kind>/<name>: <path>: <problem>":
 - RayCluster / RayJob / RayService against KubeRay's CRD schemas (../shared/k8s/crds, or
   $STREAMREC_CRDS_DIR), unknown fields rejected as the API server's strict field validation does;
 - the operator's checks a schema cannot express (KubeRay's validation.go) and this project's rules for
-  stages (shutdownAfterJobFinishes, a TTL, a deadline);
+  stages (shutdownAfterJobFinishes, a TTL, a deadline) and clusters (Ray token authentication);
 - the "restricted" Pod Security Standard and resource requests/limits on every pod a manifest makes,
   the pods KubeRay makes from RayCluster templates (and its autoscaler sidecar) included;
 - secrets only by reference: no Secret objects with data, credential-like env vars only from secretKeyRef;
@@ -165,6 +165,10 @@ def _cluster_problems(spec: dict, where: str) -> list[str]:
         version = tuple(int(p) for p in re.findall(r"\d+", str(spec.get("rayVersion", "")))[:2])
         if version < MIN_TOKEN_AUTH_RAY:
             out.append(f"{where}.authOptions: token mode needs rayVersion >= 2.52.0")
+    else:
+        # The project's rule: KubeRay binds the dashboard to 0.0.0.0 (its default, and ours: the operator and
+        # the submitter reach it), so without a token anyone who reaches port 8265 can submit a job.
+        out.append(f"{where}.authOptions: mode token required (the dashboard and Jobs API listen on every address)")
     if autoscaling:
         options = spec.get("autoscalerOptions") or {}
         # The sidecar KubeRay injects takes these from autoscalerOptions; without them it runs unrestricted.

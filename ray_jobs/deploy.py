@@ -4,10 +4,11 @@
     python -m ray_jobs.deploy --config cluster --ranker ... --retriever ...   # in the cluster (address auto)
     python -m ray_jobs.deploy ... --roll-ranker data/artifacts/ranker-v2     # swap a model in, no restart
 
-It succeeds only when `/healthz` reports both models loaded from the given artifacts, with the versions
-written in their manifests. An artifact that cannot be loaded fails the command (exit 1, the load error
-printed) while the replicas keep serving the version they had, and the application config is put back to the
-artifacts they serve (so a replica started later loads those, not the broken one). Artifacts may be local
+It succeeds only when `/healthz` reports both models loaded with the versions written in the given
+artifacts' manifests (a version ends with the weights' sha256 prefix; /healthz names no locations). An
+artifact that cannot be loaded fails the command (exit 1; the load error is in the replica's log) while
+the replicas keep serving the version they had, and the application config is put back to the artifacts they
+serve (so a replica started later loads those, not the broken one). Artifacts may be local
 folders or s3:// URIs. Without --blocking it returns once the app serves them: on a cluster the app stays up;
 on a local Ray started by this command it ends with the command (use --blocking, or `serve run
 serving/config.yaml`).
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ranker, retriever = local(args.ranker), local(args.retriever)
     try:  # before touching Serve: a missing or unreadable manifest changes nothing
-        expected = {name: (path, artifact_version(path))
-                    for name, path in (("ranker", ranker), ("retriever", retriever)) if path}
+        expected = {name: artifact_version(path) for name, path in (("ranker", ranker), ("retriever", retriever))
+                    if path}
     except (OSError, ValueError, KeyError) as err:
         print(f"deploy failed: cannot read an artifact's manifest: {err}", file=sys.stderr)
         return 1
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                           "health": health}, indent=1))
         if args.roll_ranker:
             rolled = local(args.roll_ranker)
-            expected = {"ranker": (rolled, artifact_version(rolled))}
+            expected = {"ranker": artifact_version(rolled)}
             previous = deployed_app()
             sc = set_user_config(sc, "Ranker", artifact=rolled)
             print(json.dumps({"rolled": wait_for_versions(url, expected)["model_versions"]}))

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from unittest import mock
 
 import httpx
@@ -132,7 +133,12 @@ class RedisServer:
 class RayCluster:
     """A head (no CPUs: the drivers of submitted jobs run there, work goes to workers) and `workers` worker nodes.
 
-    `env` reaches every Ray process (as a pod's environment does). Each worker node's Serve proxy gets its own
+    `env` reaches every Ray process (as a pod's environment does). Token authentication is on, as in the cluster
+    manifests (KubeRay's authOptions mode token): a process that talks to this cluster needs `client_env` (the
+    `ray` CLI and SDK read it) or `auth_headers` (plain HTTP to the dashboard). Ray 2.60 would otherwise pick
+    the mode by itself: `ray.init()` turns token auth on for a new local cluster and saves ~/.ray/auth_token,
+    after which any Ray started without RAY_AUTH_MODE on that machine requires that token. Each worker node's
+    Serve proxy gets its own
     HTTP port (`proxy_ports`): on Kubernetes every pod has its own IP and they all use 8000; here the nodes share
     one address, and distinct ports let a test reach each node's proxy by itself.
     """
@@ -140,12 +146,16 @@ class RayCluster:
     def __init__(self, workers: int = 2, cpus_per_worker: int = 2, env: dict[str, str] | None = None,
                  object_store_mb: int = 200):
         self.n_workers, self.cpus, self.object_store = workers, cpus_per_worker, object_store_mb << 20
-        self.env = dict(env or {})
+        self.token = secrets.token_hex(32)
+        self.client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        self.auth_headers = {"Authorization": f"Bearer {self.token}"}
+        self.env = {**(env or {}), **self.client_env}
         self.serve_port = free_port()
         self.proxy_ports: dict[str, int] = {}  # node id -> its Serve proxy's HTTP port
         self.workers: list = []
 
     def __enter__(self) -> RayCluster:
+        import ray._private.utils as ray_utils
         from ray.cluster_utils import Cluster
 
         # Ray's socket paths have a length limit: a short temp dir. The head starts with the cluster's env (its
@@ -156,8 +166,13 @@ class RayCluster:
         os.environ.update({**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
         try:
             # cluster_utils writes the head's address to /tmp/ray/ray_current_cluster, the file that
-            # `ray.init(address="auto")` of any process on the machine reads: keep this cluster out of it.
-            with mock.patch("ray._private.utils.write_ray_address"):
+            # `ray.init(address="auto")` of any process on the machine reads: write it into this cluster's own
+            # temp dir instead. It must exist there: a submitted job's supervisor resolves "auto" from it, and
+            # without it Ray falls back to any GCS process it finds on the host, which, with another Ray
+            # running (the test session's), put a job's driver on the wrong cluster.
+            write_address = ray_utils.write_ray_address
+            with mock.patch("ray._private.utils.write_ray_address",
+                            lambda address, temp_dir=None: write_address(address, self.temp)):
                 self.cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
                     "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True,
                     "dashboard_host": "127.0.0.1", "dashboard_port": self.dashboard_port, "temp_dir": self.temp,
@@ -174,6 +189,12 @@ class RayCluster:
             os.environ.update(saved)
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         return self
+
+    def dashboard_json(self, path: str) -> Any:
+        """GET the dashboard's `path` (e.g. /api/serve/applications/) as JSON, with the cluster's token."""
+        answer = httpx.get(f"{self.dashboard_url}{path}", headers=self.auth_headers, timeout=30)
+        answer.raise_for_status()
+        return answer.json()
 
     def add_worker(self):
         """A new worker node (what KubeRay does when a worker pod is gone)."""

@@ -19,16 +19,19 @@ past max_ongoing_requests + max_queued_requests of the Ingress the proxy answers
 # No `from __future__ import annotations`: FastAPI must see the body models, not strings, on the ingress.
 import asyncio
 import hmac
+import logging
 import os
 import time
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Body, Depends, FastAPI, HTTPException, Request, Security
+from fastapi import Body, FastAPI, HTTPException, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 
 from features.online import FeatureStoreUnavailable, OnlineFeatureClient
 from serving import common
@@ -39,6 +42,7 @@ from serving.ranker import Ranker
 from serving.retriever import Retriever
 from serving.schemas import (
     MAX_EVENTS,
+    BadJSON,
     Event,
     EventsAccepted,
     Health,
@@ -47,29 +51,108 @@ from serving.schemas import (
     RecommendRequest,
     RecommendResponse,
     ScoredItem,
+    public_errors,
+    strict_json,
 )
 
+log = logging.getLogger("ray.serve")
 app = FastAPI(title="streamrec", version="1",
               description="Recommendations (generative retrieval + M-FALCON ranking) and event intake.")
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required by POST /events")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="required by POST /events and by /recommend with debug=true")
 # The ingress's limits live in serving.common: Serve pickles the FastAPI app, and with it this module's
 # functions by value (their globals copied), so a dict here would not be the one the Ingress sets.
 
 
-@app.middleware("http")
-async def limit_body(request: Request, call_next):
-    length, limit = request.headers.get("content-length"), common.INGRESS_LIMITS["max_body_bytes"]
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)
-    return await call_next(request)
-
-
-def require_key(key: str | None = Security(api_key_header)) -> None:
+def key_refusal(key: str | None) -> tuple[int, str] | None:
+    """(status, reason) when `key` is not the configured API key; None when it is."""
     expected = common.INGRESS_LIMITS.get("api_key")
     if not expected:
-        raise HTTPException(503, "event intake disabled: no API key configured on the server")
-    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong X-API-Key", headers={"WWW-Authenticate": "ApiKey"})
+        return 503, "no API key configured on the server"
+    if key is None or not hmac.compare_digest(key.encode("utf-8", "replace"), expected.encode()):
+        return 401, "missing or wrong X-API-Key"
+    return None
+
+
+def _refuse(status: int, msg: str, field: str = "body") -> JSONResponse:
+    headers = {"WWW-Authenticate": "ApiKey"} if status == 401 else None
+    return JSONResponse({"detail": [{"loc": [field], "msg": msg, "type": "request"}]}, status, headers=headers)
+
+
+def _is_json(content_type: str | None) -> bool:
+    """No content type counts as JSON (as FastAPI reads it); else application/json or */*+json, in UTF-8."""
+    if content_type is None:
+        return True
+    media, *params = (part.strip().lower() for part in content_type.split(";"))
+    charset = next((p.partition("=")[2].strip('" ') for p in params if p.startswith("charset=")), "utf-8")
+    return (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))) \
+        and charset == "utf-8"
+
+
+class RequestGuard:
+    """ASGI middleware run before FastAPI reads anything: POST /events without the right key is refused
+    before its body is read; every body is read here counting the bytes that actually arrive (a chunked body
+    has no Content-Length to trust) and refused with 413 past serving.max_body_bytes; a POST body must be
+    strict JSON (serving.schemas.strict_json) or gets 400 (415 for another content type). Only then does the
+    app see the body, replayed from memory."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = common.INGRESS_LIMITS["max_body_bytes"]
+        refused = self._refused_unread(scope, limit)
+        if refused is not None:
+            return await _refuse(*refused)(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return await _refuse(413, f"request body larger than {limit} bytes")(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        if body and scope["method"] == "POST":
+            try:
+                strict_json(bytes(body))
+            except BadJSON as err:
+                return await _refuse(400, str(err))(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _refused_unread(scope, limit: int) -> tuple[int, str, str] | None:
+        """(status, reason, field) for a request refused on its headers alone."""
+        headers, post = Headers(scope=scope), scope["method"] == "POST"
+        route = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/")
+        if post and route == "/events" and (refused := key_refusal(headers.get("x-api-key"))):
+            return *refused, "X-API-Key"
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return 413, f"request body larger than {limit} bytes", "body"
+        if post and not _is_json(headers.get("content-type")):
+            return 415, "content-type must be application/json (UTF-8)", "content-type"
+        return None
+
+
+app.add_middleware(RequestGuard)
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": public_errors(list(exc.errors()))}, 422)
 
 
 def _bad(field: str, msg: str) -> HTTPException:
@@ -98,8 +181,9 @@ class Ingress:
         cfg = platform_config(self.args, (user_config or {}).get("overrides"))
         try:
             self.client, self.store_error = OnlineFeatureClient(cfg), None
-        except FeatureStoreUnavailable as err:  # serve trending items; /healthz names the problem
+        except FeatureStoreUnavailable as err:  # serve trending items; /healthz says so, the log says why
             self.client, self.store_error = None, str(err)
+            log.error("online store unavailable: %s", err)
 
     def _user(self, user_id: int) -> dict[str, Any]:
         """The user's history, oldest first. Read in process, on the event loop: a local read is well under a
@@ -127,10 +211,16 @@ class Ingress:
                 pass
         return self.trending
 
-    @app.post("/recommend", response_model=RecommendResponse)
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+    @app.post("/recommend", response_model=RecommendResponse,
+              responses={401: {"description": "debug=true without the right X-API-Key"}})
+    async def recommend(self, req: RecommendRequest,
+                        key: str | None = Security(api_key_header)) -> RecommendResponse:
         if req.k > self.cfg.max_k:
             raise _bad("k", f"k must be <= {self.cfg.max_k}")
+        # A user's engagements are theirs: shown only to a caller holding the key, and only when asked for.
+        if req.debug and (refused := key_refusal(key)):
+            raise HTTPException(refused[0], [{"loc": ["header", "X-API-Key"], "msg": f"debug: {refused[1]}",
+                                              "type": "auth"}], headers={"WWW-Authenticate": "ApiKey"})
         now_ms, timer = int(time.time() * 1000), Timer()
         fallbacks: list[str] = []
         versions: dict[str, str | None] = {"retriever": None, "ranker": None}
@@ -172,10 +262,13 @@ class Ingress:
                 except Exception:
                     fallbacks.append("unranked:ranker_unavailable")
         timer.total()
+        history = None
+        if req.debug:
+            history = user["items"][::-1][:10] if user else []
         return RecommendResponse(
             user_id=req.user_id, items=items, candidates_retrieved=len(cands),
             fallback=",".join(dict.fromkeys(fallbacks)) or None, model_versions=versions, timings_ms=timer.ms,
-            history_items=(user["items"][::-1][:10] if user else []), request_ts_ms=now_ms)
+            history_items=history, request_ts_ms=now_ms)
 
     @staticmethod
     def _top(cands: list[int], ranked: dict, k: int) -> list[ScoredItem]:
@@ -203,7 +296,8 @@ class Ingress:
         return RankResponse(user_id=req.user_id, items=items, tasks=ranked["tasks"], fallback=fallback,
                             model_versions={"ranker": ranked["version"]}, timings_ms=timer.ms, request_ts_ms=now_ms)
 
-    @app.post("/events", status_code=202, response_model=EventsAccepted, dependencies=[Depends(require_key)],
+    # RequestGuard checks the key before the body is read; the Security dependency puts it in the OpenAPI schema.
+    @app.post("/events", status_code=202, response_model=EventsAccepted, dependencies=[Security(api_key_header)],
               responses={401: {"description": "missing or wrong X-API-Key"}, 413: {"description": "body too large"}})
     async def post_events(self, body: Annotated[Event | list[Event], Body()]) -> EventsAccepted:
         events = [body] if isinstance(body, Event) else body
@@ -217,33 +311,38 @@ class Ingress:
         except Exception as err:
             raise HTTPException(503, f"event intake unavailable: {type(err).__name__}") from None
         if "problems" in got:
-            raise HTTPException(422, got["problems"])
-        return EventsAccepted(**got)
+            raise HTTPException(422, public_errors(got["problems"]))
+        return EventsAccepted.model_validate(got)  # what it keeps: no landing file name (it holds the host)
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
+        """Unauthenticated, so it names what is wrong but never where (no path, URI or host): the deployments'
+        logs have the details. FeatureLookup, Retriever and Ranker word their checks so; EventIntake's text
+        carries its errors verbatim, so only its subject (before the first colon) goes out."""
         checks = {"features": self.features.check, "retriever": self.retriever.check,
                   "ranker": self.ranker.check, "events": self.events.check}
         problems = [] if common.INGRESS_LIMITS.get("api_key") else [f"events: no API key in ${self.cfg.api_key_env}"]
         try:
             self._user(1)
         except FeatureStoreUnavailable as err:
-            problems.append(f"feature store: {err}")
+            problems.append(f"feature store: unavailable ({type(err).__name__})")
         for name, check in checks.items():
             try:
                 got = await self._call(check.remote())
-                problems += [got] if isinstance(got, str) else list(got or [])
             except Exception as err:
                 problems.append(f"{name}: {type(err).__name__}")
-        versions, artifacts = {}, {}
+                continue
+            got = [got] if isinstance(got, str) else list(got or [])
+            if name == "events":
+                got = [f"events: {p.split(':', 1)[0][:80]} (details in the EventIntake log)" for p in got]
+            problems += got
+        versions = {}
         for name, handle in (("retriever", self.retriever), ("ranker", self.ranker)):
             try:
-                loaded = await self._call(handle.loaded.remote())
+                versions[name] = (await self._call(handle.loaded.remote())).get("version")
             except Exception:
-                loaded = {}
-            versions[name], artifacts[name] = loaded.get("version"), loaded.get("artifact")
-        return Health(status="degraded" if problems else "ok", model_versions=versions, model_artifacts=artifacts,
-                      problems=problems)
+                versions[name] = None
+        return Health(status="degraded" if problems else "ok", model_versions=versions, problems=problems)
 
 
 def build_app(args: dict[str, Any] | None = None):

@@ -28,6 +28,20 @@ class StageUnavailable(RuntimeError):
     """A stage (retriever, ranker) has no model loaded or cannot answer: the ingress falls back."""
 
 
+# The words /healthz uses for a configured artifact that did not load (after "ranker: " or "retriever: ");
+# deploys match them (serving.deploy.wait_for_versions, k8s/pipeline update_serving). No path: the log has it.
+LOAD_FAILED = "artifact failed to load"
+
+
+def load_failed(err: Exception) -> str:
+    """`artifact failed to load (ValueError: sha256 does not match the manifest)`: the reason the artifact code
+    gives after its last "<where>: ", and only when it names no path or host (then the type alone)."""
+    reason = str(err).rsplit(": ", 1)[-1].strip()
+    if not reason or "/" in reason or len(reason) > 160:
+        return f"{LOAD_FAILED} ({type(err).__name__})"
+    return f"{LOAD_FAILED} ({type(err).__name__}: {reason})"
+
+
 def base_dir(args: dict[str, Any] | None) -> Path:
     return Path((args or {}).get("base_dir") or REPO_ROOT).resolve()
 

@@ -79,7 +79,9 @@ def serve_and_query(cfg: PlatformConfig, ranker_dir: str | Path, retriever_dir: 
                      "item_id": items[0], "action": "click"}
             r = http.post("/events", json=event, headers={"X-API-Key": key})
             print(f"   POST /events {event} -> {r.status_code} {r.json()}")
-            after = http.post("/recommend", json={"user_id": user, "k": 10}).json()
+            # debug + key: the response then carries the user's history, to show the click in it.
+            after = http.post("/recommend", json={"user_id": user, "k": 10, "debug": True},
+                              headers={"X-API-Key": key}).json()
             print(f"   history of user {user} now starts with {after['history_items'][:5]} "
                   f"(clicked {items[0]}: {'seen' if after['history_items'][:1] == [items[0]] else 'NOT seen'})")
             _show(f"POST /recommend user {user} after the click", after)

@@ -136,13 +136,17 @@ def restore(sc: dict[str, Any], app: dict[str, Any], timeout_s: float = 300.0) -
     wait_running(timeout_s)
 
 
-def wait_for_versions(url: str, expected: dict[str, tuple[str, str]], timeout_s: float = 180.0) -> dict[str, Any]:
-    """Poll `/healthz` until every named model ({"ranker": (artifact, version), ...}) is served from that
-    artifact with that version and no problem names it; returns the last health. "RUNNING" is not enough: a
-    replica that cannot load a new artifact keeps serving the old one (its `reconfigure` keeps what is loaded).
-    The location is checked too, since a copy of an artifact carries its version. Raises at once when /healthz
-    names a failed load of one of the artifacts, else at the timeout."""
+def wait_for_versions(url: str, expected: dict[str, str], timeout_s: float = 180.0) -> dict[str, Any]:
+    """Poll `/healthz` until every named model ({"ranker": version, ...}) is served with that version and no
+    problem names a failed load of it; returns the last health. "RUNNING" is not enough: a replica that cannot
+    load a new artifact keeps serving the old one (its `reconfigure` keeps what is loaded). /healthz names no
+    artifact locations; the version is enough, since it ends with the weights' sha256 prefix: a copy serves
+    the same model (and a corrupt copy fails to load, which /healthz reports). Call it once the new config is
+    applied (deploy / set_user_config wait for that): a failed load reported then is the expected artifact's,
+    and raises at once; otherwise it raises at the timeout."""
     import httpx
+
+    from serving.common import LOAD_FAILED
 
     deadline = time.monotonic() + timeout_s
     health: dict[str, Any] = {}
@@ -151,14 +155,13 @@ def wait_for_versions(url: str, expected: dict[str, tuple[str, str]], timeout_s:
             health = httpx.get(f"{url}/healthz", timeout=10).json()
         except httpx.HTTPError as err:
             health = {"problems": [f"/healthz: {type(err).__name__}: {err}"]}
-        failed = [p for p in health.get("problems", []) for name, (artifact, _) in expected.items()
-                  if f"{name} artifact {artifact}:" in p]
+        failed = [p for p in health.get("problems", []) for name in expected
+                  if p.startswith(f"{name}: {LOAD_FAILED}")]
         if failed:
-            raise RuntimeError(f"a model did not load, still serving {health.get('model_versions')}: "
-                               f"{'; '.join(failed)}")
-        versions, artifacts = health.get("model_versions") or {}, health.get("model_artifacts") or {}
-        if all(artifacts.get(name) == artifact and versions.get(name) == version
-               for name, (artifact, version) in expected.items()):
+            raise RuntimeError(f"a model did not load (its replica's log says why), still serving "
+                               f"{health.get('model_versions')}: {'; '.join(failed)}")
+        versions = health.get("model_versions") or {}
+        if all(versions.get(name) == version for name, version in expected.items()):
             return health
         time.sleep(1.0)
     raise TimeoutError(f"/healthz at {url} did not report {expected} within {timeout_s:.0f}s; last: {health}")

@@ -2,12 +2,15 @@
 
 Each accepted POST /events is
 1. checked event by event with the ingestion contract's row rules (`ingestion.contract.check_event`, the
-   same bounds as `ray_jobs.ingest`): one bad event rejects the request (422 naming the event and field);
-2. written to the landing folder as one JSON-lines file, atomically: a local folder gets a hidden temp file
-   that is renamed once complete (`ingestion.landing.LandingWriter`); object storage gets one PUT, which is
-   atomic there. The file is durable before the 202, so ingestion picks every accepted event up;
+   same bounds as `ray_jobs.ingest`; a ts at most `ingest.max_future_s` ahead of this clock): one bad event
+   rejects the request (422 naming the event and field);
+2. written to the landing folder as one JSON-lines file, atomically: a local folder gets a hidden temp file,
+   fsynced, then linked to its final name and the folder fsynced (`LandingFiles`); object storage gets one
+   PUT, which is atomic there. The file is durable before the 202, so ingestion picks every accepted event up;
 3. applied to the online store by a `RealtimeFeatureUpdater` (started from the lake, as `ingest --follow
-   --push-features` does): the user's next /recommend sees the event in its history.
+   --push-features` does): the user's next /recommend sees the event in its history. An event_id it applied
+   already is counted once. While the updater is down (store unreachable) events still land and get 202
+   with features_updated false; a background thread restarts it with exponential backoff, never a request.
 
 One replica: the updater must be the single writer of the entities it updates (features/realtime.py), so
 do not also run `ray_jobs.ingest --follow --push-features` against the same online store.
@@ -22,10 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
+import threading
 import time
 import uuid
-from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -35,6 +40,7 @@ from ingestion.contract import OPTIONAL_FIELDS, REQUIRED_FIELDS, EventTimeBounds
 from serving.common import platform_config
 
 log = logging.getLogger("ray.serve")
+RESTART_BACKOFF_S = (1.0, 60.0)  # first and longest wait between attempts to restart the real-time updater
 
 
 def bad_field(reason: str) -> str:
@@ -46,18 +52,53 @@ def bad_field(reason: str) -> str:
     return "action" if "action" in reason else "event"
 
 
-def write_landing(folder: str, prefix: str, events: list[dict]) -> str:
-    """One JSON-lines file holding `events`, appearing whole or not at all; returns its name."""
-    if "://" not in folder:
-        from ingestion.landing import LandingWriter
+def _jsonl(events: list[dict]) -> bytes:
+    return "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode()
 
-        with LandingWriter(folder, prefix=prefix, lines_per_file=len(events) + 1) as writer:
-            writer.write_events(events)
-        return str(writer.files[-1])
+
+class LandingFiles:
+    """Publishes one JSON-lines file per call into a local landing folder, durably and in O(1).
+
+    Names follow `ingestion.landing.LandingWriter` (`<prefix>-<seq:06d>.jsonl`, published by a no-clobber
+    link from a hidden temp file). The folder is listed once, here, to continue after this prefix's
+    highest number (a restarted process with the same host and pid must not reuse a name ingestion has
+    read); later numbers come from memory, as a folder of a million files would make every call slow."""
+
+    def __init__(self, folder: str, prefix: str):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.jsonl(\.gz)?")
+        self.seq = max((int(m.group(1)) for name in os.listdir(self.folder) if (m := pattern.fullmatch(name))),
+                       default=0)
+
+    def write(self, events: list[dict]) -> str:
+        self.seq += 1
+        final = self.folder / f"{self.prefix}-{self.seq:06d}.jsonl"
+        tmp = self.folder / f".{final.name}.tmp"
+        try:
+            with open(tmp, "wb") as out:
+                out.write(_jsonl(events))
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(tmp, final)  # fails rather than overwrite a file another writer published
+        finally:
+            tmp.unlink(missing_ok=True)
+        # The link is a change to the folder: without this fsync a crash after the 202 can lose the name.
+        folder = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        return str(final)
+
+
+def write_object(folder: str, prefix: str, events: list[dict]) -> str:
+    """One object holding `events` under an object-storage landing folder; returns its URI."""
     fs, root = storage.filesystem(folder)
     name = f"{root.rstrip('/')}/{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.jsonl"
     with fs.open_output_stream(name) as out:  # one PUT: the object exists whole or not at all
-        out.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events).encode())
+        out.write(_jsonl(events))
     return f"{folder.split('://')[0]}://{name}"
 
 
@@ -65,23 +106,47 @@ def write_landing(folder: str, prefix: str, events: list[dict]) -> str:
 class EventIntake:
     def __init__(self, args: dict[str, Any] | None = None):
         self.cfg = platform_config(args)
-        min_ts = datetime.fromisoformat(self.cfg.ingest.min_event_time.replace("Z", "+00:00"))
-        self.bounds = EventTimeBounds(min_ts_ms=int(min_ts.timestamp() * 1000),
-                                      max_future_ms=self.cfg.ingest.max_future_s * 1000)
+        self.bounds = EventTimeBounds.from_config(self.cfg.ingest)
         # Unique per process: two writers never race for one landing file name.
         self.prefix = f"{self.cfg.serving.landing_prefix}-{socket.gethostname()}-{os.getpid()}"
+        landing = self.cfg.ingest.landing_dir
+        self.landing = LandingFiles(landing, self.prefix) if "://" not in landing else None
         self.updater, self.error = None, None
-        self._start_updater()
+        self._restarting = threading.Lock()
+        if not self._start_updater():
+            self._restart_in_background()
 
-    def _start_updater(self) -> None:
+    def _start_updater(self) -> bool:
         try:
             from features.realtime import start_from_lake
             from features.repo import open_store
 
             self.updater, self.error = start_from_lake(self.cfg, open_store(self.cfg)), None
+            return True
         except Exception as err:  # events still land; features catch up when the store is back
             self.updater, self.error = None, f"real-time updater: {err}"
             log.error(self.error)
+            return False
+
+    def _restart_in_background(self) -> None:
+        """Retries `start_from_lake` off the request path, waiting twice as long after each failure: a
+        rebuild replays the lake's recent events, so running it per request would stall every request
+        and hammer a store that is already down."""
+        if not self._restarting.acquire(blocking=False):
+            return  # one restart loop at a time
+
+        def loop() -> None:
+            try:
+                delay = RESTART_BACKOFF_S[0]
+                while True:
+                    time.sleep(delay)
+                    if self._start_updater():
+                        return
+                    delay = min(2 * delay, RESTART_BACKOFF_S[1])
+            finally:
+                self._restarting.release()
+
+        threading.Thread(target=loop, name="realtime-updater-restart", daemon=True).start()
 
     def validate(self, events: list[dict]) -> list[dict]:
         """Problems as FastAPI-style 422 details (empty when every event is valid)."""
@@ -98,18 +163,20 @@ class EventIntake:
         if problems:
             return {"problems": problems}
         t0 = time.perf_counter()
-        landed = write_landing(self.cfg.ingest.landing_dir, self.prefix, events)
+        landed = (self.landing.write(events) if self.landing is not None
+                  else write_object(self.cfg.ingest.landing_dir, self.prefix, events))
         t1 = time.perf_counter()
-        if self.updater is None:
-            self._start_updater()
-        updated = False
-        if self.updater is not None:
+        updater, updated = self.updater, False
+        if updater is not None:
             try:
-                self.updater.update(events)
+                report = updater.update(events)
                 updated = True
+                if report.skipped:
+                    log.info("real-time features skipped events: %s", report.skipped)
             except Exception as err:  # landed already: ingestion will still see it
                 log.error("real-time feature update failed: %s", err)
                 self.updater, self.error = None, f"real-time updater: {err}"
+                self._restart_in_background()
         t2 = time.perf_counter()
         return {"accepted": len(events), "landing_file": landed, "features_updated": updated,
                 "timings_ms": {"landing": round((t1 - t0) * 1000, 3), "features": round((t2 - t1) * 1000, 3)}}

@@ -118,8 +118,8 @@ class FeatureLookup:
             self.trending_list = trending_items(self.cfg, serving.trending_size, serving.trending_window_s)
             self.error = None
         except Exception as err:  # the lake may be unreachable: keep the last list rather than none
-            self.error = f"trending refresh failed, keeping {len(self.trending_list)} items: {err}"
-            log.warning(self.error)
+            self.error = f"trending refresh failed, keeping {len(self.trending_list)} items ({type(err).__name__})"
+            log.warning("%s: %s", self.error, err)
 
     async def trending(self) -> list[tuple[int, float]]:
         # The query scans the item stats table: off the event loop.

@@ -7,7 +7,7 @@ once. Inputs come from `serving.features.ranking_rows` + `training.ranking_batch
 training uses. Score = sum over tasks of weight * sigmoid(logit) (serving.task_weights or the deployment's
 user_config task_weights; empty = every task weighs 1).
 
->>> # m = RankerModel("data/artifacts/ranker"); [probs] = m.score(ranking_rows(features, now_ms)); m.combine(probs)
+    m = RankerModel("data/artifacts/ranker"); [probs] = m.score(ranking_rows(features, now_ms)); m.combine(probs)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from features.online import FeatureStoreUnavailable, OnlineFeatureClient
 from features.spec import FeatureSpec
 from models.heads import SequenceRanker
 from models.mfalcon import MFalconScorer
-from serving.common import BusyBatchWait, StageUnavailable, platform_config, resolve
+from serving.common import BusyBatchWait, StageUnavailable, load_failed, platform_config, resolve
 from serving.lookup import default_features, ranking_rows
 from training.artifact import load_artifact
 from training.ranking_batch import RankingFeatures, encode
@@ -106,21 +106,24 @@ class Ranker:
             try:
                 self.client, self.store_error = OnlineFeatureClient(self.cfg, item_ttl_s=item_ttl_s), None
             except FeatureStoreUnavailable as err:
-                self.client, self.store_error = None, str(err)
+                self.client, self.store_error = None, type(err).__name__
+                log.error("ranker: online store unavailable: %s", err)
         weights = uc.get("task_weights") or self.cfg.serving.task_weights
         artifact = resolve(uc.get("artifact"), self.args)
         if artifact is None:
             self.model, self.artifact, self.error = None, None, "no ranker artifact configured"
             return
         if artifact == self.artifact and self.model is not None:
+            # Back to the artifact it serves (a rollback after a failed load): that load's error is over.
             self.model.set_weights(weights)
+            self.error = None
             return
         try:
             model = await asyncio.to_thread(RankerModel, artifact, weights, int(uc.get("micro_batch", 256)),
                                             int(uc.get("cache_size", 4096)))
-        except Exception as err:  # keep serving what is loaded (or nothing): /healthz names the problem
-            self.error = f"ranker artifact {artifact}: {err}"
-            log.error(self.error)
+        except Exception as err:  # keep serving what is loaded (or nothing): /healthz says so, the log says why
+            self.error = load_failed(err)
+            log.error("ranker artifact %s: %s", artifact, err)
             return
         self.model, self.artifact, self.error = model, artifact, None
 
@@ -163,10 +166,9 @@ class Ranker:
     async def check(self) -> list[str]:
         problems = [] if self.model is not None and self.error is None else [f"ranker: {self.error}"]
         if self.client is None:
-            problems.append(f"ranker feature store: {self.store_error}")
+            problems.append(f"ranker: feature store unavailable ({self.store_error})")
         return problems
 
     async def loaded(self) -> dict[str, str | None]:
-        """The version and artifact location of the model answering now (a failed reload leaves the old one)."""
-        return {"version": self.model.version if self.model else None,
-                "artifact": self.artifact if self.model else None}
+        """The version of the model answering now (a failed reload leaves the old one)."""
+        return {"version": self.model.version if self.model else None}

@@ -11,7 +11,7 @@ Dense ids map to raw ids through metadata `item_ids` (NEZHA: dense id i at index
 (dot-product retrievers: index = dense id, 0 = padding). Raw ids outside the vocabulary are dropped from the
 history; a history with nothing left raises `StageUnavailable` (the ingress then serves trending items).
 
->>> # m = RetrieverModel("data/artifacts/retriever"); m.retrieve([[(3, 1767571200000)]], [now_ms], [10], [set()])
+    m = RetrieverModel("data/artifacts/retriever"); m.retrieve([[(3, 1767571200000)]], [now_ms], [10], [set()])
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from serving.common import BusyBatchWait, StageUnavailable, resolve
+from serving.common import BusyBatchWait, StageUnavailable, load_failed, resolve
 from training.artifact import load_artifact
 
 log = logging.getLogger("ray.serve")
@@ -115,12 +115,13 @@ class Retriever:
             self.model, self.artifact, self.error = None, None, "no retriever artifact configured"
             return
         if artifact == self.artifact and self.model is not None:
+            self.error = None  # back to the artifact it serves (a rollback after a failed load)
             return
         try:
             model = await asyncio.to_thread(RetrieverModel, artifact, uc.get("decoder", "nezha"))
-        except Exception as err:  # keep serving what is loaded (or nothing): /healthz names the problem
-            self.error = f"retriever artifact {artifact}: {err}"
-            log.error(self.error)
+        except Exception as err:  # keep serving what is loaded (or nothing): /healthz says so, the log says why
+            self.error = load_failed(err)
+            log.error("retriever artifact %s: %s", artifact, err)
             return
         self.model, self.artifact, self.error = model, artifact, None
 
@@ -141,9 +142,8 @@ class Retriever:
                 for items, scores in got]
 
     async def loaded(self) -> dict[str, str | None]:
-        """The version and artifact location of the model answering now (a failed reload leaves the old one)."""
-        return {"version": self.model.version if self.model else None,
-                "artifact": self.artifact if self.model else None}
+        """The version of the model answering now (a failed reload leaves the old one)."""
+        return {"version": self.model.version if self.model else None}
 
     async def check(self) -> list[str]:
         return [] if self.model is not None and self.error is None else [f"retriever: {self.error}"]

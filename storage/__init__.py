@@ -55,21 +55,6 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-# What delta-rs needs to reach S3, as the environment gives it.
-_DELTA_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL",
-              "AWS_ALLOW_HTTP")
-
-
-def delta_options(profile_options: dict[str, str] | None) -> dict[str, str] | None:
-    """delta-rs storage options: the profile's (never credentials) plus the S3 settings of this process's
-    environment. Delta readers that Ray Data ships to tasks carry their options along; with the keys among them
-    a task resolves no credential chain of its own (under load one such task fell through the chain to the cloud
-    metadata address and failed), and a node whose environment lacks them still reads the table."""
-    merged = {k: os.environ[k] for k in _DELTA_ENV if os.environ.get(k)}
-    merged.update(profile_options or {})
-    return merged or None
-
-
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

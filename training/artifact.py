@@ -1,4 +1,4 @@
-"""The model artifact (DESIGN.md "Model artifact"): everything serving needs, in one folder, no pickle.
+"""The model artifact (docs/design.md, "Model artifact"): everything serving needs, in one folder, no pickle.
 
     <folder>/
       manifest.json            format, version string, model class, UTC time, sha256 of every file below
@@ -10,7 +10,9 @@
 
 The folder may be local or remote (`s3://bucket/artifacts/x`, through `storage`). A remote artifact is
 written file by file with the manifest last, so a reader never finds a manifest whose files are missing;
-loading one downloads it to a temporary folder and checks every file's sha256 there.
+loading one downloads it to a temporary folder and checks every file's sha256 there. A folder loads only
+if its manifest lists exactly the files in it (none missing, none extra, the required ones present) and
+every digest matches: weights the manifest does not vouch for are never read.
 
 The model is rebuilt from a registry of known classes: `config` is either one registered config
 dataclass (the constructor's only argument, e.g. `DLRM(DLRMConfig(...))`) or a dict of keyword
@@ -39,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -64,6 +67,9 @@ from models.zenith import Zenith, ZenithConfig
 FORMAT_VERSION = 1
 MANIFEST, CONFIG, WEIGHTS = "manifest.json", "config.json", "weights.safetensors"
 METADATA, METRICS, SEMANTIC_IDS = "metadata.json", "metrics.json", "semantic_ids.safetensors"
+
+REQUIRED_FILES = frozenset({CONFIG, WEIGHTS, METADATA, METRICS})
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {}
 CONFIG_CLASSES: dict[str, type] = {}
@@ -173,6 +179,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_manifest(folder: str) -> dict:
+    try:
+        manifest = storage.read_json(storage.join(folder, MANIFEST))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{storage.join(folder, MANIFEST)}: not JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{storage.join(folder, MANIFEST)}: not a JSON object")
+    return manifest
+
+
+def _check_listed(folder: str, files: Any, present: list[str]) -> None:
+    """The manifest's `files` against the files found in the folder (relative paths, the manifest aside)."""
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{folder}: {MANIFEST} lists no files, so nothing in the folder can be checked")
+    if bad := sorted(name for name, digest in files.items() if not _SHA256_HEX.fullmatch(str(digest))):
+        raise ValueError(f"{folder}: {MANIFEST} gives no sha256 (64 lower-case hex digits) for {', '.join(bad)}")
+    if unlisted := sorted(REQUIRED_FILES - files.keys()):
+        raise ValueError(f"{folder}: {MANIFEST} does not list {', '.join(unlisted)}")
+    found = set(present) - {MANIFEST}
+    if missing := sorted(files.keys() - found):
+        raise ValueError(f"{folder}: {', '.join(missing)} listed in {MANIFEST} but missing from the folder")
+    if extra := sorted(found - files.keys()):
+        raise ValueError(f"{folder}: {', '.join(extra)} in the folder but not listed in {MANIFEST}")
+
+
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=1, sort_keys=False) + "\n")
 
@@ -237,12 +268,16 @@ def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: d
 def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
     """Rebuild the model of an artifact folder (in eval mode, on `device`) and read its manifest.
 
-    Every file's sha256 is checked against the manifest first, so a half-copied or edited artifact
-    fails loudly instead of serving wrong weights.
+    The manifest must list exactly the folder's files and each one's sha256 must match, so a half-copied,
+    edited or padded artifact fails loudly, naming the file, instead of serving wrong weights.
     """
     if storage.is_remote(str(folder)):
         if not storage.exists(storage.join(str(folder), MANIFEST)):
             raise FileNotFoundError(f"{folder}: no {MANIFEST} (not an artifact, or still being written)")
+        # The listing first, so a folder with extra or missing files is refused before anything is downloaded;
+        # the downloaded copy is checked again below (the folder may change in between).
+        manifest = _read_manifest(str(folder))
+        _check_listed(str(folder), manifest.get("files"), storage.list_files(str(folder), recursive=True))
         with tempfile.TemporaryDirectory(prefix="artifact-") as local:
             storage.download_dir(str(folder), local)
             model, manifest = load_artifact(local, device)
@@ -251,9 +286,10 @@ def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tup
     folder = Path(folder)
     if not (folder / MANIFEST).exists():
         raise FileNotFoundError(f"{folder}: no {MANIFEST} (not an artifact, or still being written)")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = _read_manifest(str(folder))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: unsupported artifact format {manifest.get('format_version')!r}")
+    _check_listed(str(folder), manifest.get("files"), storage.list_files(str(folder), recursive=True))
     for file_name, digest in manifest["files"].items():
         if _sha256(folder / file_name) != digest:
             raise ValueError(f"{folder / file_name}: sha256 does not match the manifest")

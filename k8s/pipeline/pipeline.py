@@ -61,12 +61,21 @@ SERVE_ARTIFACTS = {"ranker": "Ranker", "retriever": "Retriever"}
 
 
 # The component functions are shipped to the cluster as source: each imports what it needs itself, and
-# cannot use this module's names (constants are repeated inside where needed).
+# cannot use this module's names (constants are repeated inside where needed). Each checks the parameters
+# it uses against these forms first (a run's arguments are anyone's input): Kubernetes names are DNS labels,
+# an artifact location is s3://<bucket>/<path> or a path of [A-Za-z0-9._/=-] not starting with '-' and
+# without '..', so that no value can carry a shell word, an option, a query or a path outside what it names.
 @dsl.component(base_image=CONTROL_IMAGE, install_kfp_package=False)
 def artifact_paths(artifact_root: str, run_id: str) -> NamedTuple("Paths", ranker=str, retriever=str):
     """Where this run's training writes its model artifacts."""
+    import re
     from collections import namedtuple
 
+    location = re.compile(r"s3://[a-z0-9][a-z0-9.-]*(/[A-Za-z0-9._/=-]*)?|[A-Za-z0-9._/][A-Za-z0-9._/=-]*")
+    if not location.fullmatch(artifact_root) or ".." in artifact_root:
+        raise ValueError(f"artifact_root {artifact_root!r}: want s3://<bucket>/<path> or a path")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}", run_id):
+        raise ValueError(f"run_id {run_id!r}: want letters, digits, '-' and '_' (a KFP run id)")
     root = artifact_root.rstrip("/")
     return namedtuple("Paths", ["ranker", "retriever"])(f"{root}/{run_id}/ranker", f"{root}/{run_id}/retriever")
 
@@ -75,9 +84,22 @@ def artifact_paths(artifact_root: str, run_id: str) -> NamedTuple("Paths", ranke
 def run_stage(stage: str, namespace: str, run_id: str, artifact_dir: str = "", timeout_s: int = 43200,
               poll_s: int = 15) -> str:
     """Run stage `stage` as a RayJob copied from its suspended template; return the RayJob's name."""
+    import re
+    import shlex
     import time
 
     from kubernetes import client, config
+
+    stages = ("ingest", "features", "samples", "train", "train_retriever")
+    if stage not in stages:
+        raise ValueError(f"stage {stage!r}: not one of {', '.join(stages)}")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise ValueError(f"namespace {namespace!r}: not a Kubernetes namespace name")
+    location = re.compile(r"s3://[a-z0-9][a-z0-9.-]*(/[A-Za-z0-9._/=-]*)?|[A-Za-z0-9._/][A-Za-z0-9._/=-]*")
+    if artifact_dir and (not location.fullmatch(artifact_dir) or ".." in artifact_dir):
+        raise ValueError(f"artifact_dir {artifact_dir!r}: want s3://<bucket>/<path> or a path")
+    if timeout_s < 0 or poll_s < 0:
+        raise ValueError(f"timeout_s {timeout_s} and poll_s {poll_s} must be >= 0")
 
     try:
         config.load_incluster_config()
@@ -91,7 +113,8 @@ def run_stage(stage: str, namespace: str, run_id: str, artifact_dir: str = "", t
     name = f"{template_name}-{suffix}"  # <= 47 characters, as KubeRay requires
     spec = dict(template["spec"], suspend=False)
     if artifact_dir:
-        spec["entrypoint"] = f"{spec['entrypoint']} --artifact {artifact_dir}"
+        # The submitter runs the entrypoint through a shell: the value is one quoted word, whatever it holds.
+        spec["entrypoint"] = f"{spec['entrypoint']} --artifact {shlex.quote(artifact_dir)}"
     labels = {k: v for k, v in (template["metadata"].get("labels") or {}).items() if k != "streamrec.io/template"}
     labels["streamrec.io/run"] = suffix
     body = {"apiVersion": f"{group}/{version}", "kind": "RayJob",
@@ -137,6 +160,10 @@ def ingested_events(namespace: str, rayjob: str, timeout_s: int = 300, poll_s: i
 
     from kubernetes import client, config
 
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise ValueError(f"namespace {namespace!r}: not a Kubernetes namespace name")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", rayjob):  # it goes into a label selector
+        raise ValueError(f"rayjob {rayjob!r}: not a RayJob name")
     try:
         config.load_incluster_config()
     except config.ConfigException:
@@ -176,12 +203,14 @@ def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retrie
     The RayService's RUNNING is not enough: a replica whose `reconfigure` cannot load the new artifact keeps
     the model it has and only reports the error (serving/ranker.py, serving/retriever.py), so the service
     stays RUNNING with the old model. The serving app's `GET /healthz` reports the loaded
-    `model_versions` and such errors in `problems` ("ranker: ranker artifact <path>: <error>",
-    "retriever: retriever artifact <path>: <error>"; serving/app.py healthz). So: read the versions before
+    `model_versions` and such errors in `problems` ("ranker: artifact failed to load (<error type>)",
+    "retriever: artifact failed to load (...)"; serving/common.py LOAD_FAILED; no path: /healthz names no
+    locations, the replica's log has the error). So: read the versions before
     the patch, patch, wait for the RayService as before, then poll /healthz until each model whose path
     changed serves a version other than the one before and no problem names a ranker/retriever artifact,
     `confirm_reads` times in a row (each /healthz asks one replica of each deployment: several reads sample
-    several replicas). A problem naming a new artifact fails the step at once; so does the timeout
+    several replicas). A failed load, once the RayService runs the patched config, is the new artifact's: it
+    fails the step at once; so does the timeout
     (`timeout_s`, from the patch on, covers the RayService and the /healthz waits). The same check as
     serving/deploy.py wait_for_versions, which compares with the manifests' versions; this image (kfp,
     kubernetes, PyYAML) cannot read s3:// manifests, so the step compares with what was served before.
@@ -204,11 +233,25 @@ def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retrie
     """
     import http.client
     import json
+    import re
     import time
     import urllib.request
 
     import yaml
     from kubernetes import client, config
+
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise ValueError(f"namespace {namespace!r}: not a Kubernetes namespace name")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,45}[a-z0-9])?", rayservice):
+        raise ValueError(f"rayservice {rayservice!r}: not a RayService name")
+    location = re.compile(r"s3://[a-z0-9][a-z0-9.-]*(/[A-Za-z0-9._/=-]*)?|[A-Za-z0-9._/][A-Za-z0-9._/=-]*")
+    for name, artifact in (("ranker_artifact", ranker_artifact), ("retriever_artifact", retriever_artifact)):
+        if not location.fullmatch(artifact) or ".." in artifact:
+            raise ValueError(f"{name} {artifact!r}: want s3://<bucket>/<path> or a path")
+    if healthz_url and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?", healthz_url):
+        raise ValueError(f"healthz_url {healthz_url!r}: want http(s)://<host>[:port]/<path>")
+    if min(timeout_s, poll_s, revert_timeout_s) < 0 or confirm_reads < 1:
+        raise ValueError("timeout_s, poll_s and revert_timeout_s must be >= 0, confirm_reads >= 1")
 
     url = healthz_url or f"http://{rayservice}-serve-svc.{namespace}.svc.cluster.local:8000/healthz"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a cluster Service: never via a proxy
@@ -340,20 +383,15 @@ def update_serving(namespace: str, rayservice: str, ranker_artifact: str, retrie
     # its version too and ends in the timeout: deploy it under its old path instead.
     changed = {m: new[m] != old_paths.get(m) for m in new}
 
-    def names_new_artifact(problem: str) -> bool:
-        """The replicas' own words: f"{model} artifact {path}: {error}"; serving.common.resolve leaves a URI
-        as it is and makes a relative path absolute under the app's base_dir."""
-        for m, path in new.items():
-            named = problem.partition(f"{m} artifact ")[2].split(": ", 1)[0]
-            if named and (named == path or ("://" not in path and named.endswith("/" + path.lstrip("./")))):
-                return True
-        return False
+    def failed_load(problem: str) -> bool:
+        """The replicas' own words (serving.common.load_failed), after the model's name."""
+        return any(problem.startswith(f"{m}: artifact failed to load") for m in new)
     good, last = 0, {}
     while True:
         last = health()
         versions = last.get("model_versions") or {}
         problems = [str(p) for p in last.get("problems") or []]
-        failed = [p for p in problems if names_new_artifact(p)]
+        failed = [p for p in problems if failed_load(p)]
         if failed:
             reverted = revert()
             raise RuntimeError(

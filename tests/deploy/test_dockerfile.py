@@ -75,11 +75,18 @@ def test_one_dockerfile_two_torch_builds():
     assert "exit 1" in runs
 
 
-def test_base_image_pinned_by_digest():
-    """A tag moves when Docker rebuilds it; a digest never does (refresh: docker buildx imagetools inspect)."""
-    for _, ref in ((op, arg) for op, arg in _instructions() if op == "FROM"):
-        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}( AS \w+)?", ref), ref
-    assert "docker buildx imagetools inspect" in (ROOT / "Dockerfile").read_text()
+def test_base_image_patched_and_pinned_by_digest():
+    """Python 3.11.14 or later (3.11.7 predates published CVE fixes), by digest: a tag moves when Docker rebuilds
+    it, a digest never does. The pipeline's control image has the same base."""
+    digest = r"sha256:[0-9a-f]{64}"
+    for dockerfile in ("Dockerfile", "k8s/pipeline/Dockerfile"):
+        text = (ROOT / dockerfile).read_text()
+        froms = re.findall(r"^FROM (.+)$", text, re.MULTILINE)
+        assert froms, dockerfile
+        for ref in froms:
+            found = re.fullmatch(rf"python:3\.11\.(\d+)-slim-bookworm@{digest}( AS \w+)?", ref)
+            assert found and int(found.group(1)) >= 14, (dockerfile, ref)
+    assert "docker buildx imagetools inspect python:3.11.14-slim-bookworm" in (ROOT / "Dockerfile").read_text()
 
 
 def test_no_test_or_lint_tools_in_the_image():

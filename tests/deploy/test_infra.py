@@ -7,6 +7,7 @@ import re
 
 import yaml
 
+from infra import image_digests
 from k8s import validate
 from tests.deploy.conftest import ROOT, find, rendered
 
@@ -57,3 +58,20 @@ def test_prometheus_scrapes_annotated_ray_pods():
     address = next(r for r in ray["relabel_configs"] if r.get("target_label") == "__address__")
     assert re.sub(address["regex"] + "$", address["replacement"].replace("$", "\\"), "10.0.0.7:6379;8080") \
         == "10.0.0.7:8080"
+
+
+def test_redis_is_patched_and_every_image_is_pinned_by_digest(monkeypatch, capsys):
+    """Redis 7.4.6 fixed the Lua use-after-free (CVE-2025-49844); 7.4.2 ran in compose and in-cluster. Every
+    third-party reference carries a digest; `python infra/image_digests.py` reports and fails on one without."""
+    refs = image_digests.references()
+    redis = [ref for _, ref in refs if ref.startswith("redis:")]
+    assert len(redis) == 2  # compose and infra/k8s
+    for ref in redis:
+        version = re.match(r"redis:(\d+)\.(\d+)\.(\d+)-alpine@", ref)
+        assert version and tuple(map(int, version.groups())) >= (7, 4, 6), ref
+    assert len(refs) >= 8 and image_digests.unpinned() == [] and image_digests.main() == 0
+
+    pinned = ("Dockerfile", "python:3.11.14-slim-bookworm@sha256:" + "0123456789abcdef" * 4)
+    monkeypatch.setattr(image_digests, "references", lambda: [pinned, ("x", "minio:RELEASE.1")])
+    assert image_digests.unpinned() == [("x", "minio:RELEASE.1")]
+    assert image_digests.main() == 1 and "minio:RELEASE.1: no digest" in capsys.readouterr().out

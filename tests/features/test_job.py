@@ -151,7 +151,8 @@ def test_template_repo_matches_the_embedded_profile():
     rendered = feature_store_yaml(absolute_paths(config.load(), PROJECT_ROOT), TEMPLATE_DIR)
     assert yaml.safe_load((TEMPLATE_DIR / "feature_store.yaml").read_text()) == rendered
     cluster = feature_store_yaml(config.load("cluster"))
-    assert cluster["online_store"]["type"] == "redis" and cluster["offline_store"] == {"type": "duckdb"}
+    assert cluster["online_store"]["type"] == "features.redis_store.GuardedRedisOnlineStore"
+    assert cluster["offline_store"] == {"type": "duckdb"}
 
 
 @pytest.mark.parametrize("bad", ["features.windows_s=[300,3601]", "features.sequence_actions=[jump]"])

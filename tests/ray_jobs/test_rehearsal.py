@@ -15,7 +15,10 @@ import sys
 from tests.conftest import REPO
 
 
-def test_every_stage_runs_on_the_cluster_path(tmp_path):
+def test_every_stage_runs_on_the_cluster_path(tmp_path, ray_local):
+    # `ray_local`: another Ray runs on the host, as it does in the full suite. A job's driver resolves
+    # address "auto" and must join the rehearsal cluster, not any GCS it finds (which it once did: the
+    # stages then ran on the wrong cluster, without the S3 settings, and failed about half the time).
     out = tmp_path / "rehearsal.json"
     done = subprocess.run([sys.executable, "-m", "ray_jobs.rehearsal", "--events", "15000", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=1200)

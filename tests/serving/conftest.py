@@ -3,7 +3,9 @@ its own SQLite online store, two toy rankers (to roll one into the other) and a 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +38,10 @@ class Served:
         return self.http.post(self.url + path, json=body, **kwargs)
 
 
-@pytest.fixture(scope="package")
-def served(feature_lake, tmp_path_factory) -> Served:  # noqa: F811 (the imported fixture)
-    root = tmp_path_factory.mktemp("serving")
+@contextlib.contextmanager
+def serving_app(feature_lake, root: Path) -> Iterator[Served]:  # noqa: F811 (the imported fixture's name)
+    """The whole Serve application over `feature_lake`, shut down on exit (its replicas hold the test Ray's
+    CPUs: no Ray Data job of a later test would get one)."""
     cfg = online_config(feature_lake.cfg, root / "feast", "sqlite")
     cfg.ingest.landing_dir = str(root / "landing")
     cfg.serving.api_key_env = KEY_ENV
@@ -57,6 +60,14 @@ def served(feature_lake, tmp_path_factory) -> Served:  # noqa: F811 (the importe
                       deployments={"Ingress": {"ray_actor_options": {"num_cpus": 0.2,
                                                                      "runtime_env": {"env_vars": {KEY_ENV: key}}}}})
     deploy(sc)
-    with httpx.Client(timeout=30) as http:
-        yield Served(cfg, sc, base_url(sc), key, ranker, ranker2, retriever, http)
-    shutdown()
+    try:
+        with httpx.Client(timeout=30) as http:
+            yield Served(cfg, sc, base_url(sc), key, ranker, ranker2, retriever, http)
+    finally:
+        shutdown()
+
+
+@pytest.fixture(scope="package")
+def served(feature_lake, tmp_path_factory) -> Iterator[Served]:  # noqa: F811 (the imported fixture)
+    with serving_app(feature_lake, tmp_path_factory.mktemp("serving")) as app:
+        yield app

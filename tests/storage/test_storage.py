@@ -72,11 +72,3 @@ def test_artifact_on_s3_round_trips_and_refuses_tampering(s3, tmp_path):
         load_artifact(storage.join(s3, "artifacts", "nothing-here"))
 
 
-def test_docstring_examples():
-    import doctest
-
-    import features.offline
-
-    for module in (storage, features.offline):
-        result = doctest.testmod(module)
-        assert result.failed == 0 and result.attempted > 0, module.__name__

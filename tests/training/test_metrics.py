@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -12,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-import training.metrics
 from training.metrics import (
     StreamingBinaryMetrics,
     auc,
@@ -29,11 +27,6 @@ from training.metrics import (
 )
 
 FAST = settings(max_examples=40, deadline=None)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(training.metrics)
-    assert result.attempted > 0 and result.failed == 0
 
 
 @FAST

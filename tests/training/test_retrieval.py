@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import training.early_stopping
-import training.retrieval
-import training.retrieval_data
-import training.retrieval_loss
 from training.retrieval import (
     RetrievalTrainConfig,
     build_retrieval_model,
@@ -33,13 +28,6 @@ from training.retrieval_data import (
     sequences_from_interactions,
 )
 from training.retrieval_loss import per_sequence_sampled_softmax
-
-
-@pytest.mark.parametrize("module", [training.retrieval, training.retrieval_data, training.retrieval_loss,
-                                    training.early_stopping])
-def test_docstring_examples(module):
-    result = doctest.testmod(module)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_movielens_reader_sorts_by_time_and_keeps_file_order_on_ties(tmp_path):

@@ -1,6 +1,5 @@
 """Generative retriever job: data formats, semantic IDs, training, artifact round trip, the entrypoint."""
 
-import doctest
 import json
 
 import numpy as np
@@ -25,11 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.mark.parametrize("module", [training.retriever_data, training.semantic_ids, training.retriever_pipeline])
-def test_doctests(module):
-    assert doctest.testmod(module).failed == 0
 
 
 def _ring_split(users=40, items=12, length=9):
