@@ -99,14 +99,15 @@ class FileContent:
         if self.problem is None:  # the first cause wins (a capped gzip stream also looks truncated)
             self.problem = problem
 
-    def _capped_stored(self) -> Iterator[bytes]:
-        cap, read = self.limits.max_file_bytes, 0
-        for block in self.stored:
-            if read + len(block) > cap:
-                yield block[:cap - read]
-                self._stop(FileProblem(f"file over {cap} bytes (ingest.max_file_bytes)", cap))
+    def _capped(self, blocks: Iterator[bytes], cap: int, what: str) -> Iterator[bytes]:
+        """`blocks` up to `cap` bytes; past it, a file problem naming `what` ("file ... (ingest.max_file_bytes)")."""
+        total = 0
+        for block in blocks:
+            if total + len(block) > cap:
+                yield block[:cap - total]
+                self._stop(FileProblem(what.format(cap=cap), cap))
                 return
-            read += len(block)
+            total += len(block)
             yield block
 
     def _gunzip(self, stored: Iterator[bytes]) -> Iterator[bytes]:
@@ -135,17 +136,11 @@ class FileContent:
             self._stop(FileProblem("corrupt gzip: truncated stream", pos))
 
     def __iter__(self) -> Iterator[bytes]:
-        blocks = self._capped_stored()
+        blocks = self._capped(self.stored, self.limits.max_file_bytes, "file over {cap} bytes (ingest.max_file_bytes)")
         if self.gzip:
             blocks = self._gunzip(blocks)
-        cap, total = self.limits.max_decompressed_bytes, 0
-        for block in blocks:
-            if total + len(block) > cap:
-                yield block[:cap - total]
-                self._stop(FileProblem(f"content over {cap} bytes (ingest.max_decompressed_bytes)", cap))
-                return
-            total += len(block)
-            yield block
+        yield from self._capped(blocks, self.limits.max_decompressed_bytes,
+                                "content over {cap} bytes (ingest.max_decompressed_bytes)")
 
 
 def read_stored(fs: pafs.FileSystem, path: str) -> Iterator[bytes]:
