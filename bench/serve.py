@@ -5,7 +5,7 @@
 Needs a lake with features (`make demo` writes data/demo); its Feast folder is copied so the benchmark never
 writes to it. The retriever is the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless
 --retriever names another; without --ranker a toy GenRank of the shape training builds by default (training.d_model,
-training.max_hist_len) over the lake's catalogue is built (serving.toy): latency depends on model size, not on
+training.max_hist_len) over the lake's catalogue is built (bench.toy): latency depends on model size, not on
 training.
 
 Variants, each on a fresh local Ray (a subprocess: Serve reads its settings from the environment at start):
@@ -40,11 +40,11 @@ import numpy as np
 import yaml
 
 import config
+from bench.toy import ranker_artifact
 from features.offline import duckdb_connection
 from features.repo import absolute_paths
 from ray_jobs.runtime import init_ray
 from serving.deploy import base_url, deploy, serve_config, shutdown
-from serving.toy import ranker_artifact
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCURRENCY = (1, 4, 16, 64)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ranker = training_stage(cfg)
     retriever = retriever_stage(cfg)
     t = stage("9. serving: Ray Serve /recommend = NEZHA retrieval -> features -> M-FALCON ranking")
-    from serving.demo import serve_and_query
+    from ray_jobs.serve_demo import serve_and_query
 
     serve_and_query(cfg, ranker.artifact, retriever, keep_serving=args.keep_serving)
     print(f"   served, queried and shut down ({time.perf_counter() - t:.1f}s)")

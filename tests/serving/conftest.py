@@ -13,9 +13,9 @@ import httpx
 import pytest
 import yaml
 
+from bench.toy import ranker_artifact, retriever_artifact
 from config.schema import PlatformConfig
 from serving.deploy import base_url, deploy, serve_config, shutdown
-from serving.toy import ranker_artifact, retriever_artifact
 from tests.features.conftest import feature_lake, materialized_store, online_config  # noqa: F401 (fixture)
 from tests.redis_server import free_port
 

@@ -1,6 +1,6 @@
 """The serving stage of `make demo`: deploy the app, send a handful of requests, print what came back, shut down.
 
-    from serving.demo import serve_and_query
+    from ray_jobs.serve_demo import serve_and_query
     serve_and_query(cfg, "data/demo/artifacts/ranker", "data/demo/artifacts/retriever")
 
 `cfg` is the demo's PlatformConfig (its lake and online store must hold the feature job's output).

@@ -3,7 +3,7 @@
 They have the real artifact layout (training.artifact) and metadata serving reads, so everything downstream
 of training is exercised without training for real. Scores carry no signal: do not read quality into them.
 
-    python -m serving.toy --out data/artifacts --items 2000 --users 5000 --authors 500
+    python -m bench.toy --out data/artifacts --items 2000 --users 5000 --authors 500
     python -m ray_jobs.deploy --ranker data/artifacts/toy-ranker --retriever data/artifacts/toy-retriever
 
 >>> import tempfile, config
