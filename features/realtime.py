@@ -19,7 +19,7 @@ to the future-dated row. Events later than wall-clock + `ingest.max_future_s` (t
 few minutes) are therefore skipped (ingestion quarantines them too), and so are event_ids already
 applied within the longest window, or older than it (too late to tell from a duplicate: the batch job
 counts them). `UpdateReport.skipped` says how many of each. The batch job's writes never replace a
-fresher real-time row (`features.online.guard_online_store`).
+fresher real-time row (`features.feast_layout.guard_online_store`).
 
     updater = start_from_lake(cfg)          # after the feature job has run
     updater.update([{"event_id": "x", "ts": 1767571200000, "user_id": 1, "item_id": 2, "action": "click"}])
@@ -39,8 +39,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from config.schema import PlatformConfig
+from features.feast_layout import guard_online_store
 from features.offline import TS_TYPE, duckdb_connection, open_table
-from features.online import OnlineFeatureClient, guard_online_store
+from features.online import OnlineFeatureClient
 from features.partitions import stats_table
 from features.repo import absolute_paths
 from features.spec import (
