@@ -34,7 +34,6 @@ from features import partitions
 from features.offline import (
     FEATURE_TABLES,
     PARTITION_BY,
-    TS_TYPE,
     duckdb_connection,
     ms_to_datetime,
     open_table,
@@ -43,6 +42,7 @@ from features.offline import (
 )
 from features.repo import absolute_paths
 from features.spec import ENTITY_KEYS, SEQUENCE_VIEW, STATS_ENTITIES, FeatureSpec, stats_view
+from ingestion.contract import TS_TYPE
 
 STATE_SCHEMA = pa.schema([
     pa.field("run", pa.int64(), nullable=False),

@@ -29,8 +29,8 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, FeatureSpec
+from ingestion.contract import TS_TYPE
 
-TS_TYPE = pa.timestamp("us", tz="UTC")
 PARTITION_BY = ["dt"]
 FEATURE_TABLES = {"item": "features_item_stats", "author": "features_author_stats",
                   "user": "features_user_stats", "sequence": "features_user_sequence"}

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from config.schema import PlatformConfig
 from features.feast_layout import guard_online_store
-from features.offline import TS_TYPE, duckdb_connection, open_table
+from features.offline import duckdb_connection, open_table
 from features.online import OnlineFeatureClient
 from features.partitions import stats_table
 from features.repo import absolute_paths
@@ -55,7 +55,7 @@ from features.spec import (
     push_source,
     stats_view,
 )
-from ingestion.contract import ACTION_INDEX
+from ingestion.contract import ACTION_INDEX, TS_TYPE
 
 log = logging.getLogger(__name__)
 

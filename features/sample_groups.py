@@ -13,10 +13,9 @@ import pandas as pd
 import pyarrow as pa
 
 from config.schema import SamplesConfig
-from features.offline import TS_TYPE
 from features.spec import FeatureSpec
 from features.windows import last_n_before, list_array
-from ingestion.contract import ACTION_INDEX
+from ingestion.contract import ACTION_INDEX, TS_TYPE
 
 
 @dataclass(frozen=True)

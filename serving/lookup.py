@@ -30,11 +30,10 @@ from ray import serve
 
 from features.online import OnlineFeatures
 from features.spec import SEQUENCE_FIELDS, FeatureSpec
-from ingestion.contract import ACTIONS
+from ingestion.contract import ACTIONS, TS_TYPE
 from serving.common import platform_config
 
 log = logging.getLogger("ray.serve")
-TS_TYPE = pa.timestamp("us", tz="UTC")
 
 
 def default_features(stat_names: tuple[str, ...], user_id: int, item_ids) -> OnlineFeatures:
