@@ -156,6 +156,7 @@ class RayCluster:
 
     def __enter__(self) -> RayCluster:
         import ray._private.utils as ray_utils
+        from ray._raylet import AuthenticationTokenLoader, Config
         from ray.cluster_utils import Cluster
 
         # Ray's socket paths have a length limit: a short temp dir. The head starts with the cluster's env (its
@@ -164,6 +165,10 @@ class RayCluster:
         self.dashboard_port = free_port()
         saved = dict(os.environ)
         os.environ.update({**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+        # This process read RAY_AUTH_MODE when it imported Ray; re-read it (and the token) as Ray's own tests do,
+        # or it would start a token cluster and talk to it without the token.
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
         try:
             # cluster_utils writes the head's address to /tmp/ray/ray_current_cluster, the file that
             # `ray.init(address="auto")` of any process on the machine reads: write it into this cluster's own
