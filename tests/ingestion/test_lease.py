@@ -13,6 +13,7 @@ from deltalake import DeltaTable
 
 from ingestion.lake import append_once, committed_version, open_or_create
 from ingestion.lease import Lease, LeaseHeldError, LeaseLostError
+from tests.threads import run_together
 
 SCHEMA = pa.schema([pa.field("x", pa.int64())])
 
@@ -63,23 +64,14 @@ def test_racing_acquirers_never_both_hold(tmp_path):
     folder = str(tmp_path / "lease")
     holders: list[int] = []
     inside = threading.Lock()
-    errors: list[BaseException] = []
 
     def contend() -> None:
-        try:
-            with Lease(folder, ttl_s=60, wait_s=30) as lease:
-                assert inside.acquire(blocking=False), "two holders at once"
-                holders.append(lease.generation)
-                inside.release()
-        except BaseException as err:  # surfaced below: a thread's failure must fail the test
-            errors.append(err)
+        with Lease(folder, ttl_s=60, wait_s=30) as lease:
+            assert inside.acquire(blocking=False), "two holders at once"
+            holders.append(lease.generation)
+            inside.release()
 
-    threads = [threading.Thread(target=contend) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_together(contend, 6)
     assert len(holders) == 6 and len(set(holders)) == 6
 
 

@@ -24,6 +24,7 @@ from ingestion.contract import MAX_LINE_BYTES, EventTimeBounds, check_event
 from ingestion.job import BatchFailedError, IngestJob, PlanConflictError
 from ingestion.parse import FileLimits, parse_content, parse_file, parse_landing_files
 from tests.ingestion.lake_checks import good_event, lake_rows, make_config, write_lines
+from tests.threads import run_together
 
 NOW_MS = 1_790_000_000_000
 BOUNDS = EventTimeBounds()
@@ -246,22 +247,14 @@ def test_two_runs_started_together_land_everything_once(lake):
     for f in range(4):
         write_lines(landing, f"part-{f}.jsonl", [good_event(f * 30 + i) for i in range(30)] + [good_event(f)])
     start = threading.Barrier(2)
-    reports, errors = [], []
+    reports = []
 
     def run() -> None:
-        try:
-            job = IngestJob(cfg)
-            start.wait(timeout=60)
-            reports.append(job.run_once())
-        except BaseException as err:  # surfaced below: a thread's failure must fail the test
-            errors.append(err)
+        job = IngestJob(cfg)
+        start.wait(timeout=60)
+        reports.append(job.run_once())
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    run_together(run, 2)
     # One run did the work; the other waited for the lease and found nothing left.
     assert sorted(len(r.batches) > 0 for r in reports) == [False, True]
     events, quarantine = lake_rows(cfg)
