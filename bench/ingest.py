@@ -1,12 +1,20 @@
-"""Ingestion benchmark: the whole job vs a plain `write_deltalake`, and kill/re-run trials.
+"""Ingestion benchmark: the whole job against what parsing and writing alone cost, and kill/re-run trials.
 
-    python -m bench.ingest                 # 1M simulator events, 20 kill/re-run trials
-    python -m bench.ingest --events 100000 --trials 3   # a quick look
+    python -m bench.ingest                 # 1M simulator events, 3 repetitions, 20 kill/re-run trials
+    python -m bench.ingest --events 100000 --repeats 1 --trials 3   # a quick look
 
-Prints a table and writes bench/results/ingest.json. The baseline is measured in the same run:
-the same events, already parsed into the `events` Arrow table, written with one plain
-`write_deltalake` call (no reading, parsing, checking, de-duplication or quarantine).
-Ray start-up is excluded from the job's time and reported on its own line.
+Prints a table and writes bench/results/ingest.json. Measured in the same run, on the same landing files:
+- baseline `parse_write`: Arrow's JSON reader over the landing files (the faster of one multi-threaded read per
+  file and the files read in a thread pool) + one plain `write_deltalake` of what it parsed: no row rules, no
+  quarantine, no de-duplication, no GX gate, no exactly-once commits, no lineage columns;
+- baseline `write`: the job's own `events` rows, already in memory, written with one `write_deltalake`;
+- the job `--once`: `IngestJob.run_once()` on a fresh lake with a freshly started Ray (cold workers; Ray's
+  start itself is excluded and reported), GX project set-up and Data Docs included;
+- the job `--follow`: a running `IngestJob.follow()` (warm workers, open lake and GX project) ingesting the
+  same events published into its landing folder at once; timed from the publication until the batch's
+  commits are reported (poll interval 0.1 s included).
+Each figure is the median of `--repeats` runs, with min and max beside it. The kill/re-run trials are
+`bench.crash`'s, with the phase each kill landed in.
 """
 
 from __future__ import annotations
@@ -14,145 +22,187 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import random
 import shutil
-import signal
-import subprocess
+import statistics
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.json as pj
+import ray
 from deltalake import DeltaTable, write_deltalake
 
 import config
+from bench.record import RESULTS, machine
 from config.schema import SimulatorConfig
-from ingestion.audit import audit_lake
 from ingestion.contract import EVENTS_PARTITION_BY
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+
+def spread(samples: list[float]) -> dict:
+    return {"median": round(statistics.median(samples), 3), "min": round(min(samples), 3),
+            "max": round(max(samples), 3), "runs": [round(s, 3) for s in samples]}
 
 
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}"
+def parse_write_baseline(landing: Path, out: Path) -> dict:
+    """Arrow's JSON reader + one `write_deltalake`; the faster of two ways to read the files.
 
-
-def run_ingest(overrides: list[str], kill_after: float | None = None) -> int | None:
-    """Run `python -m ray_jobs.ingest --once` in its own process group; SIGKILL it after `kill_after` s.
-
-    Returns the exit code, or None when it was killed. The new session makes the kill take Ray's
-    own processes down with the driver, like a lost pod.
+    One multi-threaded `read_json` per file, one after another; or the files read by a thread pool of
+    os.cpu_count() threads. (Arrow's dataset scanner over JSON files hangs with pyarrow 26 here.)
     """
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GX_ANALYTICS_ENABLED": "False"}
-    cmd = [sys.executable, "-m", "ray_jobs.ingest", "--once", *[p for o in overrides for p in ("--set", o)]]
-    with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait(timeout=kill_after if kill_after is not None else 900)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return None
-        if code:  # say why (a test shows this on failure)
-            log.seek(0)
-            print(f"ray_jobs.ingest exited {code}:\n{log.read()[-4000:]}", file=sys.stderr)
-        return code
+    files = sorted(str(p) for p in landing.iterdir() if p.suffix == ".jsonl")
+    t = time.perf_counter()
+    per_file = pa.concat_tables([pj.read_json(f) for f in files])
+    per_file_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        pooled = pa.concat_tables(list(pool.map(pj.read_json, files)))
+    pool_s = time.perf_counter() - t
+    table, parse_s, reader = (per_file, per_file_s, "read_json per file") if per_file_s <= pool_s else \
+        (pooled, pool_s, "read_json, files in a thread pool")
+    t = time.perf_counter()
+    write_deltalake(str(out), table)
+    write_s = time.perf_counter() - t
+    shutil.rmtree(out)
+    return {"parse_s": parse_s, "write_s": write_s, "total_s": parse_s + write_s, "reader": reader,
+            "rows": table.num_rows}
 
 
-def throughput(events: int, work: Path) -> dict:
+def once(landing: Path, lake: Path) -> dict:
+    """One `run_once` on a fresh lake with a freshly started Ray."""
     from ingestion.job import IngestJob
-    from ingestion.parse import PARSED_SCHEMA  # noqa: F401  (import cost outside the timing)
     from ray_jobs.runtime import init_ray
 
-    landing, lake = work / "landing", work / "lake"
-    t0 = time.perf_counter()
-    from ingestion.simulator import simulate
-
-    sim = simulate(SimulatorConfig(events=events, oracle_dir=str(work / "oracle")), landing)
-    sim_s = time.perf_counter() - t0
+    shutil.rmtree(lake, ignore_errors=True)
     cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}"])
-    t0 = time.perf_counter()
+    t = time.perf_counter()
     init_ray(cfg.ray)
-    ray_s = time.perf_counter() - t0
-    job = IngestJob(cfg)
-    t0 = time.perf_counter()
-    report = job.run_once()
-    job_s = time.perf_counter() - t0
-    valid = report.totals()["valid"]
-
-    # Baseline: the same valid rows as an Arrow table in memory, one plain write.
-    table = DeltaTable(cfg.lake.events).to_pyarrow_table()
-    raw_path = work / "raw_write"
-    t0 = time.perf_counter()
-    write_deltalake(str(raw_path), table, partition_by=EVENTS_PARTITION_BY)
-    raw_s = time.perf_counter() - t0
-    return {
-        "events": valid, "lines": report.totals()["lines"], "quarantined": report.totals()["quarantined"],
-        "simulator_s": round(sim_s, 2), "simulator_events_per_s": round(sim.get("events", events) / sim_s),
-        "ray_start_s": round(ray_s, 2), "job_s": round(job_s, 3), "raw_write_s": round(raw_s, 3),
-        "events_per_s": round(valid / job_s), "raw_events_per_s": round(valid / raw_s),
-        "ratio_vs_raw": round(raw_s / job_s, 3), "arrow_bytes": table.nbytes,
-        "batch_phases_s": [b.phases for b in report.batches],
-    }
+    ray_s = time.perf_counter() - t
+    t = time.perf_counter()
+    report = IngestJob(cfg).run_once()
+    job_s = time.perf_counter() - t
+    ray.shutdown()
+    return {"job_s": job_s, "ray_start_s": ray_s, "valid": report.totals()["valid"],
+            "lines": report.totals()["lines"], "phases": [b.phases for b in report.batches]}
 
 
-def crash_trials(trials: int, work: Path, seed: int = 5) -> dict:
-    """Each trial: a fresh lake, one SIGKILL at a random moment, a re-run to completion, an audit."""
-    landing = work / "crash_landing"
+def follow(events: int, work: Path, repeats: int) -> dict:
+    """A follow-mode job with warm workers; each repetition publishes `events` new events at once."""
+    from ingestion.job import IngestJob
     from ingestion.simulator import simulate
+    from ray_jobs.runtime import init_ray
 
-    simulate(SimulatorConfig(events=30_000, events_per_file=1_000, malformed_rate=0.02,
-                             oracle_dir=str(work / "crash_oracle")), landing)
-    rng = random.Random(seed)
-    lost = duplicated = killed = 0
-    rows = []
-    for trial in range(trials):
-        lake = work / f"crash_lake_{trial}"
-        overrides = [f"lake.root={lake}", f"ingest.landing_dir={landing}", "ingest.max_batch_bytes=300000",
-                     "ingest.build_data_docs=false"]
-        at = rng.uniform(3.0, 30.0)
-        was_killed = run_ingest(overrides, kill_after=at) is None
-        code = run_ingest(overrides)
-        audit = audit_lake(config.load(None, overrides))
-        killed += was_killed
-        lost += audit.lost
-        duplicated += audit.duplicated
-        rows.append({"trial": trial, "kill_at_s": round(at, 1), "killed": was_killed, "rerun_exit": code,
-                     "lines": audit.lines, "lost": audit.lost, "duplicated": audit.duplicated})
-        print(f"  trial {trial}: kill at {at:.1f}s killed={was_killed} rerun exit={code} "
-              f"lines={audit.lines} lost={audit.lost} duplicated={audit.duplicated}", flush=True)
-        shutil.rmtree(lake, ignore_errors=True)
-    return {"crash_trials": trials, "killed_mid_run": killed, "lost": lost, "duplicated": duplicated,
-            "trials": rows}
+    landing, lake = work / "follow_landing", work / "follow_lake"
+    landing.mkdir()
+    cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}", "ingest.poll_interval_s=0.1"])
+    init_ray(cfg.ray)
+    staged = []
+    for rep in range(repeats + 1):  # the first publication warms the workers, the GX project and the key index
+        folder = work / f"staged{rep}"
+        simulate(SimulatorConfig(seed=100 + rep, events=events if rep else 20_000,
+                                 oracle_dir=str(work / f"oracle{rep}")), folder)
+        staged.append(folder)
+    done = threading.Condition()
+    files_committed: list[int] = []
+
+    def on_batch(batch) -> None:
+        with done:
+            files_committed.append(batch.files)
+            done.notify()
+
+    job, stop = IngestJob(cfg), threading.Event()
+    runner = threading.Thread(target=job.follow, kwargs={"on_batch": on_batch, "stop": stop})
+    runner.start()
+    times = []
+    for rep, folder in enumerate(staged):
+        names = sorted(folder.iterdir())
+        published = len(names)
+        with done:
+            before = len(files_committed)
+        t = time.perf_counter()
+        for path in names:  # same file system: each rename publishes a whole file
+            path.rename(landing / f"r{rep}-{path.name}")
+        with done:
+            done.wait_for(lambda b=before, n=published: sum(files_committed[b:]) >= n, timeout=900)
+        if rep:
+            times.append(time.perf_counter() - t)
+    stop.set()
+    runner.join()
+    ray.shutdown()
+    return {"job_s": spread(times), "events_per_publication": events}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=20)
     args = parser.parse_args(argv)
+    import ingestion.job  # noqa: F401  (GX's import is seconds: outside every timing)
+    from ingestion.simulator import simulate
+
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    result: dict = {"command": "python -m bench.ingest " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     try:
-        result = throughput(args.events, work)
-        print(f"events={result['events']:,} job={result['job_s']}s ({result['events_per_s']:,}/s) "
-              f"raw write_deltalake={result['raw_write_s']}s ({result['raw_events_per_s']:,}/s) "
-              f"ratio={result['ratio_vs_raw']} (ray start {result['ray_start_s']}s, excluded)", flush=True)
-        result.update(crash_trials(args.trials, work))
+        landing = work / "landing"
+        t = time.perf_counter()
+        sim = simulate(SimulatorConfig(events=args.events, oracle_dir=str(work / "oracle")), landing)
+        result["simulator_events_per_s"] = round(sim.get("events", args.events) / (time.perf_counter() - t))
+        runs = [once(landing, work / "lake") for _ in range(args.repeats)]
+        baselines = [parse_write_baseline(landing, work / "baseline") for _ in range(args.repeats)]
+        events_table = DeltaTable(str(work / "lake" / "events")).to_pyarrow_table()
+        writes = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            write_deltalake(str(work / "raw_write"), events_table, partition_by=EVENTS_PARTITION_BY)
+            writes.append(time.perf_counter() - t)
+            shutil.rmtree(work / "raw_write")
+        job_s = statistics.median(r["job_s"] for r in runs)
+        base_s = statistics.median(b["total_s"] for b in baselines)
+        valid = runs[0]["valid"]
+        result.update({
+            "events": valid, "lines": runs[0]["lines"],
+            "job_s": spread([r["job_s"] for r in runs]), "ray_start_s": spread([r["ray_start_s"] for r in runs]),
+            "batch_phases_s": runs[-1]["phases"],
+            "parse_write_s": spread([b["total_s"] for b in baselines]),
+            "parse_write_parse_s": spread([b["parse_s"] for b in baselines]),
+            "parse_write_reader": baselines[0]["reader"],
+            "raw_write_s": spread(writes),
+            "events_per_s": round(valid / job_s), "parse_write_events_per_s": round(valid / base_s),
+            "ratio_vs_parse_write": round(base_s / job_s, 3),
+            "ratio_vs_raw": round(statistics.median(writes) / job_s, 3),
+        })
+        fol = follow(args.events, work, args.repeats)
+        result.update({"follow_job_s": fol["job_s"],
+                       "follow_ratio_vs_parse_write": round(base_s / fol["job_s"]["median"], 3)})
+        print(f"events={valid:,}: job --once {job_s:.2f}s, --follow {fol['job_s']['median']:.2f}s; "
+              f"Arrow parse + write_deltalake {base_s:.2f}s; ratio once {result['ratio_vs_parse_write']}, "
+              f"follow {result['follow_ratio_vs_parse_write']}", flush=True)
+        if args.trials:
+            from bench.crash import trials
+
+            crash = trials("ingest", 30_000, args.trials, work / "crash")
+            result.update({"crash_trials": crash["trials"], "crash_phases": crash["phases"],
+                           "crash_failed": crash["failed"], "crash_uninterrupted_s": crash["uninterrupted_s"],
+                           "crash_trial_rows": crash["rows"]})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result.update({"command": "python -m bench.ingest " + " ".join(argv or sys.argv[1:]),
-                   "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
-                   "pyarrow": pa.__version__})
-    print(f"| events/s (job) | events/s (raw write) | ratio | crash trials | lost | duplicated |\n"
-          f"|---|---|---|---|---|---|\n| {result['events_per_s']:,} | {result['raw_events_per_s']:,} | "
-          f"{result['ratio_vs_raw']} | {result['crash_trials']} | {result['lost']} | {result['duplicated']} |")
+    result.update({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
+                   "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "pyarrow": pa.__version__})
+    print(f"| events/s --once | --follow | Arrow parse+write | ratio --once | ratio --follow | crash trials "
+          f"| failed |\n"
+          f"|---|---|---|---|---|---|---|\n| {result['events_per_s']:,} | "
+          f"{round(result['events'] / result['follow_job_s']['median']):,} | {result['parse_write_events_per_s']:,} | "
+          f"{result['ratio_vs_parse_write']} | {result['follow_ratio_vs_parse_write']} | "
+          f"{result.get('crash_trials', 0)} | {result.get('crash_failed', 0)} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if result["lost"] == 0 and result["duplicated"] == 0 else 1
+    return 0 if result.get("crash_failed", 0) == 0 else 1
 
 
 if __name__ == "__main__":

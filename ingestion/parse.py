@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.json as pj
+import ray
 
 import storage
 from ingestion.contract import (
@@ -50,9 +51,9 @@ VALID_SCHEMA = pa.schema([*RAW_EVENT_SCHEMA, pa.field("source_offset", pa.int64(
 REJECT_SCHEMA = pa.schema([pa.field("raw", pa.large_binary()), pa.field("source_offset", pa.int64()),
                            pa.field("line_no", pa.int64()), pa.field("reason", pa.string())])
 
-# What the Ray Data parse step emits: valid rows have reason null, rejects carry raw bytes and reason.
-PARSED_SCHEMA = pa.schema([*VALID_SCHEMA, pa.field("raw", pa.large_binary()), pa.field("reason", pa.string()),
-                           pa.field("source_file", pa.string())])
+# What the parse task emits: the same, with the landing file each row came from.
+VALID_FILE_SCHEMA = pa.schema([*VALID_SCHEMA, pa.field("source_file", pa.string())])
+REJECT_FILE_SCHEMA = pa.schema([*REJECT_SCHEMA, pa.field("source_file", pa.string())])
 
 
 @dataclass
@@ -211,33 +212,54 @@ def line_starts(content: bytes) -> np.ndarray:
     return starts
 
 
-def row_reasons(table: pa.Table, bounds: EventTimeBounds, now_ms: int) -> np.ndarray:
-    """Vectorised twin of `contract.check_event` for rows Arrow already typed: reason or None."""
-    n = table.num_rows
-    reasons = np.full(n, None, dtype=object)
+_LOW = pa.array([VALUE_RANGES.get(a, DEFAULT_VALUE_RANGE).low for a in ACTIONS], pa.float64())
+_HIGH = pa.array([VALUE_RANGES.get(a, DEFAULT_VALUE_RANGE).high for a in ACTIONS], pa.float64())
+_VALUE_RULE = "value out of range for {action}"
 
-    def flag(mask: pa.Array | np.ndarray, reason: str) -> None:
-        m = np.asarray(pc.fill_null(mask, False)) if isinstance(mask, pa.Array | pa.ChunkedArray) else mask
-        reasons[m & (reasons == None)] = reason  # noqa: E711 (elementwise)
 
-    for name in REQUIRED_FIELDS:
-        flag(pc.is_null(table[name]), f"missing field: {name}")
+def _rule_masks(table: pa.Table, bounds: EventTimeBounds, now_ms: int) -> list[tuple[str, pa.ChunkedArray]]:
+    """(reason, rows breaking the rule) in `check_event`'s order; a null comparison breaks no rule."""
     eid_len = pc.utf8_length(table["event_id"])
-    flag(pc.or_(pc.less(eid_len, 1), pc.greater(eid_len, MAX_EVENT_ID_CHARS)),
-         f"event_id must have 1..{MAX_EVENT_ID_CHARS} characters")
-    for name in ("user_id", "item_id", "author_id"):
-        flag(pc.less_equal(table[name], 0), f"{name} must be > 0")
-    flag(pc.less(table["ts"], bounds.min_ts_ms), "ts before the allowed minimum")
-    flag(pc.greater(table["ts"], now_ms + bounds.max_future_ms), "ts too far in the future")
-    flag(pc.invert(pc.is_in(table["action"], value_set=pa.array(ACTIONS))), "unknown action")
-    flag(pc.greater(pc.utf8_length(table["request_id"]), MAX_REQUEST_ID_CHARS),
-         f"request_id must be a string of at most {MAX_REQUEST_ID_CHARS} characters")
+    action_no = pc.index_in(table["action"], value_set=pa.array(ACTIONS))
     value = table["value"]
-    flag(pc.invert(pc.is_finite(value)), "value is not finite")
-    for action in ACTIONS:
-        rng = VALUE_RANGES.get(action, DEFAULT_VALUE_RANGE)
-        out = pc.or_(pc.less(value, rng.low), pc.greater(value, rng.high))
-        flag(pc.and_(pc.equal(table["action"], action), out), f"value out of range for {action}")
+    rules = [(f"missing field: {name}", pc.is_null(table[name])) for name in REQUIRED_FIELDS]
+    rules.append((f"event_id must have 1..{MAX_EVENT_ID_CHARS} characters",
+                  pc.or_(pc.less(eid_len, 1), pc.greater(eid_len, MAX_EVENT_ID_CHARS))))
+    rules += [(f"{name} must be > 0", pc.less_equal(table[name], 0)) for name in ("user_id", "item_id", "author_id")]
+    rules += [("ts before the allowed minimum", pc.less(table["ts"], bounds.min_ts_ms)),
+              ("ts too far in the future", pc.greater(table["ts"], now_ms + bounds.max_future_ms)),
+              ("unknown action", pc.is_null(action_no)),
+              (f"request_id must be a string of at most {MAX_REQUEST_ID_CHARS} characters",
+               pc.greater(pc.utf8_length(table["request_id"]), MAX_REQUEST_ID_CHARS)),
+              ("value is not finite", pc.invert(pc.is_finite(value))),
+              (_VALUE_RULE, pc.or_(pc.less(value, pc.take(_LOW, action_no)),
+                                   pc.greater(value, pc.take(_HIGH, action_no))))]
+    return [(reason, pc.fill_null(mask, False)) for reason, mask in rules]
+
+
+def row_reasons(table: pa.Table, bounds: EventTimeBounds, now_ms: int) -> np.ndarray:
+    """Vectorised twin of `contract.check_event` for rows Arrow already typed: reason or None per row.
+
+    The rules run as Arrow kernels over every row; reasons are only assembled for the (few) rows that break one.
+    """
+    reasons = np.full(table.num_rows, None, dtype=object)
+    rules = _rule_masks(table, bounds, now_ms)
+    any_broken = rules[0][1]
+    for _, mask in rules[1:]:
+        any_broken = pc.or_(any_broken, mask)
+    bad = np.flatnonzero(any_broken.to_numpy(zero_copy_only=False))
+    if bad.size == 0:
+        return reasons
+    picked = pa.array(bad)
+    found = np.full(bad.size, None, dtype=object)
+    actions = table["action"].take(picked).to_pylist()
+    for reason, mask in rules:
+        hit = mask.take(picked).to_numpy(zero_copy_only=False) & (found == None)  # noqa: E711 (elementwise)
+        if reason == _VALUE_RULE:
+            found[hit] = [reason.format(action=actions[i]) for i in np.flatnonzero(hit)]
+        else:
+            found[hit] = reason
+    reasons[bad] = found
     return reasons
 
 
@@ -381,31 +403,33 @@ def _file_reject(reason: str) -> ParsedFile:
     return out.result(0)
 
 
-def parse_landing_files(batch: pa.Table, *, landing: str, bounds: EventTimeBounds, now_ms: int,
-                        limits: FileLimits, isolate: bool) -> pa.Table:
-    """Ray Data map over rows (name) of landing files in the folder `landing`: each file -> its rows and rejects.
+def parse_landing_files(names: list[str], *, landing: str, bounds: EventTimeBounds, now_ms: int,
+                        limits: FileLimits, isolate: bool) -> tuple[pa.Table, pa.Table]:
+    """Landing files (`names` in the folder `landing`) -> (valid rows, rejects), each in file and line order.
 
-    Files are opened by path inside the folder, never as URIs, so names with '#', '?', '%' or spaces are
-    read as they are. Content problems are rejects already; with `isolate` (a batch's last attempt) any
-    other error reading one file (a deleted file, a denied read) also becomes that file's reject, so one
-    bad file cannot fail its batch forever.
+    The two tables are `VALID_SCHEMA` and `REJECT_SCHEMA` plus `source_file`. Files are opened by path inside
+    the folder, never as URIs, so names with '#', '?', '%' or spaces are read as they are. Content problems
+    are rejects already; with `isolate` (a batch's last attempt) any other error reading one file (a deleted
+    file, a denied read) also becomes that file's reject, so one bad file cannot fail its batch forever.
     """
     fs, root = storage.filesystem(landing)
-    outputs = []
-    for name in batch["name"].to_pylist():
+    valid, rejects = [], []
+    for name in names:
         try:
             parsed = parse_file(name, read_stored(fs, f"{root}/{name}"), bounds, now_ms, limits)
         except Exception as err:
             if not isolate:
                 raise
             parsed = _file_reject(f"unreadable file: {type(err).__name__}: {err}")
-        n_valid, n_rej = parsed.valid.num_rows, parsed.rejects.num_rows
-        valid = parsed.valid.append_column("raw", pa.nulls(n_valid, pa.large_binary())) \
-            .append_column("reason", pa.nulls(n_valid, pa.string()))
-        rej_cols = {f.name: pa.nulls(n_rej, f.type) for f in VALID_SCHEMA}
-        for f in REJECT_SCHEMA:
-            rej_cols[f.name] = parsed.rejects[f.name]
-        rejects = pa.table(rej_cols).select(valid.column_names)
-        both = pa.concat_tables([valid, rejects])
-        outputs.append(both.append_column("source_file", pa.array([name] * both.num_rows, pa.string())))
-    return pa.concat_tables(outputs).cast(PARSED_SCHEMA)
+        for rows, out in ((parsed.valid, valid), (parsed.rejects, rejects)):
+            out.append(rows.append_column("source_file", pa.repeat(pa.scalar(name), rows.num_rows)))
+    return (pa.concat_tables(valid) if valid else VALID_FILE_SCHEMA.empty_table(),
+            pa.concat_tables(rejects) if rejects else REJECT_FILE_SCHEMA.empty_table())
+
+
+# Here, not in ingestion.job: a worker unpickling the task imports this module, and ingestion.job's GX import
+# alone takes seconds. Ray retries the task when its worker dies; an error reading the file fails the try.
+@ray.remote(num_cpus=1)
+def parse_task(name: str, options: dict) -> tuple[pa.Table, pa.Table]:
+    """One landing file -> (valid rows, rejects); `options` are `parse_landing_files`' keyword arguments."""
+    return parse_landing_files([name], **options)

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config.from_args(args)
     init_ray(cfg.ray)
+    logging.getLogger("ingestion").info("phase ray_up")
     from ingestion.job import IngestJob  # after Ray is up: importing GX is slow, keep --help fast
 
     job = IngestJob(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import config
-from bench.ingest import run_ingest
+from bench.crash import run_ingest
 from ingestion.audit import audit_lake
 from ingestion.contract import EventTimeBounds, check_event
 from tests.ingestion.lake_checks import good_event, lake_rows, write_lines
@@ -59,9 +59,12 @@ def test_kill_at_random_points_then_rerun(tmp_path):
 
     # How long a whole run takes on this machine right now: kill times are drawn inside it, so the
     # kills land mid-run whether the machine is idle or busy.
-    started = time.monotonic()
-    assert run_ingest(overrides("reference")) == 0
-    duration = time.monotonic() - started
+    durations = []
+    for reference in ("reference", "reference2"):  # the shorter of two: runs vary with the machine's load
+        started = time.monotonic()
+        assert run_ingest(overrides(reference)) == 0
+        durations.append(time.monotonic() - started)
+    duration = min(durations)
     rng = random.Random(11)
     kills = 0
     for trial in range(6):

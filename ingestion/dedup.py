@@ -1,0 +1,99 @@
+"""Which event_ids of a batch the lake already holds, or the batch repeats, against a compact key index.
+
+The index keeps a 64-bit hash (DuckDB's `hash`) of every event_id the lake committed in earlier batches,
+with the batch it came in, sorted. A batch's ids are hashed and probed against it: no hash in common means no
+id in common (equal ids hash equally), so the common case never reads the lake. Hashes in common (a
+redelivered event, or rarely two ids sharing a hash) are settled exactly: the event_ids of only the batches
+those hashes came from are read back and compared as strings. Repeats inside the batch are found the same
+way, and the first occurrence in (file, line) order is the one kept.
+
+The index is built from the lake the first time a run needs it (16 bytes per event) and extended with each
+batch the run commits, so a follow-mode run reads the lake's event_ids once, not once per batch.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+
+
+def hash_ids(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """64-bit hashes of strings, in their order (the same string always gets the same hash in one process)."""
+    con = duckdb.connect()
+    con.register("ids", pa.table({"id": ids}))
+    # DuckDB keeps insertion order for a plain projection (its preserve_insertion_order default).
+    return con.sql("SELECT hash(id) AS h FROM ids").fetchnumpy()["h"].astype(np.uint64, copy=False)
+
+
+def _first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Indices of the first occurrence of each distinct string."""
+    rows = pa.table({"id": ids, "row": pa.array(np.arange(len(ids)))})
+    return np.asarray(rows.group_by("id", use_threads=False).aggregate([("row", "min")])["row_min"])
+
+
+class EventKeyIndex:
+    """Hashes of the event_ids committed in batches before `upto`, with their batch numbers, sorted by hash.
+
+        index = EventKeyIndex(DeltaTable(cfg.lake.events)); repeated = index.duplicates(ids, batch_no)
+    """
+
+    def __init__(self, events: DeltaTable):
+        self.events = events
+        self.keys = np.empty(0, np.uint64)
+        self.batches = np.empty(0, np.int64)
+        self.upto: int | None = None
+
+    def _insert(self, keys: np.ndarray, batches: np.ndarray) -> None:
+        order = np.argsort(keys)
+        keys, batches = keys[order], batches[order]
+        at = np.searchsorted(self.keys, keys)
+        self.keys, self.batches = np.insert(self.keys, at, keys), np.insert(self.batches, at, batches)
+
+    def _cover(self, batch_no: int) -> None:
+        """Make the index hold exactly the batches before `batch_no`, reading only what it lacks."""
+        if self.upto is None or self.upto > batch_no:  # first use, or a batch is redone: start over
+            self.keys, self.batches, self.upto = np.empty(0, np.uint64), np.empty(0, np.int64), 0
+        if self.upto == batch_no:
+            return
+        self.events.update_incremental()
+        rows = self.events.to_pyarrow_table(columns=["event_id", "ingest_batch"], filters=[
+            ("ingest_batch", ">=", self.upto), ("ingest_batch", "<", batch_no)])
+        if rows.num_rows:
+            self._insert(hash_ids(rows["event_id"]), rows["ingest_batch"].to_numpy())
+        self.upto = batch_no
+
+    def committed(self, ids: pa.ChunkedArray | pa.Array, batch_no: int) -> None:
+        """Record the ids a batch just committed (when the index covers the batches before it)."""
+        if self.upto == batch_no:
+            if len(ids):
+                self._insert(hash_ids(ids), np.full(len(ids), batch_no, np.int64))
+            self.upto = batch_no + 1
+
+    def duplicates(self, ids: pa.ChunkedArray | pa.Array, batch_no: int) -> np.ndarray:
+        """Mask of the ids of batch `batch_no` that an earlier batch committed or that repeat an earlier row."""
+        dup = np.zeros(len(ids), dtype=bool)
+        if len(ids) == 0:
+            return dup
+        self._cover(batch_no)
+        keys = hash_ids(ids)
+        if len(self.keys):
+            lo, hi = np.searchsorted(self.keys, keys), np.searchsorted(self.keys, keys, "right")
+            shared = np.flatnonzero(hi > lo)
+            if shared.size:
+                sources = np.unique(np.concatenate([self.batches[a:b] for a, b in zip(lo[shared], hi[shared])]))
+                self.events.update_incremental()
+                known = self.events.to_pyarrow_table(columns=["event_id"], filters=[
+                    ("ingest_batch", "in", sources.tolist())])["event_id"]
+                found = pc.is_in(ids.take(pa.array(shared)), value_set=known)
+                dup[shared[found.to_numpy(zero_copy_only=False)]] = True
+        sorted_keys = np.sort(keys)
+        if (sorted_keys[1:] == sorted_keys[:-1]).any():  # only rows whose hash repeats can repeat an id
+            _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+            suspects = np.flatnonzero(counts[inverse] > 1)
+            firsts = np.zeros(suspects.size, dtype=bool)
+            firsts[_first_occurrences(ids.take(pa.array(suspects)))] = True
+            dup[suspects[~firsts]] = True
+        return dup

@@ -1,0 +1,63 @@
+"""The key index finds exactly the repeated event_ids a plain set would, also when hashes collide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingestion import dedup
+from ingestion.dedup import EventKeyIndex
+
+IDS = st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=30)
+
+
+def reference(committed: list[list[str]], ids: list[str]) -> list[bool]:
+    seen = {i for batch in committed for i in batch}
+    out = []
+    for event_id in ids:
+        out.append(event_id in seen)
+        seen.add(event_id)
+    return out
+
+
+def commit(path, batch_no: int, ids: list[str]) -> None:
+    write_deltalake(str(path), pa.table({"event_id": pa.array(ids, pa.string()),
+                                         "ingest_batch": pa.array([batch_no] * len(ids), pa.int64())}),
+                    mode="append")
+
+
+def colliding_hash(ids) -> np.ndarray:
+    """Every id of the same length shares a hash: the exact comparison has to do all the work."""
+    return np.array([len(s) for s in pa.chunked_array([ids]).to_pylist()] if len(ids) else [], np.uint64)
+
+
+@pytest.mark.parametrize("collide", [False, True])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(IDS, min_size=1, max_size=4))
+def test_duplicates_match_a_plain_set(tmp_path_factory, monkeypatch, collide, batches):
+    if collide:
+        monkeypatch.setattr(dedup, "hash_ids", colliding_hash)
+    path = tmp_path_factory.mktemp("events")
+    commit(path, 0, [])
+    index = EventKeyIndex(DeltaTable(str(path)))
+    committed: list[list[str]] = []
+    for batch_no, ids in enumerate(batches, start=1):
+        mask = index.duplicates(pa.chunked_array([pa.array(ids, pa.string())]), batch_no)
+        assert mask.tolist() == reference(committed, ids)
+        kept = [i for i, dup in zip(ids, mask) if not dup]
+        commit(path, batch_no, kept)
+        index.committed(pa.array(kept, pa.string()), batch_no)
+        committed.append(kept)
+
+
+def test_a_redone_batch_sees_only_earlier_batches(tmp_path):
+    path = tmp_path / "events"
+    commit(path, 1, ["a", "b"])
+    commit(path, 2, ["c"])  # batch 2 committed its events, then the run died; the redo must not see them
+    index = EventKeyIndex(DeltaTable(str(path)))
+    assert index.duplicates(pa.array(["c", "a", "d", "d"]), 3).tolist() == [True, True, False, True]
+    assert index.duplicates(pa.array(["c", "a", "d"]), 2).tolist() == [False, True, False]
