@@ -37,7 +37,9 @@ def _first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
 class EventKeyIndex:
     """Hashes of the event_ids committed in batches before `upto`, with their batch numbers, sorted by hash.
 
-        index = EventKeyIndex(DeltaTable(cfg.lake.events)); repeated = index.duplicates(ids, batch_no)
+        index = EventKeyIndex(DeltaTable(cfg.lake.events))
+        keys = hash_ids(ids); repeated = index.duplicates(ids, batch_no, keys)
+        ...commit ids[~repeated]...; index.committed(keys[~repeated], batch_no)
     """
 
     def __init__(self, events: DeltaTable):
@@ -65,20 +67,21 @@ class EventKeyIndex:
             self._insert(hash_ids(rows["event_id"]), rows["ingest_batch"].to_numpy())
         self.upto = batch_no
 
-    def committed(self, ids: pa.ChunkedArray | pa.Array, batch_no: int) -> None:
-        """Record the ids a batch just committed (when the index covers the batches before it)."""
+    def committed(self, keys: np.ndarray, batch_no: int) -> None:
+        """Record the `hash_ids` of the ids a batch just committed (when the index covers the batches before it)."""
         if self.upto == batch_no:
-            if len(ids):
-                self._insert(hash_ids(ids), np.full(len(ids), batch_no, np.int64))
+            if len(keys):
+                self._insert(keys, np.full(len(keys), batch_no, np.int64))
             self.upto = batch_no + 1
 
-    def duplicates(self, ids: pa.ChunkedArray | pa.Array, batch_no: int) -> np.ndarray:
-        """Mask of the ids of batch `batch_no` that an earlier batch committed or that repeat an earlier row."""
+    def duplicates(self, ids: pa.ChunkedArray | pa.Array, batch_no: int, keys: np.ndarray) -> np.ndarray:
+        """Mask of the ids of batch `batch_no` that an earlier batch committed or that repeat an earlier row.
+
+        `keys` are the ids' `hash_ids` (the caller keeps them to record the batch once it is committed)."""
         dup = np.zeros(len(ids), dtype=bool)
         if len(ids) == 0:
             return dup
         self._cover(batch_no)
-        keys = hash_ids(ids)
         if len(self.keys):
             lo, hi = np.searchsorted(self.keys, keys), np.searchsorted(self.keys, keys, "right")
             shared = np.flatnonzero(hi > lo)

@@ -51,7 +51,7 @@ from ingestion.contract import (
     TS_TYPE,
     EventTimeBounds,
 )
-from ingestion.dedup import EventKeyIndex
+from ingestion.dedup import EventKeyIndex, hash_ids
 from ingestion.expectations import ExpectationGate
 from ingestion.lake import append_once, committed_version, open_or_create
 from ingestion.lease import Lease
@@ -62,6 +62,7 @@ from ingestion.parse import (
     parse_task,
     read_lines_at,
     read_stored,
+    warm_up_workers,
 )
 
 log = logging.getLogger("ingestion")
@@ -256,22 +257,23 @@ class IngestJob:
         lap("parse", "gate")
         file_level = pc.sum(pc.equal(rejects["line_no"], -1)).as_py() or 0  # one reject per unreadable file
         lines = valid.num_rows + rejects.num_rows - file_level
-        dup = self.key_index.duplicates(valid["event_id"], plan.batch_no)
+        keys = hash_ids(valid["event_id"])
+        dup = self.key_index.duplicates(valid["event_id"], plan.batch_no, keys)
         if dup.any():
             dups = valid.filter(pa.array(dup))
             rejects = pa.concat_tables([rejects, self._as_rejects(dups, "duplicate event_id")])
-            valid = valid.filter(pa.array(~dup))
+            valid, keys = valid.filter(pa.array(~dup)), keys[~dup]
         lap("dedup", "gate")
         gate = self.gate.validate(valid, plan.batch_no, self.bounds, plan.now_ms)
         if not gate.success:
             reason = "batch expectation failed: " + "; ".join(gate.failed)
             rejects = pa.concat_tables([rejects, self._as_rejects(valid, reason)])
-            valid = valid.slice(0, 0)
+            valid, keys = valid.slice(0, 0), keys[:0]
         self.gate.start_docs()
         lap("expectations", "commit_events")
         append_once(self.events, self._to_events(valid, plan.batch_no), EVENTS_SCHEMA, plan.batch_no,
                     EVENTS_PARTITION_BY)
-        self.key_index.committed(valid["event_id"], plan.batch_no)  # also when an earlier try committed them
+        self.key_index.committed(keys, plan.batch_no)  # also when an earlier try committed them
         lap("write_events", "commit_quarantine")
         append_once(self.quarantine, self._to_quarantine(rejects, plan), QUARANTINE_SCHEMA, plan.batch_no)
         lap("write_quarantine", "committed")
@@ -336,6 +338,7 @@ class IngestJob:
             return self._run_pending()
 
     def _run_pending(self) -> RunReport:
+        warm_up_workers()  # cold workers load the parser while the lake and the GX project open here
         self._open_lake()
         report = RunReport()
         redone = self.recover()

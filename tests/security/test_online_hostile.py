@@ -100,6 +100,25 @@ def test_updater_down_restarts_in_the_background_with_backoff(intake):
     assert len(landed) == 3 and not [n for n in landed if n.startswith(".")]
 
 
+def test_requests_that_arrive_together_share_one_landing_file_and_each_is_acknowledged(intake):
+    intake, starts = intake
+    wait_for(lambda: intake.updater is not None)
+    now = int(time.time() * 1000)
+
+    async def post_together():
+        return await asyncio.gather(*(intake.ingest([event(f"g{i}-{k}", now) for k in range(i + 1)])
+                                      for i in range(20)))
+
+    answers = asyncio.run(post_together())
+    assert [a["accepted"] for a in answers] == [i + 1 for i in range(20)]
+    landed = [json.loads(line)["event_id"] for path in intake.landing.folder.iterdir()
+              for line in path.read_text().splitlines()]
+    expected = [f"g{i}-{k}" for i in range(20) for k in range(i + 1)]
+    assert sorted(landed) == sorted(expected) and len(landed) == len(expected)  # each event once
+    assert len(list(intake.landing.folder.iterdir())) < 20, "no group commit: one file per request"
+    assert [e["event_id"] for e in starts.applied] == expected  # applied once each, in arrival order
+
+
 def test_next_landing_file_needs_no_listing_and_is_durable(tmp_path, monkeypatch):
     folder = tmp_path / "landing"
     folder.mkdir()
