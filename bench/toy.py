@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from features.samples import ranking_tasks
-from features.spec import FeatureSpec
+from features.spec import FeatureStoreSpec
 from models.dlrm import DLRM, DLRMConfig
-from models.features import FeatureSpec as ModelFeatureSpec
+from models.features import RankingInputSpec
 from models.genrank import GenRank, RankerConfig
 from models.hstu import HSTUConfig
 from models.inputs import random_ranking_inputs
@@ -39,7 +39,7 @@ def ranker_artifact(folder: str | Path, cfg, *, num_users: int, num_items: int, 
                     seed: int = 0, name: str | None = None) -> Manifest:
     """A GenRank (M-FALCON path) or DLRM (plain forward) ranker over the live-stream tasks of `cfg`'s features."""
     torch.manual_seed(seed)
-    stat_names = FeatureSpec.from_config(cfg.features).stat_names
+    stat_names = FeatureStoreSpec.from_config(cfg.features).stat_names
     tasks = ranking_tasks("livestream")
     feats = RankingFeatures(kind="livestream", tasks=tasks, stat_names=stat_names, num_users=num_users,
                             num_items=num_items, num_authors=num_authors, max_hist_len=max_hist_len)
@@ -50,7 +50,7 @@ def ranker_artifact(folder: str | Path, cfg, *, num_users: int, num_items: int, 
                               head_hidden=d_model, dropout=0.0)
         model = GenRank(config)
     elif kind == "dlrm":
-        spec = ModelFeatureSpec(num_users=num_users, num_items=num_items, num_authors=num_authors,
+        spec = RankingInputSpec(num_users=num_users, num_items=num_items, num_authors=num_authors,
                                 num_actions=feats.num_actions, item_dense_dim=feats.item_dense_dim,
                                 user_dense_dim=feats.user_dense_dim, embed_dim=16)
         config = DLRMConfig(features=spec, num_tasks=len(tasks))

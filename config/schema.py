@@ -188,7 +188,8 @@ class FeaturesConfig(Section):
     project: str = "streamrec"
     feast_dir: str = Field("data/feast", description="local folder for the rendered Feast repo")
     registry: str | None = Field(None, description="Feast registry path or URI; None = <feast_dir>/registry.db")
-    partitions: int = Field(4, gt=0, description="Ray Data hash partitions of the feature and sample jobs")
+    partitions: int = Field(4, gt=0, description="entity-hash partitions of the feature job (at least: more when "
+                            "one would pass 100k events) and of the sample job's Ray Data groupbys")
     online_store: OnlineStoreConfig = Field(default_factory=OnlineStoreConfig)
 
     @model_validator(mode="after")

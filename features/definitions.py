@@ -2,7 +2,7 @@
 
 Views:
 - `item_stats`, `author_stats`, `user_stats` (online): the windowed stats packed in one `stats` vector
-  (layout `FeatureSpec.stat_names`). Online stores keep one row (SQLite) or hash field (Redis) per
+  (layout `FeatureStoreSpec.stat_names`). Online stores keep one row (SQLite) or hash field (Redis) per
   feature, so one packed value per entity is what makes a 200-candidate read, a materialisation and a
   real-time push cheap;
 - `item_stats_named`, ... (offline only): the same values, one feature per stat, from the same table;
@@ -34,7 +34,7 @@ from features.spec import (
     SEQUENCE_FIELDS,
     SEQUENCE_VIEW,
     STATS_ENTITIES,
-    FeatureSpec,
+    FeatureStoreSpec,
     push_source,
     stats_view,
 )
@@ -48,7 +48,7 @@ def _source(cfg: PlatformConfig, kind: str, view: str) -> FileSource:
 
 def feast_objects(cfg: PlatformConfig) -> dict[str, object]:
     """Name -> Feast object, ready for `FeatureStore.apply(list(...values()))` or a repo module's globals."""
-    spec = FeatureSpec.from_config(cfg.features)
+    spec = FeatureStoreSpec.from_config(cfg.features)
     entities = {name: Entity(name=name, join_keys=[key], value_type=ValueType.INT64,
                              description=f"a {name}, keyed by the events' {key}")
                 for name, key in ENTITY_KEYS.items()}

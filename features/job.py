@@ -1,14 +1,16 @@
-"""The feature job: Delta `events` -> Ray Data -> windowed stats and sequence snapshots (Delta) -> Feast.
+"""The feature job: Delta `events` -> Ray tasks -> windowed stats and sequence snapshots (Delta) -> Feast.
 
 One run:
 1. Plans from the Delta log alone (file statistics, no data read): the last closed boundary is the one
    at or before the newest event; the first boundary to (re)compute is the one after the previous run's
    last, or earlier when new files hold late events. Nothing new in the log: nothing to do.
 2. Reads only the events that can reach those boundaries (the new range plus the longest window before
-   it), hash-partitions them by entity with Ray Data and computes every row where a window changes
-   (`features.partitions`). Sequences start from each user's last snapshot instead of older events.
-3. Replaces the feature tables' rows from the first recomputed boundary on (one Delta commit per table),
-   records the run in `_features_state`, then materialises the new range into Feast's online store.
+   it) once, cuts them by entity hash and computes every row where a window changes, a Ray task per
+   (table, partition) (`features.shuffle`, `features.partitions`). Sequences start from each user's last
+   snapshot instead of older events.
+3. Replaces the feature tables' rows from the first recomputed boundary on (one Delta commit per table, the
+   four written side by side as their partitions finish), records the run in `_features_state`, then
+   materialises the new range into Feast's online store.
 A crash before step 3's state row just makes the next run redo the same range; the predicate overwrite
 makes that idempotent.
 
@@ -17,20 +19,18 @@ makes that idempotent.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import ray
 from deltalake import DeltaTable, write_deltalake
 
 from config.schema import PlatformConfig
-from features import partitions
+from features import shuffle
 from features.offline import (
     FEATURE_TABLES,
     PARTITION_BY,
@@ -39,9 +39,11 @@ from features.offline import (
     open_table,
     replace_from,
     table_schema,
+    writer_properties,
 )
+from features.partitions import TOKEN_SCHEMA, engagement_filter
 from features.repo import absolute_paths
-from features.spec import ENTITY_KEYS, SEQUENCE_VIEW, STATS_ENTITIES, FeatureSpec, stats_view
+from features.spec import SEQUENCE_VIEW, STATS_ENTITIES, FeatureStoreSpec, stats_view
 from ingestion.contract import TS_TYPE
 
 STATE_SCHEMA = pa.schema([
@@ -51,11 +53,6 @@ STATE_SCHEMA = pa.schema([
     pa.field("sequence_k_hi", pa.int64(), nullable=False),
     pa.field("finished_at", TS_TYPE, nullable=False),
 ])
-
-
-# Rows of the sequence computation's input: one engagement (or earlier token) each.
-TOKEN_SCHEMA = pa.schema([pa.field(n, pa.int64()) for n in ("user_id", "item_id", "author_id", "ts_ms")]
-                         + [pa.field("action", pa.int8())])
 
 
 @dataclass
@@ -84,29 +81,12 @@ class FeatureJobReport:
         return self.stats_range is None and self.sequence_range is None
 
 
-@contextlib.contextmanager
-def sort_shuffle(preserve_order: bool = False) -> Iterator[None]:
-    """Run Ray Data's groupbys as sort shuffles: on a small cluster the default hash shuffle starts
-    aggregator actors per shuffle (4-10 s each on 2 cores), the pull-based sort shuffle tasks (~0.3 s).
-    With `preserve_order`, blocks also come out in order (a sorted dataset iterates in sort order)."""
-    from ray.data.context import ShuffleStrategy
-
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.shuffle_strategy, ctx.execution_options.preserve_order
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ctx.execution_options.preserve_order = preserve_order or previous[1]
-    try:
-        yield
-    finally:
-        ctx.shuffle_strategy, ctx.execution_options.preserve_order = previous
-
-
 class FeatureJob:
     """Incremental feature computation for one lake. Ray must already be initialised."""
 
     def __init__(self, cfg: PlatformConfig):
         self.cfg = absolute_paths(cfg)
-        self.spec = FeatureSpec.from_config(self.cfg.features)
+        self.spec = FeatureStoreSpec.from_config(self.cfg.features)
         self.opts = self.cfg.lake.storage_options or None
         self.state_path = self.cfg.lake.table("_features_state")
 
@@ -163,14 +143,15 @@ class FeatureJob:
         q_hi = newest // spec.sequence_hop_ms
         q_lo = (new_min // spec.sequence_hop_ms + 1 if state is None
                 else min(state.sequence_k_hi + 1, new_min // spec.sequence_hop_ms + 1))
-        with sort_shuffle():
-            if s_lo <= s_hi:
-                report.events_read = self._write_stats(s_lo, s_hi, report)
-                report.stats_range = (ms_to_datetime(s_lo * spec.hop_ms), ms_to_datetime(s_hi * spec.hop_ms))
-            if q_lo <= q_hi:
-                self._write_sequences(q_lo, q_hi, report)
-                report.sequence_range = (ms_to_datetime(q_lo * spec.sequence_hop_ms),
-                                         ms_to_datetime(q_hi * spec.sequence_hop_ms))
+        stats = (s_lo, s_hi) if s_lo <= s_hi else None
+        sequences = (q_lo, q_hi) if q_lo <= q_hi else None
+        if stats or sequences:
+            report.events_read = self._compute(events, stats, sequences, report)
+        if stats:
+            report.stats_range = (ms_to_datetime(s_lo * spec.hop_ms), ms_to_datetime(s_hi * spec.hop_ms))
+        if sequences:
+            report.sequence_range = (ms_to_datetime(q_lo * spec.sequence_hop_ms),
+                                     ms_to_datetime(q_hi * spec.sequence_hop_ms))
         run_no = (state.run + 1) if state else 1
         self._record(JobState(run_no, report.events_version, max(s_hi, state.stats_k_hi if state else s_hi),
                               max(q_hi, state.sequence_k_hi if state else q_hi)))
@@ -181,55 +162,73 @@ class FeatureJob:
             report.seconds["materialize"] = round(time.perf_counter() - t, 3)
         return report
 
-    # -- stats --------------------------------------------------------------------------------
-    def _read_events(self, lo_ms: int, hi_ms: int, columns: list[str], extra: pads.Expression | None = None):
-        lo = pa.scalar(lo_ms * 1000, TS_TYPE)
-        hi = pa.scalar(hi_ms * 1000, TS_TYPE)
-        days = (pads.field("dt") >= ms_to_datetime(lo_ms).strftime("%Y-%m-%d")) & \
-               (pads.field("dt") <= ms_to_datetime(hi_ms).strftime("%Y-%m-%d"))
-        expr = days & (pads.field("ts") >= lo) & (pads.field("ts") < hi)
-        if extra is not None:
-            expr = expr & extra
-        ds = ray.data.read_delta(self.cfg.lake.events, columns=columns, filter=expr, storage_options=self.opts)
-        return ds.map_batches(partitions.prepare_events, batch_format="pyarrow", batch_size=None)
+    # -- computation ----------------------------------------------------------------------------
+    def _compute(self, events: DeltaTable, stats: tuple[int, int] | None, sequences: tuple[int, int] | None,
+                 report: FeatureJobReport) -> int:
+        """Write the stats rows at boundaries `stats` and the snapshots at `sequences` (either may be None)
+        from one read of the events; returns the number of events read."""
+        spec = self.spec
+        ranges = []
+        if stats:
+            # From the events that leave the longest window at the first boundary: that boundary gets its row.
+            ranges.append(((stats[0] - max(spec.window_hops) - 1) * spec.hop_ms, stats[1] * spec.hop_ms))
+        if sequences:
+            ranges.append(((sequences[0] - 1) * spec.sequence_hop_ms, sequences[1] * spec.sequence_hop_ms))
+        lo_ms, hi_ms = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        parts = shuffle.partition_count(self.cfg.features.partitions, self._events_between(events, lo_ms, hi_ms))
+        split = shuffle.EventSplit(events.to_pyarrow_dataset(), lo_ms, hi_ms, STATS_ENTITIES if stats else ("user",),
+                                   parts)
+        writes: dict[str, tuple[list[shuffle.Task], int]] = {}
+        if stats:
+            for entity in STATS_ENTITIES:
+                writes[entity] = ([shuffle.stats_task(split, entity, p, spec, *stats) for p in range(parts)],
+                                  stats[0] * spec.hop_ms)
+        if sequences:
+            prior = self._prior_tokens(sequences[0], (sequences[0] - 1) * spec.sequence_hop_ms,
+                                       sequences[1] * spec.sequence_hop_ms)
+            writes["sequence"] = (shuffle.sequence_tasks(split, prior, spec, *sequences),
+                                  sequences[0] * spec.sequence_hop_ms)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(writes)) as pool:
+            written = {kind: pool.submit(self._replace, kind, tasks, from_ms)
+                       for kind, (tasks, from_ms) in writes.items()}
+            for kind, future in written.items():
+                view = SEQUENCE_VIEW if kind == "sequence" else stats_view(kind)
+                report.rows[view], done = future.result()
+                report.seconds[view] = round(done - started, 3)
+        return split.events_read()
 
-    def _write_stats(self, k_lo: int, k_hi: int, report: FeatureJobReport) -> int:
-        spec, parts = self.spec, self.cfg.features.partitions
-        lo_ms = (k_lo - max(spec.window_hops)) * spec.hop_ms
-        # At least `parts` blocks: the sort shuffle behind groupby makes one partition per input block.
-        base = self._read_events(lo_ms, k_hi * spec.hop_ms, ["user_id", "item_id", "author_id", "ts", "action",
-                                                             "value"]).repartition(parts).materialize()
-        events_read = base.count()
-        for entity in STATS_ENTITIES:
-            t = time.perf_counter()
-            key = ENTITY_KEYS[entity]
-            rows = (base.select_columns([key, "ts_ms", "action", "value", *(["author_id"] if entity == "item" else [])])
-                    .map_batches(partitions.with_partition, batch_format="pyarrow", batch_size=None,
-                                 fn_kwargs={"key": key, "partitions": parts})
-                    .groupby("part", num_partitions=parts)
-                    .map_groups(partitions.stats_partition, batch_format="pyarrow",
-                                fn_kwargs={"entity": entity, "spec": spec, "k_lo": k_lo, "k_hi": k_hi}))
-            report.rows[stats_view(entity)] = self._replace(entity, rows, k_lo * spec.hop_ms)
-            report.seconds[stats_view(entity)] = round(time.perf_counter() - t, 3)
-        return events_read
+    def _events_between(self, events: DeltaTable, lo_ms: int, hi_ms: int) -> int:
+        """How many events the files overlapping [lo_ms, hi_ms) hold, from the log (an upper bound)."""
+        adds = pa.table(events.get_add_actions(flatten=True))
+        if adds.num_rows == 0:
+            return 0
+        overlap = pc.and_(pc.greater_equal(pc.cast(adds["max.ts"], pa.int64()), lo_ms * 1000),
+                          pc.less(pc.cast(adds["min.ts"], pa.int64()), hi_ms * 1000))
+        return pc.sum(adds["num_records"].filter(overlap)).as_py() or 0
 
-    def _replace(self, kind: str, ds, from_ms: int) -> int:
+    def _replace(self, kind: str, tasks: list[shuffle.Task], from_ms: int) -> tuple[int, float]:
+        """Replace the table's rows from `from_ms` on by the tasks' outputs (one commit); rows and finish time."""
         written = 0
 
-        def batches():
+        def batches() -> Iterable[pa.RecordBatch]:
             nonlocal written
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for output in shuffle.finished(tasks):
+                # Stats tables are built here from the tasks' sums: the sums cross the object store in under
+                # half the bytes, and that copy, not the building, was the larger cost.
+                table = output if kind == "sequence" else output.table(self.spec, kind)
                 written += table.num_rows
                 yield from table.to_batches()
 
         replace_from(self.table(kind), batches(), table_schema(self.spec, kind), from_ms, self.opts,
-                     {"features_from_ms": str(from_ms)})
-        return written
+                     {"features_from_ms": str(from_ms)}, writer_properties(self.spec, kind))
+        return written, time.perf_counter()
 
-    # -- sequences ----------------------------------------------------------------------------
     def _prior_tokens(self, k_lo: int, lo_ms: int, hi_ms: int) -> pa.Table:
         """Tokens of each active user's last snapshot before boundary k_lo, one row per token."""
-        names = ", ".join(f"'{a}'" for a in partitions.engagement_filter(self.spec).to_pylist())
+        if not self._snapshots_before(k_lo * self.spec.sequence_hop_ms):
+            return TOKEN_SCHEMA.empty_table()
+        names = ", ".join(f"'{a}'" for a in engagement_filter(self.spec).to_pylist())
         con = duckdb_connection()
         try:
             return con.execute(f"""
@@ -244,27 +243,20 @@ class FeatureJob:
                        unnest(ts) AS ts_ms, CAST(unnest(actions) AS TINYINT) AS action
                 FROM last
             """, [ms_to_datetime(lo_ms), ms_to_datetime(hi_ms),
-                  ms_to_datetime(k_lo * self.spec.sequence_hop_ms)]).fetch_arrow_table()
+                  ms_to_datetime(k_lo * self.spec.sequence_hop_ms)]).fetch_arrow_table().cast(TOKEN_SCHEMA)
         finally:
             con.close()
 
-    def _write_sequences(self, k_lo: int, k_hi: int, report: FeatureJobReport) -> None:
-        spec, parts = self.spec, self.cfg.features.partitions
-        t = time.perf_counter()
-        lo_ms, hi_ms = (k_lo - 1) * spec.sequence_hop_ms, k_hi * spec.sequence_hop_ms
-        engaged = pads.field("action").isin(partitions.engagement_filter(spec))
-        tokens = self._read_events(lo_ms, hi_ms, ["user_id", "item_id", "author_id", "ts", "action"], engaged)
-        prior = self._prior_tokens(k_lo, lo_ms, hi_ms)
-        if prior.num_rows:
-            tokens = tokens.union(ray.data.from_arrow(prior.cast(TOKEN_SCHEMA)))
-        rows = (tokens.repartition(parts)
-                .map_batches(partitions.with_partition, batch_format="pyarrow", batch_size=None,
-                             fn_kwargs={"key": "user_id", "partitions": parts})
-                .groupby("part", num_partitions=parts)
-                .map_groups(partitions.sequence_partition, batch_format="pyarrow",
-                            fn_kwargs={"spec": spec, "k_lo": k_lo, "k_hi": k_hi}))
-        report.rows[SEQUENCE_VIEW] = self._replace("sequence", rows, k_lo * spec.sequence_hop_ms)
-        report.seconds[SEQUENCE_VIEW] = round(time.perf_counter() - t, 3)
+    def _snapshots_before(self, ms: int) -> bool:
+        """Whether the sequence table may hold a snapshot dated before `ms`, from its log's file statistics
+        (the query for the last snapshots scans both tables: a first run skips it)."""
+        adds = pa.table(DeltaTable(self.table("sequence"), storage_options=self.opts).get_add_actions(flatten=True))
+        if adds.num_rows == 0:
+            return False
+        if "min.event_timestamp" not in adds.column_names:
+            return True
+        oldest = pc.cast(adds["min.event_timestamp"], pa.int64())
+        return oldest.null_count > 0 or pc.min(oldest).as_py() < ms * 1000
 
     # -- bookkeeping and Feast ----------------------------------------------------------------
     def _record(self, state: JobState) -> None:

@@ -37,7 +37,7 @@ from features.feast_layout import (
     decode_value,
 )
 from features.repo import absolute_paths
-from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, SEQUENCE_VIEW, FeatureSpec, stats_view
+from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, SEQUENCE_VIEW, FeatureStoreSpec, stats_view
 
 MAX_CANDIDATES = 500
 SEQUENCE_FEATURES = ("asof_ms", *SEQUENCE_FIELDS)
@@ -70,7 +70,7 @@ class OnlineFeatureClient:
         self.cfg = absolute_paths(cfg)
         self.item_ttl_s = item_ttl_s
         self._cached: dict[str, dict[int, tuple[float, list | None]]] = {"item": {}, "author": {}}
-        self.spec = FeatureSpec.from_config(self.cfg.features)
+        self.spec = FeatureStoreSpec.from_config(self.cfg.features)
         self.stat_names = self.spec.stat_names
         self.empty_stats = self.spec.empty_stats()
         self._packed = PackedDoubles(len(self.stat_names))

@@ -50,7 +50,7 @@ from features.spec import (
     SEQUENCE_FIELDS,
     SEQUENCE_VIEW,
     STATS_ENTITIES,
-    FeatureSpec,
+    FeatureStoreSpec,
     event_metrics,
     push_source,
     stats_view,
@@ -125,7 +125,7 @@ class RealtimeFeatureUpdater:
         from features.repo import open_store
 
         self.cfg = absolute_paths(cfg)
-        self.spec = FeatureSpec.from_config(self.cfg.features)
+        self.spec = FeatureStoreSpec.from_config(self.cfg.features)
         self.store = store or open_store(self.cfg)
         self.client = client or OnlineFeatureClient(self.cfg, store=self.store)
         self.buckets: dict[str, dict[int, _Buckets]] = {e: {} for e in STATS_ENTITIES}

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from config.schema import SamplesConfig
-from features.spec import FeatureSpec
+from features.spec import FeatureStoreSpec
 from features.windows import last_n_before, list_array
 from ingestion.contract import ACTION_INDEX, TS_TYPE
 
@@ -23,7 +23,7 @@ class RankingGroups:
     """How requests, candidates and labels are formed (shipped to the Ray workers)."""
 
     kind: str  # "livestream" or "ratings"
-    spec: FeatureSpec
+    spec: FeatureStoreSpec
     samples: SamplesConfig
     tasks: tuple[str, ...]
 

@@ -1,7 +1,7 @@
 """What the feature store holds, derived from config: entities, windows, stat names and how rates are smoothed.
 
 Every producer and reader of features (the batch job, the real-time updater, the sample builder,
-the serving client) takes its names and layouts from one `FeatureSpec`, so they cannot drift.
+the serving client) takes its names and layouts from one `FeatureStoreSpec`, so they cannot drift.
 
 Windowed stats. Time is cut into hops of `hop_ms`; boundary k is at t_k = k * hop_ms. An event at
 ts *enters* at boundary k = ts // hop_ms + 1 (the first boundary after it). The stats row of an
@@ -11,7 +11,7 @@ Counts and value sums are integers internally (values in milli-units) so every p
 exactly; they become floats only in the stats vector.
 
 >>> import config
->>> spec = FeatureSpec.from_config(config.load().features)
+>>> spec = FeatureStoreSpec.from_config(config.load().features)
 >>> spec.window_labels, spec.stat_names[:2], len(spec.stat_names)
 (('5m', '1h', '24h'), ('impression_count_5m', 'click_count_5m'), 42)
 """
@@ -19,11 +19,14 @@ exactly; they become floats only in the stats vector.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from config.schema import FeaturesConfig
 from ingestion.contract import ACTION_INDEX, ACTIONS
+
+if TYPE_CHECKING:  # the job's Ray workers import this module: they need no config (pydantic) import
+    from config.schema import FeaturesConfig
 
 ENTITY_KEYS: dict[str, str] = {"user": "user_id", "item": "item_id", "author": "author_id"}
 STATS_ENTITIES: tuple[str, ...] = ("item", "author", "user")
@@ -57,8 +60,9 @@ SEQUENCE_VIEW = "user_sequence"
 
 
 @dataclass(frozen=True)
-class FeatureSpec:
-    """Windows, hops, sequence length and smoothing, in milliseconds and action codes (see the module)."""
+class FeatureStoreSpec:
+    """The feature store's layout: windows, hops, sequence length and smoothing, in milliseconds and action
+    codes (see the module). What a model takes as input is `models.features.RankingInputSpec`."""
 
     hop_ms: int
     windows_ms: tuple[int, ...]
@@ -70,7 +74,7 @@ class FeatureSpec:
     prior_strength: float
 
     @classmethod
-    def from_config(cls, cfg: FeaturesConfig) -> FeatureSpec:
+    def from_config(cls, cfg: FeaturesConfig) -> FeatureStoreSpec:
         unknown = set(cfg.sequence_actions) - set(ACTIONS)
         if unknown:
             raise ValueError(f"features.sequence_actions: unknown actions {sorted(unknown)}")
@@ -111,15 +115,23 @@ class FeatureSpec:
         return tuple(f"{a}_count_{label}" for label in self.window_labels for a in ACTIONS)
 
     def stats_vectors(self, window_metrics: np.ndarray) -> np.ndarray:
-        """[n, windows, N_METRICS] int64 (values in milli-units) -> [n, len(stat_names)] float64 stats."""
-        n, n_win, _ = window_metrics.shape
-        metrics = window_metrics.astype(np.float64)
-        metrics[:, :, len(ACTIONS):] /= VALUE_SCALE
-        impressions = metrics[:, :, ACTION_INDEX["impression"] - 1]
+        """[n, windows, N_METRICS] int64 (values in milli-units) -> [n, len(stat_names)] float64 stats.
+
+        The result is stored stat by stat (its transpose is contiguous): the batch job turns each stat into
+        a column, and every operation here runs over contiguous rows of n values.
+        """
+        n, n_win, n_metrics = window_metrics.shape
+        by_stat = np.empty((n_win, n_metrics + 2, n))
+        metrics = by_stat[:, :n_metrics]
+        metrics[...] = window_metrics.transpose(1, 2, 0)
+        metrics[:, len(ACTIONS):] /= VALUE_SCALE
         k = self.prior_strength
-        ctr = (metrics[:, :, ACTION_INDEX["click"] - 1] + k * self.ctr_prior) / (impressions + k)
-        ltr = (metrics[:, :, ACTION_INDEX["like"] - 1] + k * self.ltr_prior) / (impressions + k)
-        return np.concatenate([metrics, ctr[..., None], ltr[..., None]], axis=2).reshape(n, n_win * (N_METRICS + 2))
+        smoothed_impressions = metrics[:, ACTION_INDEX["impression"] - 1] + k
+        np.divide(metrics[:, ACTION_INDEX["click"] - 1] + k * self.ctr_prior, smoothed_impressions,
+                  out=by_stat[:, n_metrics])
+        np.divide(metrics[:, ACTION_INDEX["like"] - 1] + k * self.ltr_prior, smoothed_impressions,
+                  out=by_stat[:, n_metrics + 1])
+        return by_stat.reshape(n_win * (n_metrics + 2), n).T
 
     def empty_stats(self) -> np.ndarray:
         """The stats of an entity with no events in any window (what a missing entity defaults to)."""
@@ -148,4 +160,28 @@ def event_metrics(action_codes: np.ndarray, values: np.ndarray) -> np.ndarray:
     for j, action in enumerate(VALUE_ACTIONS):
         mask = action_codes == ACTION_INDEX[action]
         out[mask, len(ACTIONS) + j] = milli[mask]
+    return out
+
+
+def grouped_event_metrics(action_codes: np.ndarray, values: np.ndarray, order: np.ndarray,
+                          first: np.ndarray) -> np.ndarray:
+    """`event_metrics` summed over groups: the events `order` lists, cut at the positions `first` gives
+    ([groups, N_METRICS] int64), by counting action codes instead of summing a per-event matrix (~3x faster).
+
+    >>> codes = np.array([ACTION_INDEX["click"], ACTION_INDEX["view"], ACTION_INDEX["view"]])
+    >>> sums = grouped_event_metrics(codes, np.array([np.nan, 10.0, 2.5]), np.array([2, 0, 1]), np.array([0, 2]))
+    >>> sums[:, [1, 2, 9]].tolist()  # click and view counts, view value sum (milli-units)
+    [[1, 1, 2500], [0, 1, 10000]]
+    """
+    n_groups, n_actions = len(first), len(ACTIONS)
+    codes = action_codes[order].astype(np.int64) - 1
+    starts = np.zeros(len(order), np.int64)
+    starts[first] = 1
+    group = np.cumsum(starts) - 1
+    out = np.empty((n_groups, N_METRICS), np.int64)
+    counts = np.bincount(group * n_actions + codes, minlength=n_groups * n_actions)
+    out[:, :n_actions] = counts.reshape(n_groups, n_actions)
+    milli = np.rint(np.nan_to_num(values[order].astype(np.float64), nan=0.0) * VALUE_SCALE).astype(np.int64)
+    for j, action in enumerate(VALUE_ACTIONS):
+        out[:, n_actions + j] = np.add.reduceat(np.where(codes == ACTION_INDEX[action] - 1, milli, 0), first)
     return out

@@ -16,10 +16,13 @@ difference, so there is no special case at entity borders.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+GroupSums = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -28,50 +31,68 @@ class WindowMetrics:
 
     keys: np.ndarray  # [m] entity ids
     boundaries: np.ndarray  # [m] boundary index k of each row
-    metrics: np.ndarray  # [m, windows, metrics] int64 sums over each window ending at k
+    metrics: np.ndarray  # [m, windows, metrics] int64 sums over each window ending at k (each (window, metric)
+    #                      a contiguous row in memory: the stats table's columns are those rows)
     last_group: np.ndarray  # [m] index into the per-(entity, boundary) groups of the latest entry <= k
     group_first: np.ndarray  # [groups] index (into the sorted input) of each group's first event
     order: np.ndarray  # the input's sort order
 
 
-def window_metrics(keys: np.ndarray, k_entry: np.ndarray, metrics: np.ndarray, shifts: tuple[int, ...],
+def window_metrics(keys: np.ndarray, k_entry: np.ndarray, metrics: np.ndarray | GroupSums, shifts: tuple[int, ...],
                    k_lo: int, k_hi: int) -> WindowMetrics:
     """Rows at every boundary in [k_lo, k_hi] where some window of an entity changes.
 
     A window changes where an event enters (its entry boundary) or leaves it (entry + shift). For an
-    exact row at k the input must hold every event entering in (k - max(shifts), k].
+    exact row at k the input must hold every event entering in (k - max(shifts), k]; for every such row to
+    exist, also those entering at k - max(shifts) (they leave at k).
+
+    `metrics` is [n, metrics] per event, or a function (order, first) -> [groups, metrics] that sums the
+    events `order` lists over the groups starting at `first` (a caller that can sum without building the
+    per-event matrix: the batch job, `features.spec.grouped_event_metrics`).
     """
     order = np.lexsort((k_entry, keys))
-    keys_s, k_s, m_s = keys[order], k_entry[order], metrics[order]
+    keys_s, k_s = keys[order], k_entry[order]
     n = len(keys_s)
-    if n == 0:
-        return WindowMetrics(keys_s, k_s, np.zeros((0, len(shifts), metrics.shape[1]), np.int64),
-                             np.zeros(0, np.int64), np.zeros(0, np.int64), order)
-    new_group = np.ones(n, bool)
-    new_group[1:] = (keys_s[1:] != keys_s[:-1]) | (k_s[1:] != k_s[:-1])
+    new_key = np.empty(n, bool)
+    new_key[:1] = True
+    np.not_equal(keys_s[1:], keys_s[:-1], out=new_key[1:])
+    new_group = new_key.copy()
+    new_group[1:] |= k_s[1:] != k_s[:-1]
     first = np.flatnonzero(new_group)
-    g_keys, g_k = keys_s[first], k_s[first]
-    running = np.zeros((len(first) + 1, metrics.shape[1]), np.int64)
-    np.cumsum(np.add.reduceat(m_s, first, axis=0), axis=0, out=running[1:])
+    sums = metrics(order, first) if callable(metrics) else np.add.reduceat(metrics[order], first, axis=0)
+    n_metrics = sums.shape[1]
+    if n == 0:
+        none = np.zeros(0, np.int64)
+        return WindowMetrics(keys_s, k_s, np.zeros((0, len(shifts), n_metrics), np.int64), none, none, order)
+    g_k = k_s[first]
+    g_rank = np.cumsum(new_key[first]) - 1  # the input is sorted by key: no np.unique (a second sort) needed
+    # Metric-major from here on: every look-up and difference below reads and writes contiguous rows.
+    running = np.zeros((n_metrics, len(first) + 1), np.int64)
+    np.cumsum(sums.T, axis=1, out=running[:, 1:])
 
-    uniq, g_rank = np.unique(g_keys, return_inverse=True)
     k_min = int(g_k.min())
     span = int(g_k.max()) - k_min + max(shifts) + 3
     codes = g_rank * span + (g_k - k_min)
-
-    cand_rank = np.concatenate([g_rank] * (len(shifts) + 1))
+    # Candidate rows: each group's entry and exits. Every shifted copy of `codes` is sorted, so the
+    # stable sort (a merge of sorted runs) costs little more than a copy.
     cand_k = np.concatenate([g_k] + [g_k + s for s in shifts])
-    keep = (cand_k >= k_lo) & (cand_k <= k_hi)
-    pairs = np.unique(np.stack([cand_rank[keep], cand_k[keep]], axis=1), axis=0)
-    q_rank, q_k = pairs[:, 0], pairs[:, 1]
+    cands = np.concatenate([codes] + [codes + s for s in shifts])
+    cands = np.sort(cands[(cand_k >= k_lo) & (cand_k <= k_hi)], kind="stable")
+    distinct = np.empty(len(cands), bool)
+    distinct[:1] = True
+    np.not_equal(cands[1:], cands[:-1], out=distinct[1:])
+    q_codes = cands[distinct]
+    q_rank, q_rel = np.divmod(q_codes, span)
 
-    def position(k: np.ndarray) -> np.ndarray:
-        rel = np.maximum(k - k_min, -1)  # -1 sorts after every code of the previous entity
-        return np.searchsorted(codes, q_rank * span + rel, side="right")
-
-    at_q = position(q_k)
-    out = np.stack([running[at_q] - running[position(q_k - s)] for s in shifts], axis=1)
-    return WindowMetrics(uniq[q_rank], q_k, out, at_q - 1, first, order)
+    at_q = np.searchsorted(codes, q_codes, side="right")
+    latest = running.take(at_q, axis=1)
+    out = np.empty((len(shifts), n_metrics, len(q_codes)), np.int64)
+    for j, s in enumerate(shifts):
+        rel = np.maximum(q_rel - s, -1)  # -1 sorts after every code of the previous entity
+        np.subtract(latest, running.take(np.searchsorted(codes, q_rank * span + rel, side="right"), axis=1),
+                    out=out[j])
+    return WindowMetrics(keys_s[first[new_key[first]]][q_rank], q_rel + k_min, out.transpose(2, 0, 1), at_q - 1,
+                         first, order)
 
 
 def last_n_before(keys_sorted: np.ndarray, ts_sorted: np.ndarray, q_keys: np.ndarray, q_ts: np.ndarray,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.features import FeatureEmbedder, FeatureSpec, ranking_bce
+from models.features import FeatureEmbedder, RankingInputSpec, ranking_bce
 from models.inputs import RankingInputs
 
 
@@ -26,12 +26,12 @@ from models.inputs import RankingInputs
 class DLRMConfig:
     """Configuration of `DLRM`.
 
-    >>> cfg = DLRMConfig(FeatureSpec(num_users=50, num_items=100, num_authors=20), num_tasks=2)
+    >>> cfg = DLRMConfig(RankingInputSpec(num_users=50, num_items=100, num_authors=20), num_tasks=2)
     >>> cfg.cross_layers
     3
     """
 
-    features: FeatureSpec
+    features: RankingInputSpec
     num_tasks: int = 1
     cross_layers: int = 3
     cross_rank: int | None = None  # None: full-rank W_l; r: W_l = U_l V_l^T with rank r
@@ -62,7 +62,7 @@ class DLRM(nn.Module):
     """DCN-V2 ranker: RankingInputs -> logits [B, C, num_tasks], one row per candidate.
 
     >>> from models.inputs import random_ranking_inputs
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     >>> model = DLRM(DLRMConfig(spec, num_tasks=2, cross_rank=4, mlp_dims=(32,)))
     >>> inputs = random_ranking_inputs()
     >>> model(inputs).shape

@@ -1,11 +1,11 @@
 """The shared feature front end of the non-sequence rankers (DLRM, Zenith).
 
 Both models score each (request, candidate) pair independently from the same declared features, so
-their comparison measures the interaction architecture and nothing else. `FeatureSpec` declares the
+their comparison measures the interaction architecture and nothing else. `RankingInputSpec` declares the
 vocabularies and widths; `FeatureEmbedder` turns a `RankingInputs` into named feature groups, one row
 per *real* candidate (padded candidates are dropped here, so they can never influence anything).
 
-Feature groups (name -> width), in the order `FeatureSpec.group_dims()` lists them:
+Feature groups (name -> width), in the order `RankingInputSpec.group_dims()` lists them:
 - ID features, each one embedding of width E (Zenith gives each its own token, never split):
   `user`, `item` (the candidate), `author` (the candidate's author);
 - `history`:    masked mean of the user's history item, author and action embeddings (3E);
@@ -33,10 +33,11 @@ ID_FEATURES = ("user", "item", "author")
 
 
 @dataclass
-class FeatureSpec:
-    """Vocabularies and widths of the ranking features; ids run 1..num_* (0 = padding).
+class RankingInputSpec:
+    """What DLRM and Zenith take as input: vocabularies and widths of their feature groups; ids run
+    1..num_* (0 = padding). The feature store's layout is `features.spec.FeatureStoreSpec`.
 
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     >>> spec.group_dims()["history"]
     24
     """
@@ -110,13 +111,13 @@ class FeatureEmbedder(nn.Module):
     """Embedding tables and pooling shared by DLRM and Zenith.
 
     >>> from models.inputs import random_ranking_inputs
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     >>> feats = FeatureEmbedder(spec)(random_ranking_inputs())
     >>> feats.concat().shape[1] == spec.total_dim
     True
     """
 
-    def __init__(self, spec: FeatureSpec):
+    def __init__(self, spec: RankingInputSpec):
         super().__init__()
         self.spec = spec
         e = spec.embed_dim

@@ -15,8 +15,8 @@ end share its last row.
 >>> import torch
 >>> from models.inputs import random_ranking_inputs
 >>> from models.dlrm import DLRM, DLRMConfig
->>> from models.features import FeatureSpec
->>> ranker = DLRM(DLRMConfig(FeatureSpec(num_users=50, num_items=100, num_authors=20), num_tasks=2))
+>>> from models.features import RankingInputSpec
+>>> ranker = DLRM(DLRMConfig(RankingInputSpec(num_users=50, num_items=100, num_authors=20), num_tasks=2))
 >>> model = PositionDebiasedRanker(ranker, num_slots=4, num_tasks=2)
 >>> inputs = random_ranking_inputs(batch_size=3, num_candidates=6)
 >>> with torch.no_grad():

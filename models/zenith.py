@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from models.features import ID_FEATURES, CandidateFeatures, FeatureEmbedder, FeatureSpec, ranking_bce
+from models.features import ID_FEATURES, CandidateFeatures, FeatureEmbedder, RankingInputSpec, ranking_bce
 from models.inputs import RankingInputs
 from models.zenith_layers import RetokenisedFusion, TokenwiseAttention, TokenwiseMoE, TokenwiseSwiGLU
 
@@ -40,12 +40,12 @@ BOOSTS = ("tokenwise_swiglu", "tokenwise_moe", "shared_swiglu")
 class ZenithConfig:
     """Configuration of `Zenith`; the presets `zenith`, `zenith_pp` and `shared` pick fusion and boost.
 
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20)
     >>> ZenithConfig.zenith_pp(spec, num_tasks=2).boost
     'tokenwise_moe'
     """
 
-    features: FeatureSpec
+    features: RankingInputSpec
     num_tasks: int = 1
     dim: int = 64  # D, the token width
     num_layers: int = 2
@@ -66,15 +66,15 @@ class ZenithConfig:
             raise ValueError(f"boost must be one of {BOOSTS}, got {self.boost!r}")
 
     @classmethod
-    def zenith(cls, features: FeatureSpec, **kwargs) -> ZenithConfig:
+    def zenith(cls, features: RankingInputSpec, **kwargs) -> ZenithConfig:
         return cls(features, **{"fusion": "retokenised", "boost": "tokenwise_swiglu", **kwargs})
 
     @classmethod
-    def zenith_pp(cls, features: FeatureSpec, **kwargs) -> ZenithConfig:
+    def zenith_pp(cls, features: RankingInputSpec, **kwargs) -> ZenithConfig:
         return cls(features, **{"fusion": "tokenwise_mhsa", "boost": "tokenwise_moe", **kwargs})
 
     @classmethod
-    def shared(cls, features: FeatureSpec, **kwargs) -> ZenithConfig:
+    def shared(cls, features: RankingInputSpec, **kwargs) -> ZenithConfig:
         return cls(features, **{"fusion": "shared_mhsa", "boost": "shared_swiglu", **kwargs})
 
     @property
@@ -87,13 +87,13 @@ class PrimeTokenizer(nn.Module):
     whole embedding) and one per remaining group (a group-specific two-layer MLP).
 
     >>> from models.inputs import random_ranking_inputs
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     >>> feats = FeatureEmbedder(spec)(random_ranking_inputs())
     >>> PrimeTokenizer(spec, dim=16)(feats).shape[1:]
     torch.Size([8, 16])
     """
 
-    def __init__(self, spec: FeatureSpec, dim: int):
+    def __init__(self, spec: RankingInputSpec, dim: int):
         super().__init__()
         self.names = list(spec.group_dims())
         proj: dict[str, nn.Module] = {}
@@ -117,7 +117,7 @@ class PrimeTokenizer(nn.Module):
 class ZenithLayer(nn.Module):
     """Token Fusion then Token Boost (each does its own residual + norm): [N, T, D] -> [N, T_out, D].
 
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20)
     >>> layer = ZenithLayer(ZenithConfig.zenith(spec, dim=16), num_tokens=8)
     >>> layer(torch.randn(2, 8, 16)).shape
     torch.Size([2, 8, 16])
@@ -147,7 +147,7 @@ class Zenith(nn.Module):
     """Zenith / Zenith++ ranker: RankingInputs -> logits [B, C, num_tasks], one row per candidate.
 
     >>> from models.inputs import random_ranking_inputs
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     >>> model = Zenith(ZenithConfig.zenith_pp(spec, num_tasks=2, dim=16, head_dims=(32,)))
     >>> inputs = random_ranking_inputs()
     >>> model(inputs).shape
@@ -211,7 +211,7 @@ def token_similarity(model: Zenith, inputs: RankingInputs) -> list[float]:
     attention vs ~0.06-0.47 for Zenith).
 
     >>> from models.inputs import random_ranking_inputs
-    >>> spec = FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
+    >>> spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     >>> model = Zenith(ZenithConfig.shared(spec, dim=16, num_layers=3))
     >>> len(token_similarity(model, random_ranking_inputs()))
     3

@@ -29,7 +29,7 @@ import pyarrow as pa
 from ray import serve
 
 from features.online import OnlineFeatures
-from features.spec import SEQUENCE_FIELDS, FeatureSpec
+from features.spec import SEQUENCE_FIELDS, FeatureStoreSpec
 from ingestion.contract import ACTIONS, TS_TYPE
 from serving.common import platform_config
 
@@ -72,7 +72,7 @@ def trending_items(cfg, size: int, window_s: int | None = None) -> list[tuple[in
     """(item_id, engagements in the window) of the `size` most engaged items, newest stats row per item."""
     from features.offline import FEATURE_TABLES, duckdb_connection
 
-    spec = FeatureSpec.from_config(cfg.features)
+    spec = FeatureStoreSpec.from_config(cfg.features)
     window_s = window_s or max(cfg.features.windows_s)
     if window_s not in cfg.features.windows_s:
         raise ValueError(f"serving.trending_window_s={window_s} is not one of features.windows_s")

@@ -24,7 +24,7 @@ import torch
 from ray import serve
 
 from features.online import FeatureStoreUnavailable, OnlineFeatureClient
-from features.spec import FeatureSpec
+from features.spec import FeatureStoreSpec
 from models.heads import SequenceRanker
 from models.mfalcon import MFalconScorer
 from serving.common import BusyBatchWait, StageUnavailable, load_failed, platform_config, resolve
@@ -84,7 +84,7 @@ class Ranker:
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = args or {}
         self.cfg = platform_config(self.args)
-        self.stat_names = FeatureSpec.from_config(self.cfg.features).stat_names
+        self.stat_names = FeatureStoreSpec.from_config(self.cfg.features).stat_names
         self.model: RankerModel | None = None
         self.artifact: str | None = None
         self.error: str | None = "no ranker artifact configured"

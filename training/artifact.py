@@ -55,7 +55,7 @@ from torch import nn
 
 import storage
 from models.dlrm import DLRM, DLRMConfig
-from models.features import FeatureSpec
+from models.features import RankingInputSpec
 from models.genrank import GenRank, HSTURanking
 from models.heads import RankerConfig
 from models.hstu import HSTUConfig
@@ -73,6 +73,8 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {}
 CONFIG_CLASSES: dict[str, type] = {}
+# Config classes renamed since artifacts were first saved: the name an artifact recorded -> the class's name now.
+FORMER_CONFIG_NAMES = {"FeatureSpec": "RankingInputSpec"}
 
 
 def register_model(cls: type[nn.Module]) -> type[nn.Module]:
@@ -98,7 +100,7 @@ def _register(registry: dict[str, type], cls: type) -> None:
 
 for _model in (HSTURetrieval, SASRec, HSTURanking, GenRank, DLRM, Zenith, NezhaRetriever):
     register_model(_model)
-for _config in (HSTUConfig, RankerConfig, FeatureSpec, DLRMConfig, ZenithConfig, NezhaConfig):
+for _config in (HSTUConfig, RankerConfig, RankingInputSpec, DLRMConfig, ZenithConfig, NezhaConfig):
     register_config(_config)
 
 
@@ -139,7 +141,7 @@ def decode_config(value: Any) -> Any:
         return [decode_config(v) for v in value]
     if isinstance(value, dict):
         if "__dataclass__" in value:
-            name = value["__dataclass__"]
+            name = FORMER_CONFIG_NAMES.get(value["__dataclass__"], value["__dataclass__"])
             if name not in CONFIG_CLASSES:
                 raise ValueError(f"unknown config class {name!r}; known: {sorted(CONFIG_CLASSES)}")
             return CONFIG_CLASSES[name](**{k: decode_config(v) for k, v in value["fields"].items()})

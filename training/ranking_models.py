@@ -19,7 +19,7 @@ from torch import nn
 
 from config.schema import TrainingConfig
 from models.dlrm import DLRM, DLRMConfig
-from models.features import FeatureSpec
+from models.features import RankingInputSpec
 from models.genrank import GenRank, HSTURanking, RankerConfig
 from models.position import PositionDebiasedRanker
 from models.zenith import Zenith, ZenithConfig
@@ -34,7 +34,7 @@ def build_ranker(kind: str, feats: RankingFeatures, t: TrainingConfig):
     """(model, its config dataclass) for `kind`; the config is what the artifact stores."""
     num_tasks = len(feats.tasks)
     if kind == "dlrm" or kind in ZENITH_PRESETS:
-        spec = FeatureSpec(num_users=feats.num_users, num_items=feats.num_items,
+        spec = RankingInputSpec(num_users=feats.num_users, num_items=feats.num_items,
                            num_authors=max(feats.num_authors, 1), num_actions=feats.num_actions,
                            item_dense_dim=feats.item_dense_dim, user_dense_dim=feats.user_dense_dim,
                            embed_dim=t.embed_dim)

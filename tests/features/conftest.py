@@ -10,7 +10,7 @@ import pytest
 import config
 from config.schema import OnlineStoreConfig, PlatformConfig
 from features.job import FeatureJob, FeatureJobReport
-from features.spec import FeatureSpec
+from features.spec import FeatureStoreSpec
 from tests.features.events import Reference, synthetic_events, write_events
 
 
@@ -40,7 +40,7 @@ class FeatureLake:
     ref: Reference
 
     @property
-    def spec(self) -> FeatureSpec:
+    def spec(self) -> FeatureStoreSpec:
         return self.ref.spec
 
 
@@ -51,7 +51,7 @@ def feature_lake(tmp_path_factory, ray_local) -> FeatureLake:
     events = synthetic_events()
     write_events(cfg.lake.events, events)
     report = FeatureJob(cfg).run(materialize=False)
-    return FeatureLake(cfg, events, report, Reference(FeatureSpec.from_config(cfg.features), events))
+    return FeatureLake(cfg, events, report, Reference(FeatureStoreSpec.from_config(cfg.features), events))
 
 
 def materialized_store(cfg: PlatformConfig, report: FeatureJobReport):

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from features.spec import ENTITY_KEYS, FeatureSpec, event_metrics
+from features.spec import ENTITY_KEYS, FeatureStoreSpec, event_metrics
 from ingestion.contract import ACTION_INDEX, EVENTS_PARTITION_BY, EVENTS_SCHEMA
 
 START_MS = 1_767_571_200_000  # 2026-01-05T00:00:00Z
@@ -68,7 +68,7 @@ def write_events(path: str, events: list[dict], batch: int = 1) -> None:
 class Reference:
     """What the features must hold, computed the plain way: one mask over all events per question."""
 
-    def __init__(self, spec: FeatureSpec, events: list[dict]):
+    def __init__(self, spec: FeatureStoreSpec, events: list[dict]):
         self.spec, self.events = spec, events
         self.ts = np.array([e["ts"] for e in events], np.int64)
         self.keys = {field: np.array([e.get(field) or 0 for e in events], np.int64) for field in ENTITY_KEYS.values()}

@@ -18,9 +18,9 @@ from deltalake import DeltaTable
 from features.job import FeatureJob
 from features.offline import FEATURE_TABLES
 from features.repo import apply_definitions, render_repo
-from features.spec import ENTITY_KEYS, STATS_ENTITIES, FeatureSpec, stats_view
+from features.spec import ENTITY_KEYS, STATS_ENTITIES, FeatureStoreSpec, stats_view
 from tests.features.conftest import lake_config
-from tests.features.events import Reference, synthetic_events, write_events
+from tests.features.events import START_MS, Reference, synthetic_events, write_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,33 @@ def test_incremental_runs_equal_one_full_run_including_late_events(tmp_path, ray
     on_disk = pq.ParquetDataset(table, partitioning="hive").read().num_rows
     assert on_disk > DeltaTable(table).to_pyarrow_table().num_rows
     store = apply_definitions(inc)
-    check_point_in_time(store, Reference(FeatureSpec.from_config(inc.features), events), job)
+    check_point_in_time(store, Reference(FeatureStoreSpec.from_config(inc.features), events), job)
+
+
+def test_an_event_leaving_the_longest_window_at_the_first_recomputed_boundary_gets_its_row(tmp_path, ray_local):
+    """Run 2 starts at the boundary where run 1's oldest event leaves the 1 h window: that boundary needs
+    the (all-zero) row, or the item's latest row keeps counting the event until the TTL ends."""
+    def event(i: int, item: int, ts: int) -> dict:
+        return {"event_id": f"x{i}", "ts": ts, "user_id": 1, "item_id": item, "author_id": item, "action": "impression"}
+
+    minute = 60_000
+    first, second = [event(0, 1, START_MS + 30_000), event(1, 2, START_MS + 60 * minute + 10_000)], \
+        [event(2, 2, START_MS + 70 * minute)]
+    overrides = ("features.windows_s=[300,3600]",)
+    inc = lake_config(tmp_path / "inc", *overrides)
+    job = FeatureJob(inc)
+    for batch_no, batch in enumerate((first, second), 1):
+        write_events(inc.lake.events, batch, batch_no)
+        job.run(materialize=False)
+    assert job.last_state().stats_k_hi >= START_MS // minute + 61
+    full = lake_config(tmp_path / "full", *overrides)
+    write_events(full.lake.events, first + second)
+    FeatureJob(full).run(materialize=False)
+    rows, expected = read(job, "item"), read(FeatureJob(full), "item")
+    pd.testing.assert_frame_equal(rows.drop(columns=["dt"]), expected.drop(columns=["dt"]), check_like=True)
+    latest = rows[rows["item_id"] == 1].iloc[-1]
+    assert latest["asof_ms"] == START_MS + 61 * minute
+    assert np.array_equal(np.asarray(latest["stats"]), job.spec.empty_stats())
 
 
 def check_point_in_time(store, ref: Reference, job: FeatureJob) -> None:
@@ -132,7 +158,7 @@ def test_feast_cli_apply_and_materialize_incremental(tmp_path, ray_local):
     from features.online import OnlineFeatureClient
 
     client = OnlineFeatureClient(cfg)
-    ref = Reference(FeatureSpec.from_config(cfg.features), events)
+    ref = Reference(FeatureStoreSpec.from_config(cfg.features), events)
     state = FeatureJob(cfg).last_state()
     t_hi = state.stats_k_hi * ref.spec.hop_ms
     items = sorted(set(ref.keys["item_id"].tolist()))
@@ -160,7 +186,7 @@ def test_config_rejects_windows_off_the_hop_and_unknown_actions(bad):
     import config
 
     with pytest.raises(ValueError):
-        FeatureSpec.from_config(config.load(None, [bad]).features)
+        FeatureStoreSpec.from_config(config.load(None, [bad]).features)
 
 
 def test_events_without_the_optional_fields(tmp_path, ray_local):
@@ -171,7 +197,7 @@ def test_events_without_the_optional_fields(tmp_path, ray_local):
     write_events(cfg.lake.events, events)
     job = FeatureJob(cfg)
     job.run(materialize=False)
-    ref = Reference(FeatureSpec.from_config(cfg.features), events)
+    ref = Reference(FeatureStoreSpec.from_config(cfg.features), events)
     for row in read(job, "item").itertuples():
         assert np.array_equal(np.asarray(row.stats), ref.stats("item", row.item_id, row.asof_ms))
     assert read(job, "author").empty

@@ -10,7 +10,7 @@ from deltalake import DeltaTable
 from features.job import FeatureJob
 from features.repo import apply_definitions
 from features.samples import SampleBuilder
-from features.spec import FeatureSpec
+from features.spec import FeatureStoreSpec
 from ingestion.contract import ACTION_INDEX
 from tests.features.conftest import lake_config
 from tests.features.events import Reference, synthetic_events, write_events
@@ -135,7 +135,7 @@ def test_ratings_groups_like_and_love(tmp_path, ray_local):
     ranking, retrieval = build(cfg)
     assert SampleBuilder(cfg).kind() == "ratings"
     assert {c for c in ranking.columns if c.startswith("label_")} == {"label_like", "label_love"}
-    spec = FeatureSpec.from_config(cfg.features)
+    spec = FeatureStoreSpec.from_config(cfg.features)
     ref = Reference(spec, events)
     for row in ranking.itertuples():
         t = row.request_ts.value // 1_000_000

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import config
-from features.spec import FeatureSpec, event_metrics, window_label
+from features.spec import FeatureStoreSpec, event_metrics, window_label
 from features.windows import last_n_before, list_array, window_metrics
 from ingestion.contract import ACTION_INDEX
 
@@ -61,7 +61,7 @@ def test_list_array_and_labels():
 
 
 def test_stats_vector_layout_and_rates():
-    spec = FeatureSpec.from_config(config.load(None, ["features.windows_s=[86400,604800,2592000]",
+    spec = FeatureStoreSpec.from_config(config.load(None, ["features.windows_s=[86400,604800,2592000]",
                                                       "features.hop_s=3600"]).features)
     assert spec.window_labels == ("24h", "7d", "30d")
     codes = np.array([ACTION_INDEX[a] for a in ("impression", "impression", "click", "like", "view", "rate")])

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.dlrm import DLRM, CrossLayer, DLRMConfig
-from models.features import FeatureEmbedder, FeatureSpec, fold_ids, ranking_bce
+from models.features import FeatureEmbedder, RankingInputSpec, fold_ids, ranking_bce
 from models.inputs import RankingInputs, random_ranking_inputs
 
-SPEC = FeatureSpec(num_users=50, num_items=100, num_authors=20, num_actions=9, embed_dim=8)
+SPEC = RankingInputSpec(num_users=50, num_items=100, num_authors=20, num_actions=9, embed_dim=8)
 
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from models.features import FeatureSpec, ranking_bce
+from models.features import RankingInputSpec, ranking_bce
 from models.inputs import RankingInputs, random_ranking_inputs
 from models.zenith import Zenith, ZenithConfig, token_similarity, with_variant
 from models.zenith_layers import (
@@ -21,7 +21,7 @@ from models.zenith_layers import (
     TokenwiseSwiGLU,
 )
 
-SPEC = FeatureSpec(num_users=50, num_items=100, num_authors=20, num_actions=9, embed_dim=8)
+SPEC = RankingInputSpec(num_users=50, num_items=100, num_authors=20, num_actions=9, embed_dim=8)
 VARIANTS = ["zenith", "zenith++", "shared"]
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import training.artifact
 from models.dlrm import DLRM, DLRMConfig
-from models.features import FeatureSpec
+from models.features import RankingInputSpec
 from models.genrank import GenRank
 from models.heads import RankerConfig
 from models.inputs import random_ranking_inputs
@@ -52,25 +52,33 @@ def test_retrieval_round_trip_gives_identical_scores(tmp_path, kind):
 
 
 def test_dlrm_round_trip_with_nested_dataclass_and_tuple(tmp_path):
-    spec = FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
+    spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     config = DLRMConfig(spec, num_tasks=2, cross_rank=4, mlp_dims=(32, 16))
     torch.manual_seed(0)
     model = DLRM(config).eval()
     save_artifact(tmp_path / "dlrm", model, config, {"features": ["user", "item"]}, {"auc": 0.7})
     loaded, manifest = load_artifact(tmp_path / "dlrm")
-    assert manifest.config == config and isinstance(manifest.config.features, FeatureSpec)
+    assert manifest.config == config and isinstance(manifest.config.features, RankingInputSpec)
     assert manifest.config.mlp_dims == (32, 16)
     stored = json.loads((tmp_path / "dlrm" / "config.json").read_text())
-    assert stored["model_class"] == "DLRM" and stored["config"]["fields"]["features"]["__dataclass__"] == "FeatureSpec"
+    assert stored["model_class"] == "DLRM"
+    assert stored["config"]["fields"]["features"]["__dataclass__"] == "RankingInputSpec"
     inputs = random_ranking_inputs()
     assert torch.equal(loaded(inputs), model(inputs))
+
+
+def test_configs_recorded_under_a_former_class_name_still_load():
+    """Artifacts saved before the rename record the ranking inputs as `FeatureSpec`."""
+    old = {"__dataclass__": "FeatureSpec", "fields": {"num_users": 50, "num_items": 100, "num_authors": 20}}
+    assert decode_config(old) == RankingInputSpec(num_users=50, num_items=100, num_authors=20)
 
 
 RANKERS = {
     "genrank": (GenRank, RankerConfig(num_items=100, num_actions=9, num_tasks=2, num_authors=20, cand_dense_dim=6,
                                       max_hist_len=16, d_model=16, d_qk=8, d_v=8, head_hidden=8)),
-    "zenith": (Zenith, ZenithConfig.zenith_pp(FeatureSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8),
-                                              num_tasks=2, dim=16, head_dims=(8,))),
+    "zenith": (Zenith, ZenithConfig.zenith_pp(
+        RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8), num_tasks=2, dim=16,
+        head_dims=(8,))),
 }
 
 
