@@ -1,12 +1,13 @@
-"""Serving benchmark: /recommend latency and throughput, Serve defaults vs the tuned serving/config.yaml.
+"""Serving benchmark: /recommend latency, throughput and CPU under load, Serve defaults vs the tuned
+serving/config.yaml, and event freshness on the real paths.
 
     python -m bench.serve [--root data/demo] [--seconds 15] [--ranker DIR --retriever DIR]
 
-Needs a lake with features (`make demo` writes data/demo); its Feast folder is copied so the benchmark never
-writes to it. The retriever is the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless
---retriever names another; without --ranker a toy GenRank of the shape training builds by default (training.d_model,
-training.max_hist_len) over the lake's catalogue is built (bench.toy): latency depends on model size, not on
-training.
+Needs a lake with features (`make demo` writes data/demo); each variant gets its own copy of the Feast folder
+(the events it posts change the online store), so the benchmark never writes to the lake's. The retriever is
+the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless --retriever names another; without
+--ranker a toy GenRank of the shape training builds by default (training.d_model, training.max_hist_len) over
+the lake's catalogue is built (bench.toy): latency depends on model size, not on training.
 
 Variants, each on a fresh local Ray (a subprocess: Serve reads its settings from the environment at start):
 - default: Serve's defaults (no max_ongoing/max_queued limits, torch on all cores, no batching settings);
@@ -14,8 +15,13 @@ Variants, each on a fresh local Ray (a subprocess: Serve reads its settings from
   (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between deployments, user code on the replica's event loop, no
   per-request log lines to stderr); clients call the proxy, as on the cluster. The goals are judged here;
 - tuned_direct: the same, clients calling the Ingress replica's own HTTP port (direct ingress, no proxy hop).
-Per variant: closed-loop clients at concurrency 1, 4, 16, 64 (200 candidates retrieved, top 10 returned),
-then (tuned variants) an open-loop overload run at 2x the best measured RPS.
+Per variant: closed-loop clients at concurrency 1, 4, 16, 64 (200 candidates retrieved, top 10 returned); then
+(tuned variants) an open-loop sweep at fixed arrival rates of 25-125% of the best closed-loop goodput (the
+saturation rate), an overload run at 200%, and the /events freshness probes under an open loop at 50%.
+During every level the engagements the load produced are posted through POST /events (bench.serve_load), so
+the queried users' histories change as they would. Per level: latency percentiles over all responses and
+over 200s, goodput, errors by status, CPU per request of the Ray processes and of the load generator.
+Last, the freshness of landing file -> ingest --follow --push-features -> online store (bench.serve_follow).
 Writes bench/results/serve.json and bench/results/serve_latency_cdf.png; prints a table.
 """
 
@@ -26,12 +32,11 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,14 +45,20 @@ import numpy as np
 import yaml
 
 import config
+from bench.serve_follow import follow_freshness
+from bench.serve_load import Load, UserStream, freshness_probes
 from bench.toy import ranker_artifact
 from features.offline import duckdb_connection
+from features.online import OnlineFeatureClient
 from features.repo import absolute_paths
 from ray_jobs.runtime import init_ray
 from serving.deploy import base_url, deploy, serve_config, shutdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCURRENCY = (1, 4, 16, 64)
+OPEN_LOOP = (0.25, 0.5, 0.75, 1.0, 1.25)  # arrival rates as fractions of the saturation rate
+OVERLOAD = 2.0
+FRESHNESS_LOAD = 0.5
 
 
 def machine() -> dict:
@@ -56,74 +67,25 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "load_avg": os.getloadavg()}
 
 
-def summarize(lat_ms: list[float], codes: Counter, seconds: float, stages: dict[str, list[float]]) -> dict:
-    lat = np.asarray(lat_ms) if lat_ms else np.zeros(1)
-    ok = codes.get(200, 0)
-    return {"requests": sum(codes.values()), "ok": ok, "rps": round(ok / seconds, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p95_ms": round(float(np.percentile(lat, 95)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2), "codes": {str(k): v for k, v in codes.items()},
-            "errors": sum(v for k, v in codes.items() if k != 200),
-            "stages_mean_ms": {k: round(float(np.mean(v)), 2) for k, v in sorted(stages.items())}}
-
-
-async def closed_loop(url: str, users: list[int], concurrency: int, seconds: float) -> tuple[dict, list[float]]:
-    lat, codes, stages, fallbacks = [], Counter(), defaultdict(list), Counter()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
-        end = time.perf_counter() + seconds
-
-        async def client(c: int) -> None:
-            i = c
-            while time.perf_counter() < end:
-                code, r, ms = await _recommend(http, users[i % len(users)])
-                codes[code] += 1
-                i += concurrency
-                if code == 200:
-                    lat.append(ms)
-                    body = r.json()
-                    fallbacks[body["fallback"]] += 1
-                    for k, v in body["timings_ms"].items():
-                        stages[k].append(v)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for c in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    out = summarize(lat, codes, elapsed, stages)
-    out["fallbacks"] = {str(k): v for k, v in fallbacks.items()}
-    return out, lat
-
-
-async def _recommend(http: httpx.AsyncClient, user: int):
-    """One /recommend call: (status, response or None, milliseconds); -1 when the connection failed."""
-    t = time.perf_counter()
+def lake_facts(cfg) -> dict:
+    """Catalogue sizes and the users with engagements (the ones queried)."""
+    con = duckdb_connection()
     try:
-        r = await http.post("/recommend", json={"user_id": user, "k": 10})
-    except httpx.HTTPError:
-        return -1, None, (time.perf_counter() - t) * 1000
-    return r.status_code, r, (time.perf_counter() - t) * 1000
+        events = f"delta_scan('{cfg.lake.events}')"
+        items, max_user, authors = con.execute(
+            f"SELECT max(item_id), max(user_id), max(author_id) FROM {events}").fetchone()
+        users = [r[0] for r in con.execute(f"SELECT user_id FROM {events} WHERE action <> 'impression' "
+                                           "GROUP BY user_id ORDER BY user_id").fetchall()]
+    finally:
+        con.close()
+    return {"items": items, "max_user": max_user, "authors": authors, "users": users}
 
 
-async def open_loop(url: str, users: list[int], rate: float, seconds: float) -> dict:
-    """Requests at a fixed rate regardless of answers (what overload looks like): 503s must come fast."""
-    lat, codes, rejected_ms = [], Counter(), []
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=1000)) as http:
-        async def one(i: int) -> None:
-            code, _, ms = await _recommend(http, users[i % len(users)])
-            codes[code] += 1
-            (lat if code == 200 else rejected_ms).append(ms)
-
-        tasks, start = [], time.perf_counter()
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
-    out = summarize(lat, codes, elapsed, {})
-    total = sum(codes.values())
-    out.update(rate=round(rate, 1), share_503=round(codes.get(503, 0) / max(total, 1), 3),
-               non503_errors=sum(v for k, v in codes.items() if k not in (200, 503)),
-               p99_rejected_ms=round(float(np.percentile(rejected_ms, 99)), 2) if rejected_ms else None)
-    return out
+def level_line(name: str, r: dict) -> str:
+    return (f"   {name:<10} goodput={r['goodput_rps']:<6} p50={r['p50_ms']}/{r['p50_ms_ok']} "
+            f"p99={r['p99_ms']}/{r['p99_ms_ok']} (all/200) errors={r['errors_by_status']} "
+            f"cpu/req={r['cpu_ms_per_request']} loadgen/req={r['loadgen_cpu_ms_per_request']} "
+            f"events={r['events']['events_accepted']}")
 
 
 def direct_ingress_url(sc: dict) -> str | None:
@@ -140,47 +102,78 @@ def direct_ingress_url(sc: dict) -> str | None:
     return None
 
 
-def run_variant(sc: dict, users: list[int], seconds: float, overload: bool, direct: bool) -> tuple[dict, dict]:
+def run_variant(sc: dict, spec: dict, variant: str, cfg) -> tuple[dict, dict]:
+    """The variant's levels; latencies for the CDF: closed loop's 200s by concurrency, open loop's all
+    responses by rate fraction."""
     deploy(sc)
-    url = (direct_ingress_url(sc) if direct else None) or base_url(sc)
+    url = (direct_ingress_url(sc) if variant == "tuned_direct" else None) or base_url(sc)
     print(f"   clients call {url}", flush=True)
+    users, seconds = UserStream(spec["users"]), spec["seconds"]
+    events = {"key": os.environ[cfg.serving.api_key_env], "rate": spec["event_posts_per_s"],
+              "max_events": cfg.serving.max_events, "prefix": f"bench-{variant}"}
+
+    def level(shape: str, *args, connections: int = 1000, probe=None) -> tuple[dict, Load]:
+        load = Load(url, users, events, connections)
+        return asyncio.run(load.run(getattr(load, shape), *args, probe=probe)), load
+
     try:
-        asyncio.run(closed_loop(url, users, 4, 3.0))  # warm-up: imports, caches, first model calls
-        results, lats = {}, {}
+        # Warm-up: imports, caches, first model calls, and the first event's catch-up (it moves the real-time
+        # windows from the lake's last event to now: every entity's row is rewritten once).
+        level("closed", 4, 3.0)
+        results, lats = {}, {"closed": {}, "open": {}}
         for c in CONCURRENCY:
-            results[f"c{c}"], lats[c] = asyncio.run(closed_loop(url, users, c, seconds))
-            r = results[f"c{c}"]
-            print(f"   c={c:<3} rps={r['rps']:<7} p50={r['p50_ms']:<8} p95={r['p95_ms']:<8} p99={r['p99_ms']:<8} "
-                  f"errors={r['errors']} stages={r['stages_mean_ms']}", flush=True)
-        if overload:
-            best = max(results[f"c{c}"]["rps"] for c in CONCURRENCY)
-            results["overload"] = asyncio.run(open_loop(url, users, 2 * best, seconds))
-            r = results["overload"]
-            print(f"   overload at {r['rate']} req/s: 503 share {r['share_503']}, admitted p99 {r['p99_ms']} ms, "
-                  f"rejected p99 {r['p99_rejected_ms']} ms, other errors {r['non503_errors']}", flush=True)
+            results[f"c{c}"], load = level("closed", c, seconds, connections=c)
+            lats["closed"][c] = load.rec.ok_ms
+            print(level_line(f"c={c}", results[f"c{c}"]), flush=True)
+        if variant == "default":
+            return results, lats
+        best = max(results[f"c{c}"]["goodput_rps"] for c in CONCURRENCY)
+        results["saturation_rps"] = best
+        for f in (*OPEN_LOOP, OVERLOAD):
+            name = "overload" if f == OVERLOAD else f"open{round(f * 100)}"
+            results[name], load = level("open", f * best, seconds)
+            results[name]["rate"] = round(f * best, 1)
+            lats["open"][f] = load.rec.all_ms
+            print(level_line(f"{name}@{f * best:.0f}/s", results[name]), flush=True)
+        client = OnlineFeatureClient(cfg)
+
+        async def probe(http):
+            return await freshness_probes(http, events["key"], client, spec["users"], spec["items"],
+                                          spec["probes"])
+
+        results["freshness"], _ = level("open", FRESHNESS_LOAD * best, None, probe=probe)
+        r = results["freshness"]
+        print(level_line("freshness", r) + f"\n   /events -> /recommend freshness: {r['freshness']}", flush=True)
         return results, lats
     finally:
         shutdown()
 
 
-def plot(lats: dict[str, dict[int, list[float]]], path: Path) -> None:
+def plot(lats: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for variant, style in (("default", "--"), ("tuned", "-"), ("tuned_direct", ":")):
-        for c, lat in lats.get(variant, {}).items():
-            if lat:
-                x = np.sort(lat)
-                ax.plot(x, np.arange(1, len(x) + 1) / len(x), style, label=f"{variant} c={c}")
-    ax.set_xscale("log")
-    ax.set_xlabel("/recommend latency (ms, log)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("Serving latency CDF (200 candidates, top 10)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (closed, opened) = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    # Colour: the load level; line style: the variant.
+    styles = {"default": "--", "tuned": "-", "tuned_direct": ":"}
+    for variant, got in lats.items():
+        for ax, shape in ((closed, "closed"), (opened, "open")):
+            for i, (level, lat) in enumerate(got[shape].items()):
+                if lat:
+                    x = np.sort(lat)
+                    name = f"c={level}" if shape == "closed" else f"{float(level):.0%}"
+                    ax.plot(x, np.arange(1, len(x) + 1) / len(x), styles[variant], color=f"C{i}",
+                            label=f"{variant} {name}")
+    closed.set_title("closed loop, 200s (200 candidates, top 10)")
+    opened.set_title("open loop, all responses, from scheduled send (% of saturation rate)")
+    closed.set_ylabel("fraction of requests")
+    for ax in (closed, opened):
+        ax.set_xscale("log")
+        ax.set_xlabel("/recommend latency (ms, log)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -188,37 +181,91 @@ def plot(lats: dict[str, dict[int, list[float]]], path: Path) -> None:
 # Ray Serve's throughput-optimised mode for the tuned variants (read by every Serve process at start).
 TUNED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 VARIANTS = ("default", "tuned", "tuned_direct")
+# The /events API key reaches the Ingress through its environment, as from a Secret on Kubernetes.
+CONFIG_KEY_ENV = config.load().serving.api_key_env
 
 
-def variant_subprocess(variant: str, work: Path) -> tuple[dict, dict]:
-    """Runs one variant (set up by work/spec.json) on its own local Ray (its environment decides Serve's mode);
-    its results and latencies."""
-    out = work / f"{variant}.json"
-    env = {**os.environ, **(TUNED_ENV if variant != "default" else {})}
+def variant_subprocess(variant: str, work: Path, api_key: str) -> tuple[dict, dict]:
+    """Runs one variant (set up by work/spec.json) on its own local Ray (its environment decides Serve's mode and
+    carries the /events API key to the Ingress); its results and latencies."""
+    env = {**os.environ, **(TUNED_ENV if variant != "default" else {}), CONFIG_KEY_ENV: api_key}
     subprocess.run([sys.executable, "-m", "bench.serve", "--run-variant", variant, "--work", str(work)],
                    env=env, check=True)
-    got = json.loads(out.read_text())
-    return got["results"], {int(c): lat for c, lat in got["lats"].items()}
+    got = json.loads((work / f"{variant}.json").read_text())
+    return got["results"], got["lats"]
+
+
+def variant_config(root: Path, folder: Path) -> tuple[object, Path]:
+    """The config a variant serves: the lake read in place; its own copy of the Feast folder (the events it
+    posts change the online store) and its own landing folder."""
+    shutil.copytree(root / "feast", folder / "feast", ignore=shutil.ignore_patterns("repo"))
+    overrides = [f"lake.root={root / 'lake'}", f"features.feast_dir={folder / 'feast'}",
+                 f"features.online_store.path={folder / 'feast' / 'online.db'}",
+                 f"ingest.landing_dir={folder / 'landing'}"]
+    cfg = absolute_paths(config.load(None, overrides))
+    profile = folder / "profile.yaml"
+    profile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return cfg, profile
 
 
 def run_variant_here(variant: str, work: Path) -> int:
     spec = json.loads((work / "spec.json").read_text())
-    init_ray(config.load(None, spec["overrides"]).ray)
-    sc = serve_config(config=spec["profile"], ranker=spec["ranker"], retriever=spec["retriever"],
-                      port=spec["port"], defaults=variant == "default")
-    results, lats = run_variant(sc, spec["users"], spec["seconds"], overload=variant != "default",
-                                direct=variant == "tuned_direct")
+    cfg, profile = variant_config(Path(spec["root"]), work / variant)
+    init_ray(cfg.ray)
+    sc = serve_config(config=str(profile), ranker=spec["ranker"], retriever=spec["retriever"], port=spec["port"],
+                      defaults=variant == "default")
+    results, lats = run_variant(sc, spec, variant, cfg)
     (work / f"{variant}.json").write_text(json.dumps({"results": results, "lats": lats}))
     return 0
+
+
+def summary(results: dict, follow: dict) -> dict:
+    """The headline figures (tuned, through the proxy, unless named otherwise) and the goals."""
+    tuned, default, direct = results["tuned"], results["default"], results["tuned_direct"]
+    fresh = tuned["freshness"]["freshness"]
+    out = {
+        "p50_ms_c1": tuned["c1"]["p50_ms"], "p99_ms_c1": tuned["c1"]["p99_ms"],
+        "rps_c16": tuned["c16"]["goodput_rps"], "goodput_rps_c16": tuned["c16"]["goodput_rps"],
+        "p99_ms_c16": tuned["c16"]["p99_ms"], "p99_ms_c16_ok": tuned["c16"]["p99_ms_ok"],
+        "cpu_ms_per_request": tuned["c16"]["cpu_ms_per_request"],
+        "loadgen_cpu_ms_per_request": tuned["c16"]["loadgen_cpu_ms_per_request"],
+        "saturation_rps": tuned["saturation_rps"],
+        "overload_rate_rps": tuned["overload"]["rate"], "overload_share_503": tuned["overload"]["share_503"],
+        "overload_goodput_rps": tuned["overload"]["goodput_rps"],
+        "overload_admitted_p50_ms": tuned["overload"]["p50_ms_ok"],
+        "overload_admitted_p99_ms": tuned["overload"]["p99_ms_ok"],
+        "overload_non503_errors": sum(v for k, v in tuned["overload"]["errors_by_status"].items() if k != "503"),
+        "rps_c16_default": default["c16"]["goodput_rps"],
+        "rps_c16_ratio_tuned_vs_default": round(tuned["c16"]["goodput_rps"]
+                                                / max(default["c16"]["goodput_rps"], 1e-9), 2),
+        "rps_c16_direct_ingress": direct["c16"]["goodput_rps"],
+        "p99_ms_c1_direct_ingress": direct["c1"]["p99_ms"],
+        "freshness_events_p50_ms": fresh["p50_ms"], "freshness_events_p99_ms": fresh["p99_ms"],
+        "freshness_events_not_visible": fresh["not_visible"],
+        "freshness_follow_p50_ms": follow["p50_ms"], "freshness_follow_p99_ms": follow["p99_ms"],
+        "freshness_follow_not_visible": follow["not_visible"],
+    }
+    # A probe never seen fails its goal whatever the percentiles of the others say.
+    out["goals"] = {"p99_ms_c1<=50": out["p99_ms_c1"] <= 50, "rps_c16>=100": out["rps_c16"] >= 100,
+                    "freshness_events_p99_ms<=1000": not fresh["not_visible"] and fresh["p99_ms"] <= 1000,
+                    "freshness_follow_p99_ms<=2000": not follow["not_visible"] and follow["p99_ms"] <= 2000}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/demo", help="folder with lake/ and feast/ (make demo writes it)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per load level")
+    parser.add_argument("--event-posts-per-s", type=float, default=5.0,
+                        help="POST /events requests per second during each level (each carries the engagements "
+                             "since the last)")
+    parser.add_argument("--probes", type=int, default=50, help="/events freshness probes")
+    parser.add_argument("--follow-files", type=int, default=20, help="ingest --follow freshness files")
     parser.add_argument("--ranker")
     parser.add_argument("--retriever", help="retriever artifact (default: <root>/artifacts/retriever)")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--out", default=str(RESULTS), help="folder for serve.json and the CDF (short trial runs: "
+                                                           "elsewhere, not to replace the record)")
     parser.add_argument("--run-variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,55 +275,52 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / "lake" / "features_item_stats").exists():
         print(f"{root} has no feature tables: run `make demo` first (or pass --root)")
         return 2
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    shutil.copytree(root / "feast", work / "feast", ignore=shutil.ignore_patterns("repo"))
-    overrides = [f"lake.root={root / 'lake'}", f"features.feast_dir={work / 'feast'}",
-                 f"features.online_store.path={work / 'feast' / 'online.db'}", f"ingest.landing_dir={work / 'landing'}"]
-    cfg = absolute_paths(config.load(None, overrides))
-    con = duckdb_connection()
-    n_items, n_users, n_authors = con.execute(
-        f"SELECT max(item_id), max(user_id), max(author_id) FROM delta_scan('{cfg.lake.events}')").fetchone()
-    users = [r[0] for r in con.execute(f"SELECT user_id FROM delta_scan('{cfg.lake.events}') "
-                                       "WHERE action <> 'impression' GROUP BY user_id ORDER BY user_id").fetchall()]
-    con.close()
-    ranker = args.ranker or ranker_artifact(work / "ranker", cfg, num_users=n_users, num_items=n_items,
-                                            num_authors=n_authors, max_hist_len=cfg.training.max_hist_len,
-                                            d_model=cfg.training.d_model).folder
     retriever = Path(args.retriever or root / "artifacts" / "retriever")
     if not (retriever / "manifest.json").exists():
         print(f"no retriever artifact at {retriever}: run `make demo` first (or pass --retriever)")
         return 2
-    profile = work / "profile.yaml"
-    profile.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    spec = {"profile": str(profile), "overrides": overrides, "ranker": str(ranker), "retriever": str(retriever),
-            "port": args.port, "users": users, "seconds": args.seconds}
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    cfg = absolute_paths(config.load(None, [f"lake.root={root / 'lake'}"]))
+    facts = lake_facts(cfg)
+    ranker = args.ranker or ranker_artifact(work / "ranker", cfg, num_users=facts["max_user"],
+                                            num_items=facts["items"], num_authors=facts["authors"],
+                                            max_hist_len=cfg.training.max_hist_len,
+                                            d_model=cfg.training.d_model).folder
+    spec = {"root": str(root), "ranker": str(ranker), "retriever": str(retriever), "port": args.port,
+            "seconds": args.seconds, "event_posts_per_s": args.event_posts_per_s, "probes": args.probes,
+            "users": facts["users"], "items": facts["items"]}
     (work / "spec.json").write_text(json.dumps(spec))
     load_before = os.getloadavg()
+    api_key = secrets.token_hex(16)
     results, lats = {}, {}
     for variant in VARIANTS:
         print(f"== {variant} Serve settings", flush=True)
-        results[variant], lats[variant] = variant_subprocess(variant, work)
-    tuned = results["tuned"]
+        results[variant], lats[variant] = variant_subprocess(variant, work, api_key)
+    print("== landing file -> ingest --follow --push-features -> online store", flush=True)
+    try:
+        follow = follow_freshness(root, work / "follow", facts["items"], facts["users"], args.follow_files)
+    except RuntimeError as err:  # the serving figures stand without it; the record says why it is missing
+        follow = {"error": str(err)[-3000:], "files": args.follow_files, "not_visible": args.follow_files,
+                  "p50_ms": None, "p99_ms": None}
+    print(f"   {follow}", flush=True)
     out = {
         "command": "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-        "setup": {"candidates": cfg.serving.num_candidates, "k": 10, "items": n_items, "users": len(users),
-                  "seconds_per_level": args.seconds, "ranker": str(ranker), "retriever": str(retriever),
-                  "tuned_env": TUNED_ENV},
-        "p50_ms_c1": tuned["c1"]["p50_ms"], "p99_ms_c1": tuned["c1"]["p99_ms"], "rps_c16": tuned["c16"]["rps"],
-        "p99_ms_c16": tuned["c16"]["p99_ms"], "overload_non503_errors": tuned["overload"]["non503_errors"],
-        "rps_c16_default": results["default"]["c16"]["rps"],
-        "rps_c16_ratio_tuned_vs_default": round(tuned["c16"]["rps"] / max(results["default"]["c16"]["rps"], 1e-9), 2),
-        "rps_c16_direct_ingress": results["tuned_direct"]["c16"]["rps"],
-        "p99_ms_c1_direct_ingress": results["tuned_direct"]["c1"]["p99_ms"],
-        "goals": {"p99_ms_c1<=50": tuned["c1"]["p99_ms"] <= 50, "rps_c16>=100": tuned["c16"]["rps"] >= 100},
+        "setup": {"candidates": cfg.serving.num_candidates, "k": 10, "items": facts["items"],
+                  "users": len(facts["users"]), "seconds_per_level": args.seconds,
+                  "event_posts_per_s": args.event_posts_per_s, "ranker": str(ranker), "retriever": str(retriever),
+                  "tuned_env": TUNED_ENV, "open_loop_fractions": OPEN_LOOP, "overload_fraction": OVERLOAD,
+                  "freshness_load_fraction": FRESHNESS_LOAD},
+        **summary(results, follow),
+        "follow": follow,
         "variants": results,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(out, indent=1) + "\n")
-    plot(lats, RESULTS / "serve_latency_cdf.png")
-    print(json.dumps({k: v for k, v in out.items() if k not in ("variants", "setup")}, indent=1))
+    results_dir = Path(args.out)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "serve.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(lats, results_dir / "serve_latency_cdf.png")
+    print(json.dumps({k: v for k, v in out.items() if k not in ("variants", "setup", "follow")}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
