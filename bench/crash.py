@@ -91,8 +91,18 @@ def table_rows(path: str) -> list[tuple]:
         table = DeltaTable(path).to_pyarrow_table()
     except TableNotFoundError:
         return []
-    cols = [[round(v, 9) if isinstance(v, float) else v for v in col.to_pylist()] for col in table.columns]
+    cols = [[_hashable(v) for v in col.to_pylist()] for col in table.columns]
     return sorted(zip(*cols), key=repr)
+
+
+def _hashable(value):
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
 
 
 def stage_tables(cfg, stage: str) -> dict[str, str]:
@@ -161,10 +171,10 @@ def trials(stage: str, events: int, n: int, work: Path, seed: int = 5) -> dict:
             row.update(lines=audit.lines, lost=audit.lost, duplicated=audit.duplicated,
                        ok=audit.ok and audit.lines == total_lines)
         else:
-            got = {k: table_rows(p) for k, p in stage_tables(cfg, stage).items()}
+            got = {k: table_rows(cfg.lake.table(Path(p).name)) for k, p in stage_tables(ref_cfg, stage).items()}
             row.update({f"{k}_rows": len(v) for k, v in got.items()})
-            row["missing"] = sum(len(Counter(expected[k]) - Counter(got[k])) for k in expected)
-            row["extra"] = sum(len(Counter(got[k]) - Counter(expected[k])) for k in expected)
+            row["missing"] = sum(sum((Counter(expected[k]) - Counter(got[k])).values()) for k in expected)
+            row["extra"] = sum(sum((Counter(got[k]) - Counter(expected[k])).values()) for k in expected)
             row["ok"] = row["missing"] == row["extra"] == 0
         print(f"  {stage} trial {trial}: kill at {at:.1f}s of {duration:.1f}s, phase {row['phase']}, "
               f"rerun exit {rerun_code}, ok={row['ok']}", flush=True)

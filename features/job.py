@@ -19,6 +19,7 @@ makes that idempotent.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ from features.partitions import TOKEN_SCHEMA, engagement_filter
 from features.repo import absolute_paths
 from features.spec import SEQUENCE_VIEW, STATS_ENTITIES, FeatureStoreSpec, stats_view
 from ingestion.contract import TS_TYPE
+
+log = logging.getLogger("features")
 
 STATE_SCHEMA = pa.schema([
     pa.field("run", pa.int64(), nullable=False),
@@ -127,6 +130,7 @@ class FeatureJob:
     def run(self, materialize: bool = True, store=None) -> FeatureJobReport:
         """Compute what is new since the last run; `store` (a FeatureStore) is opened when not given."""
         started = time.perf_counter()
+        log.info("phase plan")  # phase lines: where a kill landed, for bench.crash
         self.ensure_tables()
         events = DeltaTable(self.cfg.lake.events, storage_options=self.opts)
         report = FeatureJobReport(events_version=events.version())
@@ -146,6 +150,7 @@ class FeatureJob:
         stats = (s_lo, s_hi) if s_lo <= s_hi else None
         sequences = (q_lo, q_hi) if q_lo <= q_hi else None
         if stats or sequences:
+            log.info("phase compute")
             report.events_read = self._compute(events, stats, sequences, report)
         if stats:
             report.stats_range = (ms_to_datetime(s_lo * spec.hop_ms), ms_to_datetime(s_hi * spec.hop_ms))
@@ -153,10 +158,13 @@ class FeatureJob:
             report.sequence_range = (ms_to_datetime(q_lo * spec.sequence_hop_ms),
                                      ms_to_datetime(q_hi * spec.sequence_hop_ms))
         run_no = (state.run + 1) if state else 1
+        log.info("phase record_state")
         self._record(JobState(run_no, report.events_version, max(s_hi, state.stats_k_hi if state else s_hi),
                               max(q_hi, state.sequence_k_hi if state else q_hi)))
         report.seconds["compute"] = round(time.perf_counter() - started, 3)
+        log.info("phase recorded")
         if materialize and not report.noop:
+            log.info("phase materialize")
             t = time.perf_counter()
             self.materialize(report, store)
             report.seconds["materialize"] = round(time.perf_counter() - t, 3)
@@ -222,6 +230,7 @@ class FeatureJob:
 
         replace_from(self.table(kind), batches(), table_schema(self.spec, kind), from_ms, self.opts,
                      {"features_from_ms": str(from_ms)}, writer_properties(self.spec, kind))
+        log.info("phase committed_%s", kind)
         return written, time.perf_counter()
 
     def _prior_tokens(self, k_lo: int, lo_ms: int, hi_ms: int) -> pa.Table:

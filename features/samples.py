@@ -21,6 +21,7 @@ Retrieval: per user, the chronological items of `samples.retrieval_actions` (the
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ CHUNK_REQUESTS = 20_000  # requests joined with stats at once: bounds the driver
 # Training reads the stream in blocks of a few batches by sample_no range (training/stream.py); Parquet statistics
 # can only skip whole row groups, so a row group per file (~100k rows) made every 1k-row block decode its file.
 RANKING_ROW_GROUP_ROWS = 1024
+
+log = logging.getLogger("features")
 
 
 @dataclass
@@ -104,6 +107,7 @@ class SampleBuilder:
 
     def run(self) -> SamplesReport:
         """Rebuild both tables from the whole `events` table (each in one Delta commit)."""
+        log.info("phase read")  # phase lines: where a kill landed, for bench.crash
         kind = self.kind()
         report = SamplesReport(kind=kind, tasks=ranking_tasks(kind))
         t = time.perf_counter()
@@ -117,6 +121,7 @@ class SampleBuilder:
                       .map_batches(with_partition, batch_format="pyarrow", batch_size=None,
                                    fn_kwargs={"key": "user_id", "partitions": parts})
                       .materialize())
+            log.info("phase ranking")
             # Request rows leave Ray sorted by time, a chunk at a time: the driver holds one chunk, not all.
             requests = (events.groupby("part", num_partitions=parts)
                         .map_groups(ranking_partition, batch_format="pyarrow", fn_kwargs={"groups": groups})
@@ -125,6 +130,7 @@ class SampleBuilder:
             _write(self.ranking_path, self._with_stats(chunks, report), self.opts, ["dt"], metadata,
                    row_group_rows=RANKING_ROW_GROUP_ROWS)
             report.seconds["ranking"] = round(time.perf_counter() - t, 3)
+            log.info("phase retrieval")  # the ranking table is committed, the retrieval table not yet
             t = time.perf_counter()
             sequences = (events.groupby("part", num_partitions=parts)
                          .map_groups(retrieval_partition, batch_format="pyarrow",
@@ -133,6 +139,7 @@ class SampleBuilder:
             report.users = _write(self.retrieval_path, (b for t in sequences.iter_batches(
                 batch_format="pyarrow", batch_size=None) for b in t.to_batches()), self.opts)
             report.seconds["retrieval"] = round(time.perf_counter() - t, 3)
+        log.info("phase committed")
         return report
 
     def _with_stats(self, chunks: Iterator[pa.Table], report: SamplesReport) -> Iterator[pa.RecordBatch]:

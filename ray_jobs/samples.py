@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cfg = config.from_args(args)
+    logging.getLogger("features").setLevel(logging.INFO)  # its `phase` lines (bench.crash reads them)
     init_ray(cfg.ray)
+    logging.getLogger("features").info("phase ray_up")
     from features.samples import SampleBuilder
 
     print_report(SampleBuilder(cfg).run(), cfg)
