@@ -189,7 +189,7 @@ def trials(stage: str, events: int, n: int, work: Path, seed: int = 5) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=sorted(STAGES), required=True)
-    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--trials", type=int, default=20)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix=f"bench-crash-{args.stage}-"))

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--crash-events", type=int, default=10_000, help="simulator events per kill trial")
     args = parser.parse_args(argv)
     import ingestion.job  # noqa: F401  (GX's import is seconds: outside every timing)
     from ingestion.simulator import simulate
@@ -186,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.trials:
             from bench.crash import trials
 
-            crash = trials("ingest", 30_000, args.trials, work / "crash")
-            result.update({"crash_trials": crash["trials"], "crash_phases": crash["phases"],
+            crash = trials("ingest", args.crash_events, args.trials, work / "crash")
+            result.update({"crash_trials": crash["trials"], "crash_events": args.crash_events,
+                           "crash_landing_lines": crash["landing_lines"], "crash_phases": crash["phases"],
                            "crash_failed": crash["failed"], "crash_uninterrupted_s": crash["uninterrupted_s"],
                            "crash_trial_rows": crash["rows"]})
     finally:
