@@ -4,10 +4,10 @@
     python -m bench.crash --stage samples --events 20000 --trials 3   # a quick look
 
 A trial: a fresh copy of the lake as the stage finds it, one run of the stage SIGKILLed at a time drawn
-uniformly over the duration of an uninterrupted run measured first (from spawn, as the kill is; the shorter of
-two runs), a re-run to
+uniformly over the duration of the work of an uninterrupted run measured first (from its `phase ray_up` line to
+its exit, the shorter of two runs; the kill is timed from the same line), a re-run to
 completion, then the check. Each stage announces its steps as `phase NAME` log lines; the last one printed
-before the kill is the phase the kill landed in (`before_ray` when none was). The checks:
+before the kill is the phase the kill landed in. The checks:
 - ingest: `ingestion.audit` (every landing line in exactly one table, once), and its line count equals the
   landing files' own count of lines;
 - features / samples: every table the stage writes holds exactly the rows an uninterrupted run wrote (compared
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,34 +46,48 @@ STAGES = {"ingest": ("ray_jobs.ingest", ["--once"]), "features": ("ray_jobs.feat
           "samples": ("ray_jobs.samples", [])}
 
 
-def run_stage(module: str, args: list[str], overrides: list[str], kill_after: float | None = None,
-              timeout: float = 900) -> tuple[int | None, str]:
-    """Run `python -m module args --set ...` in its own process group; SIGKILL the group after `kill_after` s.
+@dataclass
+class StageRun:
+    code: int | None  # None: killed
+    phase: str  # the last phase the process announced ("before_ray" when none)
+    ray_up_s: float | None  # when it announced `phase ray_up`, from spawn
+    seconds: float  # from spawn to exit or kill
 
-    Returns (exit code or None when killed, the phase the process last announced). The new session makes the
-    kill take Ray's own processes down with the driver, like a lost pod.
+
+def run_stage(module: str, args: list[str], overrides: list[str], kill_after_ray_up: float | None = None,
+              kill_after: float | None = None, timeout: float = 900) -> StageRun:
+    """Run `python -m module args --set ...` in its own process group and SIGKILL the group `kill_after` s after
+    spawn, or `kill_after_ray_up` s after it announced `phase ray_up` (its Ray is up and the work begins).
+
+    The new session makes the kill take Ray's own processes down with the driver, like a lost pod.
     """
     env = {**os.environ, "PYTHONPATH": str(REPO), "GX_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", module, *args, *[p for o in overrides for p in ("--set", o)]]
-    with tempfile.TemporaryFile() as log:
+    with tempfile.NamedTemporaryFile() as log:
+        started = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait(timeout=kill_after if kill_after is not None else timeout)
-        except subprocess.TimeoutExpired:
+        deadline = started + (kill_after if kill_after is not None else timeout)
+        ray_up = None
+        while (code := proc.poll()) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            if ray_up is None and b"phase ray_up" in Path(log.name).read_bytes():
+                ray_up = time.monotonic() - started
+                if kill_after_ray_up is not None:
+                    deadline = started + ray_up + kill_after_ray_up
+        if code is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            code = None
-        log.seek(0)
-        text = log.read()
+        seconds = time.monotonic() - started
+        text = Path(log.name).read_bytes()
     phases = PHASE.findall(text)
     if code:  # say why (a test shows this on failure)
         print(f"{module} exited {code}:\n{text[-4000:].decode(errors='replace')}", file=sys.stderr)
-    return code, phases[-1].decode() if phases else "before_ray"
+    return StageRun(code, phases[-1].decode() if phases else "before_ray", ray_up, seconds)
 
 
 def run_ingest(overrides: list[str], kill_after: float | None = None) -> int | None:
     """`python -m ray_jobs.ingest --once`, killed after `kill_after` s; the exit code, None when killed."""
-    return run_stage("ray_jobs.ingest", ["--once"], overrides, kill_after)[0]
+    return run_stage("ray_jobs.ingest", ["--once"], overrides, kill_after=kill_after).code
 
 
 def landing_lines(landing: Path) -> int:
@@ -127,7 +142,7 @@ def build_base(work: Path, events: int, stage: str) -> list[str]:
     if stage != "ingest":
         assert run_ingest(overrides) == 0
     if stage == "samples":
-        assert run_stage("ray_jobs.features", ["--no-materialize"], overrides)[0] == 0
+        assert run_stage("ray_jobs.features", ["--no-materialize"], overrides).code == 0
     return overrides
 
 
@@ -143,13 +158,14 @@ def trials(stage: str, events: int, n: int, work: Path, seed: int = 5) -> dict:
             shutil.copytree(base_root, root)
         return [*base, f"lake.root={root}"]
 
-    # The shorter of two uninterrupted runs: a kill drawn within it lands mid-run even when runs vary.
-    durations = []
+    # The work's duration (from `phase ray_up` to exit), the shorter of two uninterrupted runs: a kill drawn
+    # within it lands in the work even when runs vary. Ray's start-up is not drawn over: a kill there tests nothing.
+    works = []
     for name in ("reference", "reference2"):
-        started = time.monotonic()
-        assert run_stage(module, args, fresh(name))[0] == 0
-        durations.append(time.monotonic() - started)
-    duration = min(durations)
+        run = run_stage(module, args, fresh(name))
+        assert run.code == 0 and run.ray_up_s is not None, f"{module} failed or never announced `phase ray_up`"
+        works.append(run.seconds - run.ray_up_s)
+    duration = min(works)
     reference = [*base, f"lake.root={work / 'reference'}"]  # the first run's lake
     ref_cfg = config.load(None, reference)
     expected = {} if stage == "ingest" else {k: table_rows(p) for k, p in stage_tables(ref_cfg, stage).items()}
@@ -159,11 +175,11 @@ def trials(stage: str, events: int, n: int, work: Path, seed: int = 5) -> dict:
     for trial in range(n):
         overrides = fresh(f"trial{trial}")
         at = rng.uniform(0, duration)
-        killed_code, phase = run_stage(module, args, overrides, kill_after=at)
-        rerun_code, _ = run_stage(module, args, overrides)
+        killed = run_stage(module, args, overrides, kill_after_ray_up=at)
+        rerun_code = run_stage(module, args, overrides).code
         cfg = config.load(None, overrides)
-        row = {"trial": trial, "kill_at_s": round(at, 2), "killed": killed_code is None,
-               "phase": phase if killed_code is None else "finished", "rerun_exit": rerun_code}
+        row = {"trial": trial, "kill_after_ray_up_s": round(at, 2), "killed": killed.code is None,
+               "phase": killed.phase if killed.code is None else "finished", "rerun_exit": rerun_code}
         if stage == "ingest":
             from ingestion.audit import audit_lake
 
@@ -176,11 +192,11 @@ def trials(stage: str, events: int, n: int, work: Path, seed: int = 5) -> dict:
             row["missing"] = sum(sum((Counter(expected[k]) - Counter(got[k])).values()) for k in expected)
             row["extra"] = sum(sum((Counter(got[k]) - Counter(expected[k])).values()) for k in expected)
             row["ok"] = row["missing"] == row["extra"] == 0
-        print(f"  {stage} trial {trial}: kill at {at:.1f}s of {duration:.1f}s, phase {row['phase']}, "
+        print(f"  {stage} trial {trial}: kill {at:.1f}s into {duration:.1f}s of work, phase {row['phase']}, "
               f"rerun exit {rerun_code}, ok={row['ok']}", flush=True)
         rows.append(row)
         shutil.rmtree(work / f"trial{trial}", ignore_errors=True)
-    return {"stage": stage, "events": events, "trials": n, "uninterrupted_s": round(duration, 2),
+    return {"stage": stage, "events": events, "trials": n, "uninterrupted_work_s": round(duration, 2),
             "landing_lines": total_lines, "killed_mid_run": sum(r["killed"] for r in rows),
             "phases": dict(Counter(r["phase"] for r in rows)), "failed": sum(not r["ok"] for r in rows),
             "rows": rows}
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({"command": "python -m bench.crash " + " ".join(sys.argv[1:] if argv is None else argv),
                    "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "pyarrow": pa.__version__})
-    print(f"\n{args.stage}: {result['trials']} trials over a {result['uninterrupted_s']}s run, "
+    print(f"\n{args.stage}: {result['trials']} trials over {result['uninterrupted_work_s']}s of work, "
           f"{result['killed_mid_run']} killed mid-run, {result['failed']} failed checks")
     print("| phase at kill | trials |\n|---|---|")
     for phase, count in sorted(result["phases"].items()):

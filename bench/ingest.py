@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             crash = trials("ingest", args.crash_events, args.trials, work / "crash")
             result.update({"crash_trials": crash["trials"], "crash_events": args.crash_events,
                            "crash_landing_lines": crash["landing_lines"], "crash_phases": crash["phases"],
-                           "crash_failed": crash["failed"], "crash_uninterrupted_s": crash["uninterrupted_s"],
+                           "crash_failed": crash["failed"], "crash_uninterrupted_work_s": crash["uninterrupted_work_s"],
                            "crash_trial_rows": crash["rows"]})
     finally:
         shutil.rmtree(work, ignore_errors=True)
