@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.models
 	$(BIN)/python -m bench.features
+	$(BIN)/python -m bench.crash --stage features
+	$(BIN)/python -m bench.crash --stage samples
 	$(BIN)/python -m bench.quality_retrieval --dataset ml-1m
 	$(BIN)/python -m bench.quality --dataset all
 	$(BIN)/python -m bench.train_fault --lake data/bench/quality/ml-100k/lake --model dlrm --kill-after 60 --every 25 \
