@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import config
-from bench.serve_load import now_ms
+from bench.serve_load import new_click
 from features.online import OnlineFeatureClient
 from features.repo import absolute_paths
 from ingestion.landing import LandingWriter
@@ -77,12 +77,8 @@ def follow_freshness(root: Path, work: Path, n_items: int, users: list[int], fil
 
 def _land_and_wait(job, client, counter, rng, users, n_items, work, timeout_s) -> float | None:
     """Lands one click and waits until it is online: milliseconds, or None after `timeout_s`."""
-    user = rng.choice(users)
-    before = client.get(user, [])
-    seen = set(before.sequence["item_ids"].tolist())
-    item = rng.choice([i for i in range(1, n_items + 1) if i not in seen])
-    event = {"event_id": f"follow-{time.time_ns()}", "ts": now_ms(), "user_id": user, "item_id": item,
-             "action": "click"}
+    event, before = new_click(client, rng, users, n_items, f"follow-{time.time_ns()}")
+    user, item = event["user_id"], event["item_id"]
     t = time.perf_counter()
     with LandingWriter(work / "landing", prefix="bench-follow") as writer:
         writer.write_event(event)

@@ -29,6 +29,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def new_click(client, rng: random.Random, users: list[int], n_items: int, event_id: str):
+    """A click, stamped now, by a random user on an item not in their history (so its arrival is observable),
+    and the user's online features before it: (event, features)."""
+    user = rng.choice(users)
+    before = client.get(user, [])
+    seen = set(before.sequence["item_ids"].tolist())
+    item = rng.choice([i for i in range(1, n_items + 1) if i not in seen])
+    return {"event_id": event_id, "ts": now_ms(), "user_id": user, "item_id": item, "action": "click"}, before
+
+
 class UserStream:
     def __init__(self, users: list[int], seed: int = 0):
         self.users = list(users)
@@ -242,12 +252,8 @@ async def freshness_probes(http: httpx.AsyncClient, key: str, client, users: lis
     headers = {"X-API-Key": key}
     times, post_ms, polls, intake, lost = [], [], [], defaultdict(list), 0
     for p in range(probes):
-        user = rng.choice(users)
-        before = client.get(user, [])
-        seen = set(before.sequence["item_ids"].tolist())
-        item = rng.choice([i for i in range(1, n_items + 1) if i not in seen])
-        event = {"event_id": f"probe-{seed}-{p}", "ts": now_ms(), "user_id": user, "item_id": item,
-                 "action": "click"}
+        event, before = new_click(client, rng, users, n_items, f"probe-{seed}-{p}")
+        user, item = event["user_id"], event["item_id"]
         t = time.perf_counter()
         code, accepted = await _call(http, "/events", event, headers)
         post_ms.append((time.perf_counter() - t) * 1000)
