@@ -109,9 +109,12 @@ def follow(events: int, work: Path, repeats: int) -> dict:
     done = threading.Condition()
     files_committed: list[int] = []
 
+    phases: list[dict] = []  # per batch: where a follow-mode batch spends its time
+
     def on_batch(batch) -> None:
         with done:
             files_committed.append(batch.files)
+            phases.append(batch.phases)
             done.notify()
 
     job, stop = IngestJob(cfg), threading.Event()
@@ -133,7 +136,7 @@ def follow(events: int, work: Path, repeats: int) -> dict:
     stop.set()
     runner.join()
     ray.shutdown()
-    return {"job_s": spread(times), "events_per_publication": events}
+    return {"job_s": spread(times), "events_per_publication": events, "batch_phases_s": phases[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_vs_raw": round(statistics.median(writes) / job_s, 3),
         })
         fol = follow(args.events, work, args.repeats)
-        result.update({"follow_job_s": fol["job_s"],
+        result.update({"follow_job_s": fol["job_s"], "follow_batch_phases_s": fol["batch_phases_s"],
                        "follow_ratio_vs_parse_write": round(base_s / fol["job_s"]["median"], 3)})
         print(f"events={valid:,}: job --once {job_s:.2f}s, --follow {fol['job_s']['median']:.2f}s; "
               f"Arrow parse + write_deltalake {base_s:.2f}s; ratio once {result['ratio_vs_parse_write']}, "
