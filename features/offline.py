@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 from deltalake import ColumnProperties, CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
@@ -38,7 +37,6 @@ if TYPE_CHECKING:  # imported where used: the feature job's Ray workers import t
 PARTITION_BY = ["dt"]
 FEATURE_TABLES = {"item": "features_item_stats", "author": "features_author_stats",
                   "user": "features_user_stats", "sequence": "features_user_sequence"}
-DAY_MS = 86_400_000
 
 
 # delta reads the tables; httpfs defines S3 secrets (delta_scan hands them to its object store); aws resolves
@@ -143,21 +141,6 @@ def table_schema(spec: FeatureStoreSpec, kind: str) -> pa.Schema:
 
 def ms_to_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-def day_strings(ms) -> pa.Array:
-    """Epoch milliseconds -> 'YYYY-MM-DD' (UTC), the `dt` partition.
-
-    >>> day_strings([0, 86_400_000 * 366 + 5, -1]).to_pylist()
-    ['1970-01-01', '1971-01-02', '1969-12-31']
-    """
-    # Formats each day once and gathers: formatting every row took longer than computing the row.
-    days = np.asarray(ms, np.int64) // DAY_MS
-    if len(days) == 0:
-        return pa.array([], pa.string())
-    first = int(days.min())
-    labels = np.arange(first, int(days.max()) + 1).astype("datetime64[D]").astype(str)
-    return pa.array(labels, pa.string()).take(pa.array(days - first))
 
 
 def open_table(path: str, storage_options: dict[str, str] | None = None) -> DeltaTable | None:

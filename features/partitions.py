@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.offline import SEQUENCE_SCHEMA, day_strings, stats_schema
+from features.offline import SEQUENCE_SCHEMA, stats_schema
 from features.spec import ENTITY_KEYS, FeatureStoreSpec, grouped_event_metrics
 from features.windows import last_n_before, list_array, window_metrics
-from ingestion.contract import ACTION_INDEX, ACTIONS, TS_TYPE
+from ingestion.contract import ACTION_INDEX, ACTIONS, TS_TYPE, day_strings
 
 _ACTION_NAMES = pa.array(ACTIONS)
 _ACTION_CODES = pa.array(range(1, len(ACTIONS) + 1), pa.int8())

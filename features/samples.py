@@ -34,11 +34,12 @@ from deltalake import CommitProperties, WriterProperties, write_deltalake
 
 from config.schema import PlatformConfig
 from features.job import FeatureJob
-from features.offline import day_strings, duckdb_connection
+from features.offline import duckdb_connection
 from features.partitions import prepare_events, with_partition
 from features.repo import absolute_paths
 from features.sample_groups import RankingGroups, ranking_partition, retrieval_partition
 from features.spec import FeatureStoreSpec
+from ingestion.contract import day_strings
 
 CHUNK_REQUESTS = 20_000  # requests joined with stats at once: bounds the driver's memory
 # Training reads the stream in blocks of a few batches by sample_no range (training/stream.py); Parquet statistics

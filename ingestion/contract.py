@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 import pyarrow as pa
 
 # Order matters: the index (from 1, 0 = padding) is the action id models see.
@@ -69,6 +70,21 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("ingest_batch", pa.int64(), nullable=False),
     pa.field("ingested_at", TS_TYPE, nullable=False),
 ])
+
+
+def day_strings(ms) -> pa.Array:
+    """Epoch milliseconds -> 'YYYY-MM-DD' (UTC), the `dt` partition.
+
+    >>> day_strings([0, 86_400_000 * 366 + 5, -1]).to_pylist()
+    ['1970-01-01', '1971-01-02', '1969-12-31']
+    """
+    # Formats each day once and gathers: formatting every row took longer than computing the row.
+    days = np.asarray(ms, np.int64) // 86_400_000
+    if len(days) == 0:
+        return pa.array([], pa.string())
+    first = int(days.min())
+    labels = np.arange(first, int(days.max()) + 1).astype("datetime64[D]").astype(str)
+    return pa.array(labels, pa.string()).take(pa.array(days - first))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from fnmatch import fnmatch
 
 import numpy as np
@@ -50,6 +49,7 @@ from ingestion.contract import (
     QUARANTINE_SCHEMA,
     TS_TYPE,
     EventTimeBounds,
+    day_strings,
 )
 from ingestion.dedup import EventKeyIndex, hash_ids
 from ingestion.expectations import ExpectationGate
@@ -125,14 +125,6 @@ class RunReport:
         return {k: sum(getattr(b, k) for b in self.batches) for k in keys}
 
 
-def _day_strings(ts_ms: pa.Array) -> pa.Array:
-    days = pc.divide(ts_ms, 86_400_000)
-    unique = pc.unique(days)
-    labels = pa.array([datetime.fromtimestamp(int(d) * 86400, tz=UTC).strftime("%Y-%m-%d")
-                       for d in unique.to_pylist()], pa.string())
-    return pc.take(labels, pc.index_in(days, value_set=unique))
-
-
 class IngestJob:
     """Runs ingestion batches against one lake. Ray must already be initialised.
 
@@ -158,6 +150,7 @@ class IngestJob:
         """Create or open the tables and the GX project; under the lease, so concurrent first runs do not race."""
         if self._opened:
             return
+        warm_up_workers()  # cold workers load the parser while the lake and the GX project open here
         opts = self.cfg.lake.storage_options
         self.events = open_or_create(self.cfg.lake.events, EVENTS_SCHEMA, EVENTS_PARTITION_BY, opts)
         self.quarantine = open_or_create(self.cfg.lake.quarantine, QUARANTINE_SCHEMA, None, opts)
@@ -297,7 +290,7 @@ class IngestJob:
         return pa.table({
             "event_id": valid["event_id"], "ts": ts, "user_id": valid["user_id"], "item_id": valid["item_id"],
             "author_id": valid["author_id"], "request_id": valid["request_id"], "action": valid["action"],
-            "value": valid["value"], "dt": _day_strings(valid["ts"]),
+            "value": valid["value"], "dt": day_strings(valid["ts"]),
             "ingest_batch": pa.repeat(pa.scalar(batch_no), valid.num_rows),
             "source_file": valid["source_file"], "source_offset": valid["source_offset"],
         }).cast(EVENTS_SCHEMA)
@@ -338,7 +331,6 @@ class IngestJob:
             return self._run_pending()
 
     def _run_pending(self) -> RunReport:
-        warm_up_workers()  # cold workers load the parser while the lake and the GX project open here
         self._open_lake()
         report = RunReport()
         redone = self.recover()
