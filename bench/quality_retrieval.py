@@ -4,7 +4,7 @@
     python -m bench.quality_retrieval --dataset ml-1m --max-epochs 3   # a quick look
 
 Both models get the same split, seed, recipe (MODELS.md §1: sampled softmax with 128 uniform
-negatives drawn per training sequence (training/retrieval_loss.py says why), cosine / 0.05, Adam
+negatives drawn per training sequence (training/retrieval/losses.py says why), cosine / 0.05, Adam
 1e-3 (0.9, 0.98), batch 128, dropout 0.2, max length 200) and size (ML-1M HSTU config: 2 blocks,
 1 head, d = 50). Each trains until validation HR@10 stops improving (`--patience` evaluations) or
 the same `--max-epochs` cap (or an optional time guard; `stopped` in the JSON says which);
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from training.artifact import save_artifact
-from training.retrieval import RetrievalTrainConfig, build_retrieval_model, train_retrieval
-from training.retrieval_data import leave_one_out, load_sequences
+from training.retrieval.data import leave_one_out, load_sequences
+from training.retrieval.dense import RetrievalTrainConfig, build_retrieval_model, train_retrieval
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "quality_retrieval.json"
@@ -58,7 +58,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality_retrieval", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="ml-1m", help="a name in training.retrieval_data.DATASET_FILES")
+    parser.add_argument("--dataset", default="ml-1m", help="a name in training.retrieval.data.DATASET_FILES")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "datasets"), help="datasets folder")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
     parser.add_argument("--max-epochs", type=int, default=60,

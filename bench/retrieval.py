@@ -4,8 +4,8 @@
     python -m bench.retrieval --dataset all               # beauty, sports, yelp, games in turn
     python -m bench.retrieval --dataset /data/X.inter.json --epochs 5
 
-Per dataset (leave-one-out, full catalogue, nothing excluded; training/retriever_pipeline.py): train a
-dot-product HSTU retriever (training/retrieval.py; its item table also feeds RQ-KMeans), build
+Per dataset (leave-one-out, full catalogue, nothing excluded; training/retrieval/pipeline.py): train a
+dot-product HSTU retriever (training/retrieval/dense.py; its item table also feeds RQ-KMeans), build
 semantic IDs, train the NEZHA retriever (draft head + backbone LM, jointly), then on every test user:
 R@5/10 and N@5/10 of NEZHA and of ordinary beam search with the backbone, each verified every step
 (the served mode) and at the end, the share of final beams that named no item before verification,
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.retrieval import evaluate
-from training.retrieval_data import SequenceBatch
-from training.retriever import measure_latency, test_rows
-from training.retriever_data import eval_histories
-from training.retriever_pipeline import PipelineConfig, run
+from training.retrieval.data import SequenceBatch
+from training.retrieval.dense import evaluate
+from training.retrieval.generative import measure_latency, test_rows
+from training.retrieval.generative_data import eval_histories
+from training.retrieval.pipeline import PipelineConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "retrieval.json"

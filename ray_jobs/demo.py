@@ -158,8 +158,8 @@ def training_stage(cfg):
 def retriever_stage(cfg) -> str:
     """Stage 8: semantic IDs + the NEZHA generative retriever on the lake's user sequences (a short run)."""
     t = stage("8. retrieval: semantic IDs (RQ-KMeans) + NEZHA generative retriever on the lake's sequences")
-    from training.lake_sequences import export_retrieval_sequences
-    from training.retriever_pipeline import PipelineConfig, run, save
+    from training.retrieval.lake_sequences import export_retrieval_sequences
+    from training.retrieval.pipeline import PipelineConfig, run, save
 
     path = export_retrieval_sequences(cfg, DEMO_ROOT / "retrieval" / "lake.txt")
     out = run(PipelineConfig(dataset=str(path), dot_epochs=6, dot_minutes=1.0, codebooks=(32, 32, 32), epochs=4,

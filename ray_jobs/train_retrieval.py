@@ -4,7 +4,7 @@
     python -m ray_jobs.train_retrieval --dataset beauty --model sasrec --set datasets.root=/data/datasets
 
 Reads `datasets.root` from the platform config, trains with the public leave-one-out recipe
-(training.retrieval), prints validation and test metrics and writes the best epoch's model to
+(training.retrieval.dense), prints validation and test metrics and writes the best epoch's model to
 `<out>/<model>-<dataset>-<UTC time>/` (training.artifact). Plain PyTorch in the driver process:
 no Ray cluster is needed for this stage yet.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import config
 from training.artifact import save_artifact
-from training.retrieval import MODEL_KINDS, RetrievalTrainConfig, build_retrieval_model, train_retrieval
-from training.retrieval_data import DATASET_FILES, leave_one_out, load_sequences
+from training.retrieval.data import DATASET_FILES, leave_one_out, load_sequences
+from training.retrieval.dense import MODEL_KINDS, RetrievalTrainConfig, build_retrieval_model, train_retrieval
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ and save the artifact serving loads.
 
 `--dataset` is a name (beauty, sports, yelp, games, nezha-beauty, ml-1m) under `datasets.root` or a
 path to a `.txt` (user item item ...), `.dat` or LETTER `.inter.json` file. Every stage option is a
-flag named after training.retriever_pipeline.PipelineConfig (tuples comma-separated). Writes
+flag named after training.retrieval.pipeline.PipelineConfig (tuples comma-separated). Writes
 `<out>/nezha-<dataset>-<UTC time>/` (or exactly `--artifact`; training.artifact, with
 semantic_ids.safetensors; a local path or s3://) and prints its metrics. `--source lake` trains on the
 configured lake's `samples_retrieval` (the platform's own users) instead of a dataset file.
@@ -33,7 +33,7 @@ from typing import Any
 import config
 import storage
 from config.schema import PlatformConfig
-from training.retriever_pipeline import PipelineConfig, run, save
+from training.retrieval.pipeline import PipelineConfig, run, save
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +100,7 @@ def train_and_save(platform: PlatformConfig, values: dict[str, Any], source: str
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="lake-sequences-") as scratch:
         if source == "lake":
-            from training.lake_sequences import export_retrieval_sequences
+            from training.retrieval.lake_sequences import export_retrieval_sequences
 
             exported = Path(scratch) / f"lake-{datetime.now(UTC):%Y%m%dT%H%M%S}.txt"
             values = {**values, "dataset": str(export_retrieval_sequences(platform, exported))}

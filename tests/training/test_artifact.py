@@ -21,7 +21,7 @@ from models.heads import RankerConfig
 from models.inputs import random_ranking_inputs
 from models.zenith import Zenith, ZenithConfig
 from training.artifact import decode_config, encode_config, load_artifact, register_config, save_artifact
-from training.retrieval import build_retrieval_model
+from training.retrieval.dense import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 

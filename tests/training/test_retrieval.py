@@ -10,15 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.retrieval import (
-    RetrievalTrainConfig,
-    build_retrieval_model,
-    evaluate,
-    score_next_items,
-    train_batches,
-    train_retrieval,
-)
-from training.retrieval_data import (
+from training.retrieval.data import (
     SequenceBatch,
     leave_one_out,
     load_sequences,
@@ -27,7 +19,15 @@ from training.retrieval_data import (
     read_s3rec_txt,
     sequences_from_interactions,
 )
-from training.retrieval_loss import per_sequence_sampled_softmax
+from training.retrieval.dense import (
+    RetrievalTrainConfig,
+    build_retrieval_model,
+    evaluate,
+    score_next_items,
+    train_batches,
+    train_retrieval,
+)
+from training.retrieval.losses import full_softmax, per_sequence_sampled_softmax
 
 
 def test_movielens_reader_sorts_by_time_and_keeps_file_order_on_ties(tmp_path):
@@ -132,12 +132,13 @@ def ring_split(num_users=128, length=14, num_items=60, max_len=12):
     return leave_one_out(sequences_from_interactions(users, items, times), max_len=max_len)
 
 
-@pytest.mark.parametrize(("kind", "negatives"), [("hstu", "sequence"), ("sasrec", "sequence"), ("hstu", "batch")])
-def test_training_learns_a_strong_pattern(kind, negatives):
+@pytest.mark.parametrize(("kind", "softmax"), [("hstu", "full"), ("sasrec", "full"), ("sasrec", "sampled_per_sequence"),
+                                               ("hstu", "sampled_per_batch")])
+def test_training_learns_a_strong_pattern(kind, softmax):
     split = ring_split()
     model, _ = build_retrieval_model(kind, split.num_items, d_model=16, num_heads=1, max_len=12, dropout=0.0)
     before = evaluate(model, split.test)
-    cfg = RetrievalTrainConfig(batch_size=16, lr=5e-3, num_negatives=16, negatives=negatives, max_epochs=15,
+    cfg = RetrievalTrainConfig(batch_size=16, lr=5e-3, num_negatives=16, softmax=softmax, max_epochs=15,
                                patience=3)
     result = train_retrieval(model, split, cfg)
     losses = [row["loss"] for row in result.history]
@@ -199,6 +200,19 @@ def test_per_sequence_loss_matches_the_formula_and_masks_accidental_hits():
     assert per_sequence_sampled_softmax(one, (ids > 0).long(), None, lengths, 8).item() == pytest.approx(0, abs=1e-6)
 
 
-def test_config_rejects_unknown_negative_sampling():
-    with pytest.raises(ValueError, match="negatives"):
-        RetrievalTrainConfig(negatives="position")
+def test_full_softmax_is_cross_entropy_over_every_item_but_padding():
+    model, _ = build_retrieval_model("sasrec", num_items=12, d_model=8, max_len=10, dropout=0.0)
+    ids = torch.randint(1, 13, (3, 10), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([10, 4, 7])
+    out, table = model(ids, None, lengths), model.item_embeddings()
+    terms = []
+    for r in range(3):
+        for i in range(int(lengths[r]) - 1):
+            logits = out[r, i] @ table[1:].T / model.temperature
+            terms.append(torch.logsumexp(logits, 0) - logits[int(ids[r, i + 1]) - 1])
+    torch.testing.assert_close(full_softmax(model, ids, None, lengths), torch.stack(terms).mean())
+
+
+def test_config_rejects_an_unknown_softmax():
+    with pytest.raises(ValueError, match="softmax"):
+        RetrievalTrainConfig(softmax="position")

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-import training.retriever
-import training.retriever_data
-import training.retriever_pipeline
-import training.semantic_ids
+import training.retrieval.generative
+import training.retrieval.generative_data
+import training.retrieval.pipeline
+import training.retrieval.semantic_ids
 from ray_jobs import train_retriever as train_retriever_job
 from training.artifact import load_artifact
-from training.retrieval_data import leave_one_out, sequences_from_interactions
-from training.retriever import RetrieverTrainConfig, build_nezha, train_retriever
-from training.retriever_data import load_any, prefix_samples, read_attributes
-from training.semantic_ids import attribute_embeddings, build_semantic_ids
+from training.retrieval.data import leave_one_out, sequences_from_interactions
+from training.retrieval.generative import RetrieverTrainConfig, build_nezha, train_retriever
+from training.retrieval.generative_data import load_any, prefix_samples, read_attributes
+from training.retrieval.semantic_ids import attribute_embeddings, build_semantic_ids
 
 
 @pytest.fixture(autouse=True)
@@ -123,14 +123,14 @@ def test_pipeline_starts_the_retriever_at_the_centroids_when_they_fit(tmp_path, 
         seen["code_emb"] = model.code_emb[0].weight.detach().clone()
         return None
 
-    monkeypatch.setattr(training.retriever_pipeline, "train_retriever", capture)
+    monkeypatch.setattr(training.retrieval.pipeline, "train_retriever", capture)
     base = dict(dataset=str(tmp_path / "Ring.txt"), codebooks=(4, 4), dot_epochs=1, max_history=5, blocks=1,
                 threads=None)
-    out = training.retriever_pipeline.run(training.retriever_pipeline.PipelineConfig(
+    out = training.retrieval.pipeline.run(training.retrieval.pipeline.PipelineConfig(
         dot_d_model=16, d_model=16, **base))
     assert torch.equal(seen["code_emb"], out["sid"].codebooks[0])
     with caplog.at_level("WARNING"):  # 8-wide centroids cannot start a 16-wide model: said, and skipped
-        out = training.retriever_pipeline.run(training.retriever_pipeline.PipelineConfig(
+        out = training.retrieval.pipeline.run(training.retrieval.pipeline.PipelineConfig(
             dot_d_model=8, d_model=16, **base))
     assert "init_from_codebooks skipped" in caplog.text
     assert not torch.equal(seen["code_emb"][:, :8], out["sid"].codebooks[0])

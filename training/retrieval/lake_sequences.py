@@ -1,6 +1,6 @@
 """The lake's `samples_retrieval` table as a sequence file the retriever pipeline reads like any dataset.
 
-The generative retriever's pipeline (training.retriever_pipeline) takes any file in the public
+The generative retriever's pipeline (training.retrieval.pipeline) takes any file in the public
 sequential formats; the platform's own users become one more such file: one line per user,
 `user item item ...` in time order (the s3rec layout), raw item ids (the pipeline maps them to dense ids
 and keeps the mapping in the artifact, so serving answers in raw ids).

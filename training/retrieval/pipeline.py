@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from training.artifact import Manifest, load_artifact, save_artifact
-from training.retrieval import RetrievalTrainConfig, build_retrieval_model, train_retrieval
-from training.retrieval_data import leave_one_out
-from training.retriever import RetrieverTrainConfig, build_nezha, train_retriever
-from training.retriever_data import load_any, read_attributes
-from training.semantic_ids import attribute_embeddings, build_semantic_ids, item_embeddings
+from training.retrieval.data import leave_one_out
+from training.retrieval.dense import RetrievalTrainConfig, build_retrieval_model, train_retrieval
+from training.retrieval.generative import RetrieverTrainConfig, build_nezha, train_retriever
+from training.retrieval.generative_data import load_any, read_attributes
+from training.retrieval.semantic_ids import attribute_embeddings, build_semantic_ids, item_embeddings
 
 log = logging.getLogger(__name__)
 

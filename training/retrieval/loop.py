@@ -1,4 +1,4 @@
-"""Early stopping for the multi-epoch trainers (training/retrieval.py, training/retriever.py).
+"""Early stopping for the multi-epoch trainers (training/retrieval/dense.py, training/retrieval/generative.py).
 
 >>> import torch
 >>> model = torch.nn.Linear(1, 1)

@@ -1,7 +1,7 @@
 """Next-item retrieval training for HSTU and the SASRec baseline (MODELS.md §1, public protocol).
 
-Multi-epoch training over the leave-one-out training sequences (`training.retrieval_data`) with a
-sampled-softmax loss (uniform negatives drawn per sequence by default, see `training.retrieval_loss`;
+Multi-epoch training over the leave-one-out training sequences (`training.retrieval.data`) with a
+sampled-softmax loss (uniform negatives drawn per sequence by default, see `training.retrieval.losses`;
 cosine / temperature 0.05, accidental hits masked) and Adam. Validation HR@10 (ties broken by
 NDCG@10) after every `eval_every` epochs picks the best epoch, with early stopping after `patience`
 evaluations without improvement; that epoch's weights are tested on the last item with
@@ -9,7 +9,7 @@ full-catalogue ranking. Plain PyTorch (Ray Train comes with the ranking trainer)
 seed for a fixed thread count on the CPU.
 
 >>> import numpy as np
->>> from training.retrieval_data import leave_one_out, sequences_from_interactions
+>>> from training.retrieval.data import leave_one_out, sequences_from_interactions
 >>> users = np.repeat(np.arange(1, 41), 12)
 >>> items = (np.tile(np.arange(12), 40) + users) % 20 + 1        # each user walks the ring 1..20
 >>> split = leave_one_out(sequences_from_interactions(users, items, np.tile(np.arange(12), 40)), max_len=10)
@@ -32,14 +32,15 @@ import torch
 from models.hstu import HSTUConfig
 from models.retrieval import HSTURetrieval, SequentialRetriever
 from models.sasrec import SASRec
-from training.early_stopping import BestEpoch
 from training.metrics import retrieval_metrics, target_ranks
-from training.retrieval_data import LeaveOneOut, SequenceBatch
-from training.retrieval_loss import per_sequence_sampled_softmax
+from training.retrieval.data import LeaveOneOut, SequenceBatch
+from training.retrieval.loop import BestEpoch
+from training.retrieval.losses import full_softmax, per_sequence_sampled_softmax
 
 log = logging.getLogger(__name__)
 
 MODEL_KINDS = ("hstu", "sasrec")
+SOFTMAXES = ("full", "sampled_per_sequence", "sampled_per_batch")
 
 
 def build_retrieval_model(kind: str, num_items: int, d_model: int = 50, num_blocks: int = 2, num_heads: int = 1,
@@ -75,10 +76,11 @@ class RetrievalTrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
-    num_negatives: int = 128
-    # "sequence": one set of uniform negatives per training sequence (training.retrieval_loss);
-    # "batch": the model's own loss, one set shared by the whole batch (learns far slower on ML-1M).
-    negatives: str = "sequence"
+    # "full": cross-entropy over the whole catalogue (training.retrieval.losses.full_softmax);
+    # "sampled_per_sequence": num_negatives uniform negatives per training sequence;
+    # "sampled_per_batch": the model's own loss, one set shared by the batch (learns far slower on ML-1M).
+    softmax: str = "full"
+    num_negatives: int = 128  # sampled softmaxes only
     max_epochs: int = 100
     patience: int = 5  # evaluations without a better validation HR@10 before stopping
     eval_every: int = 1  # epochs between validation runs
@@ -92,8 +94,8 @@ class RetrievalTrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.negatives not in ("sequence", "batch"):
-            raise ValueError(f"negatives must be 'sequence' or 'batch', got {self.negatives!r}")
+        if self.softmax not in SOFTMAXES:
+            raise ValueError(f"softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
 
 
 @dataclass
@@ -196,7 +198,9 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
         losses = []
         for rows in train_batches(split.train, cfg.batch_size, rng, cfg.length_bucketing):
             items, times, lengths = _tensors(split.train, rows, device)
-            if cfg.negatives == "sequence":
+            if cfg.softmax == "full":
+                loss = full_softmax(model, items, times, lengths)
+            elif cfg.softmax == "sampled_per_sequence":
                 loss = per_sequence_sampled_softmax(model, items, times, lengths, cfg.num_negatives, negatives)
             else:
                 loss = model.loss(items, times, lengths, num_negatives=cfg.num_negatives, generator=negatives)

@@ -4,10 +4,10 @@ one training sample per (history prefix, next item).
 Formats (datasets README): S3-Rec `user item item ...` text (`.txt`), MovieLens `.dat`, and the
 LETTER / LC-Rec `X.inter.json` (`{"user": [item, ...]}`, chronological). A new dataset in one of
 these formats needs only its path. Source item ids are kept in `SequenceData.item_vocab`
-(dense id -> source id), as in training/retrieval_data.py whose readers this reuses.
+(dense id -> source id), as in training/retrieval/data.py whose readers this reuses.
 
 >>> import numpy as np
->>> from training.retrieval_data import SequenceBatch
+>>> from training.retrieval.data import SequenceBatch
 >>> train = SequenceBatch(np.array([[1, 2, 3], [4, 5, 0]]), np.zeros((2, 3), dtype=np.int64), np.array([3, 2]))
 >>> s = prefix_samples(train, max_history=2)
 >>> s.items.tolist(), s.lengths.tolist(), s.targets.tolist()
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.retrieval_data import (
+from training.retrieval.data import (
     DATASET_FILES,
     SequenceBatch,
     SequenceData,
@@ -29,7 +29,7 @@ from training.retrieval_data import (
     sequences_from_interactions,
 )
 
-# Names beyond training.retrieval_data's (LETTER layout, as the NEZHA paper trains on).
+# Names beyond training.retrieval.data's (LETTER layout, as the NEZHA paper trains on).
 LETTER_FILES = {"games": "nezha/Games/Games.inter.json", "nezha-beauty": "nezha/Beauty/Beauty.inter.json"}
 DATASET_NAMES = tuple(sorted(set(DATASET_FILES) | set(LETTER_FILES)))
 
@@ -99,7 +99,7 @@ def prefix_samples(train: SequenceBatch, max_history: int) -> SequenceBatch:
 
 
 def eval_histories(data: SequenceBatch) -> tuple[np.ndarray, np.ndarray]:
-    """Histories of an evaluation set (training.retrieval_data: the target slot at lengths - 1 removed)."""
+    """Histories of an evaluation set (training.retrieval.data: the target slot at lengths - 1 removed)."""
     lengths = data.lengths - 1
     items = data.items.copy()
     items[np.arange(len(items)), lengths] = 0

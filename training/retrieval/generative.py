@@ -1,14 +1,14 @@
 """Training, evaluation and latency of the generative (semantic-ID) retriever, models/nezha.py.
 
 One sample per (history prefix, next item) of the leave-one-out training sequences
-(training/retriever_data.py), length-bucketed batches, Adam; the draft head and the backbone LM are
+(training/retrieval/generative_data.py), length-bucketed batches, Adam; the draft head and the backbone LM are
 trained jointly with teacher forcing. Validation HR@10 of NEZHA decoding (verified each step) on a
 fixed subsample of users picks the best epoch, with early stopping. `evaluate_decoder` ranks the
 test item among the decoder's top-k (full catalogue: every valid semantic ID can be generated).
 
 >>> import numpy as np, torch
->>> from training.retrieval_data import leave_one_out, sequences_from_interactions
->>> from training.semantic_ids import build_semantic_ids
+>>> from training.retrieval.data import leave_one_out, sequences_from_interactions
+>>> from training.retrieval.semantic_ids import build_semantic_ids
 >>> users = np.repeat(np.arange(1, 31), 8); items = (np.tile(np.arange(8), 30) + users) % 12 + 1
 >>> split = leave_one_out(sequences_from_interactions(users, items, np.tile(np.arange(8), 30)), max_len=6)
 >>> sid = build_semantic_ids(torch.randn(13, 4), codebook_sizes=(4, 4), iters=3)
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from models.nezha import NezhaConfig, NezhaRetriever
-from training.early_stopping import BestEpoch
-from training.retrieval_data import LeaveOneOut, SequenceBatch
-from training.retriever_data import eval_histories, prefix_samples
-from training.semantic_ids import SemanticIds
+from training.retrieval.data import LeaveOneOut, SequenceBatch
+from training.retrieval.generative_data import eval_histories, prefix_samples
+from training.retrieval.loop import BestEpoch
+from training.retrieval.semantic_ids import SemanticIds
 
 log = logging.getLogger(__name__)
 
