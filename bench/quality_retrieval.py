@@ -58,7 +58,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality_retrieval", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="ml-1m", help="a name in training.retrieval.data.DATASET_FILES")
+    parser.add_argument("--dataset", default="ml-1m", help="a name in training.retrieval.data.DATASETS")
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "datasets"), help="datasets folder")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from: " + ", ".join(MODELS))
     parser.add_argument("--max-epochs", type=int, default=60,

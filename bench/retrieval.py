@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.retrieval.data import SequenceBatch
+from training.retrieval.data import SequenceBatch, eval_histories
 from training.retrieval.dense import evaluate
 from training.retrieval.generative import measure_latency, test_rows
-from training.retrieval.generative_data import eval_histories
 from training.retrieval.pipeline import PipelineConfig, run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,14 +30,23 @@ import torch.nn.functional as F
 from models.hstu import NUM_TIME_BUCKETS, HSTUConfig, HSTUEncoder, log_time_bucket, next_event_times
 
 
+SIMILARITIES = ("cosine", "dot")
+
+
 class SequentialRetriever(nn.Module):
-    """Loss, item table and full-catalogue scoring shared by HSTU and SASRec; subclasses `encode`."""
+    """Loss, item table and full-catalogue scoring shared by HSTU and SASRec; subclasses `encode`.
 
-    temperature = 0.05
+    `similarity`: "cosine" (states and item table L2-normalised, scores over a temperature of 0.05: HSTU's
+    recipe) or "dot" (raw inner products, temperature 1: SASRec's; an item's norm can then carry its
+    popularity).
+    """
 
-    def __init__(self, num_items: int, d_model: int):
+    def __init__(self, num_items: int, d_model: int, similarity: str = "cosine"):
         super().__init__()
-        self.num_items = num_items
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        self.num_items, self.similarity = num_items, similarity
+        self.temperature = 0.05 if similarity == "cosine" else 1.0
         self.item_emb = nn.Embedding(num_items + 1, d_model, padding_idx=0)
         nn.init.normal_(self.item_emb.weight, std=0.02)
         self.item_emb.weight.data[0] = 0
@@ -48,12 +57,14 @@ class SequentialRetriever(nn.Module):
 
     def forward(self, item_ids: torch.Tensor, timestamps: torch.Tensor | None,
                 lengths: torch.Tensor) -> torch.Tensor:
-        """[B, N] ids (right-padded), [B, N] seconds, [B] -> L2-normalised states [B, N, d]."""
-        return F.normalize(self.encode(item_ids, timestamps, lengths), dim=-1)
+        """[B, N] ids (right-padded), [B, N] seconds, [B] -> states [B, N, d] (L2-normalised for cosine)."""
+        states = self.encode(item_ids, timestamps, lengths)
+        return F.normalize(states, dim=-1) if self.similarity == "cosine" else states
 
     def item_embeddings(self) -> torch.Tensor:
-        """L2-normalised item table [num_items + 1, d]; row 0 (padding) is zero."""
-        return F.normalize(self.item_emb.weight, dim=-1)
+        """The output item table [num_items + 1, d] (L2-normalised for cosine); row 0 (padding) is zero."""
+        table = self.item_emb.weight
+        return F.normalize(table, dim=-1) if self.similarity == "cosine" else table
 
     def loss(self, item_ids: torch.Tensor, timestamps: torch.Tensor | None, lengths: torch.Tensor,
              num_negatives: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,7 +87,7 @@ class SequentialRetriever(nn.Module):
     @torch.no_grad()
     def score_all(self, item_ids: torch.Tensor, timestamps: torch.Tensor | None,
                   lengths: torch.Tensor) -> torch.Tensor:
-        """Cosine score of every catalogue item after the whole history: [B, num_items + 1].
+        """Score (cosine or dot) of every catalogue item after the whole history: [B, num_items + 1].
 
         Column 0 (padding) is -inf; excluding already-seen items is the caller's choice.
         """
@@ -94,8 +105,8 @@ class HSTURetrieval(SequentialRetriever):
     input, since its blocks have no relative bias.
     """
 
-    def __init__(self, cfg: HSTUConfig, num_items: int):
-        super().__init__(num_items, cfg.d_model)
+    def __init__(self, cfg: HSTUConfig, num_items: int, similarity: str = "cosine"):
+        super().__init__(num_items, cfg.d_model, similarity)
         self.cfg = cfg
         self.encoder = HSTUEncoder(cfg)
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model)

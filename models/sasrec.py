@@ -48,8 +48,8 @@ class SASRec(SequentialRetriever):
     """Causal softmax self-attention over item tokens; timestamps are ignored."""
 
     def __init__(self, num_items: int, d_model: int = 50, num_blocks: int = 2, num_heads: int = 1,
-                 max_len: int = 200, dropout: float = 0.2):
-        super().__init__(num_items, d_model)
+                 max_len: int = 200, dropout: float = 0.2, similarity: str = "cosine"):
+        super().__init__(num_items, d_model, similarity)
         self.d = d_model
         self.pos = nn.Embedding(max_len, d_model)
         nn.init.normal_(self.pos.weight, std=1.0 / math.sqrt(d_model))

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import config
 from training.artifact import save_artifact
-from training.retrieval.data import DATASET_FILES, leave_one_out, load_sequences
+from training.retrieval.data import DATASETS, leave_one_out, load_sequences
 from training.retrieval.dense import MODEL_KINDS, RetrievalTrainConfig, build_retrieval_model, train_retrieval
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_config_args(parser)
-    parser.add_argument("--dataset", required=True, help=f"one of {sorted(DATASET_FILES)} or a .dat / .txt path")
+    parser.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)} or a .dat / .txt path")
     parser.add_argument("--model", choices=MODEL_KINDS, default="hstu")
     parser.add_argument("--out", default="data/artifacts", help="folder that receives the artifact folder")
     parser.add_argument("--d-model", type=int, default=50)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = RetrievalTrainConfig(num_negatives=args.negatives, max_epochs=args.max_epochs, patience=args.patience,
                                      seed=args.seed, num_threads=args.threads, device=args.device)
     result = train_retrieval(model, split, train_cfg, name=args.model)
-    dataset = Path(args.dataset).stem if args.dataset not in DATASET_FILES else args.dataset
+    dataset = Path(args.dataset).stem if args.dataset not in DATASETS else args.dataset
     folder = Path(args.out) / f"{args.model}-{dataset}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     metadata = {"dataset": args.dataset, "max_len": args.max_len, "item_vocab": data.item_vocab.tolist(),
                 "protocol": "leave-one-out, full-catalogue ranking"}

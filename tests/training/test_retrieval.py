@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from training.retrieval.data import (
-    SequenceBatch,
     leave_one_out,
     load_sequences,
     read_inter_json,
@@ -24,9 +23,9 @@ from training.retrieval.dense import (
     build_retrieval_model,
     evaluate,
     score_next_items,
-    train_batches,
     train_retrieval,
 )
+from training.retrieval.loop import epoch_batches
 from training.retrieval.losses import full_softmax, per_sequence_sampled_softmax
 
 
@@ -113,13 +112,12 @@ def test_ml1m_sequences_and_split(datasets_dir):
     assert split.skipped_users == 0 and split.train.lengths.max() == 200 and split.test.lengths.max() == 200
 
 
-def test_train_batches_cover_every_trainable_row_once():
-    lengths = np.array([5, 1, 3, 9, 2, 7, 2, 1, 4])
-    data = SequenceBatch(np.zeros((9, 9), dtype=np.int64), np.zeros((9, 9), dtype=np.int64), lengths)
-    for bucketing in (False, True):
-        batches = train_batches(data, 2, np.random.default_rng(0), bucketing)
-        assert all(len(b) <= 2 for b in batches)
-        assert sorted(np.concatenate(batches).tolist()) == [0, 2, 3, 4, 5, 6, 8]
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=200), st.integers(1, 17), st.booleans())
+@settings(max_examples=50, deadline=None)
+def test_epoch_batches_cover_every_row_once(lengths, batch_size, bucketing):
+    batches = epoch_batches(np.array(lengths), batch_size, np.random.default_rng(0), bucketing)
+    assert all(0 < len(b) <= batch_size for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
 
 
 def ring_split(num_users=128, length=14, num_items=60, max_len=12):

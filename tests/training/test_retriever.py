@@ -7,14 +7,18 @@ import pytest
 import torch
 
 import training.retrieval.generative
-import training.retrieval.generative_data
 import training.retrieval.pipeline
 import training.retrieval.semantic_ids
 from ray_jobs import train_retriever as train_retriever_job
 from training.artifact import load_artifact
-from training.retrieval.data import leave_one_out, sequences_from_interactions
+from training.retrieval.data import (
+    leave_one_out,
+    load_sequences,
+    prefix_samples,
+    read_attributes,
+    sequences_from_interactions,
+)
 from training.retrieval.generative import RetrieverTrainConfig, build_nezha, train_retriever
-from training.retrieval.generative_data import load_any, prefix_samples, read_attributes
 from training.retrieval.semantic_ids import attribute_embeddings, build_semantic_ids
 
 
@@ -37,7 +41,7 @@ def test_formats_read_the_same_sequences(tmp_path):
     (tmp_path / "Toy.txt").write_text("1 5 6 7\n2 6 7 5 8\n")
     (tmp_path / "Toy_item2attributes.json").write_text(json.dumps({"5": [1], "6": [1, 2], "7": [3], "8": []}))
     (tmp_path / "Toy.inter.json").write_text(json.dumps({"0": [4, 5, 6], "1": [5, 6, 4, 7]}))
-    txt, letter = load_any(str(tmp_path / "Toy.txt")), load_any(str(tmp_path / "Toy.inter.json"))
+    txt, letter = load_sequences(str(tmp_path / "Toy.txt")), load_sequences(str(tmp_path / "Toy.inter.json"))
     assert [s.tolist() for s in txt.items] == [s.tolist() for s in letter.items] == [[1, 2, 3], [2, 3, 1, 4]]
     assert txt.item_vocab[1:].tolist() == [5, 6, 7, 8] and letter.item_vocab[1:].tolist() == [4, 5, 6, 7]
     attrs = read_attributes(str(tmp_path / "Toy.txt"), tmp_path, txt.item_vocab)
@@ -46,7 +50,7 @@ def test_formats_read_the_same_sequences(tmp_path):
     assert emb.shape == (5, 4) and torch.equal(emb[0], torch.zeros(4))
     assert read_attributes(str(tmp_path / "Toy.inter.json"), tmp_path, letter.item_vocab) is None
     with pytest.raises(FileNotFoundError):
-        load_any(str(tmp_path / "missing.txt"))
+        load_sequences(str(tmp_path / "missing.txt"))
 
 
 def test_prefix_samples_cover_every_next_item():

@@ -8,7 +8,8 @@ The files are read directly (small numpy readers, no landing events): `ingestion
 the same files into contract events, but training needs only the sequences, and `training/` does
 not import `ingestion/`. Item ids are re-numbered densely 1..num_items in order of source id
 (0 = padding); `SequenceData.item_vocab` maps back. S3-Rec files are already dense, so their ids
-stay as they are.
+stay as they are. Formats: MovieLens `.dat`, S3-Rec `user item item ...` `.txt`, LETTER / LC-Rec
+`.inter.json`; `DATASETS` names the public copies, any other file is read by its path.
 
 >>> data = sequences_from_interactions(users=[7, 7, 7, 7, 9, 9, 9], items=[30, 10, 20, 40, 10, 50, 30],
 ...                                    times=[5, 1, 3, 9, 2, 2, 1])
@@ -28,15 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-# Dataset name -> candidate files under the datasets root (the first that exists is used).
-DATASET_FILES: dict[str, tuple[str, ...]] = {
-    "ml-1m": ("ml-1m/ratings.dat", "ml-1m/ratings_users_1-2999.dat"),  # the CI copy holds users 1..2999
-    "beauty": ("amazon/Beauty.txt",),
-    "sports": ("amazon/Sports_and_Outdoors.txt",),
-    "yelp": ("yelp/Yelp.txt",),
-    "games": ("nezha/Games/Games.inter.json",),
-}
 
 
 @dataclass
@@ -96,34 +88,64 @@ def read_s3rec_txt(path: str | Path) -> SequenceData:
 
 
 def read_inter_json(path: str | Path) -> SequenceData:
-    """LETTER / LC-Rec `{"user": [item, ...]}` (0-based ids, chronological, no timestamps); times are ordinal."""
+    """LETTER / LC-Rec `{"user": [item, ...]}` (chronological, no timestamps); times are ordinal.
+
+    A non-numeric user key gets its position in the file as its id.
+    """
     with open(path) as f:
         raw = json.load(f)
     if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
         raise ValueError(f"{path}: expected a JSON object of user -> list of item ids")
-    users = [int(u) for u, seq in raw.items() if seq]
-    items = [np.asarray(seq, dtype=np.int64) for seq in raw.values() if seq]
+    pairs = [(int(u) if u.isdigit() else i, np.asarray(seq, dtype=np.int64))
+             for i, (u, seq) in enumerate(raw.items()) if seq]
+    users = [u for u, _ in pairs]
+    items = [seq for _, seq in pairs]
     times = [np.arange(len(s), dtype=np.int64) for s in items]
     return sequences_from_interactions(np.repeat(users, [len(s) for s in items]), np.concatenate(items),
                                        np.concatenate(times), name=Path(path).name.split(".")[0])
 
 
-def load_sequences(dataset: str, root: str | Path = "../shared/datasets") -> SequenceData:
-    """A named dataset (`DATASET_FILES`) under `root`, or a path to a `.dat` / `.txt` / `.inter.json` file.
+# The one table of named datasets: name -> files under the datasets root (the first that exists is read), and
+# beside it the reader of each format. A file in one of these formats needs no name: pass its path.
+DATASETS: dict[str, tuple[str, ...]] = {
+    "ml-1m": ("ml-1m/ratings.dat", "ml-1m/ratings_users_1-2999.dat"),  # the CI copy holds users 1..2999
+    "beauty": ("amazon/Beauty.txt",),
+    "sports": ("amazon/Sports_and_Outdoors.txt",),
+    "yelp": ("yelp/Yelp.txt",),
+    "games": ("nezha/Games/Games.inter.json",),
+    "nezha-beauty": ("nezha/Beauty/Beauty.inter.json",),  # amazon/Beauty.txt in the LETTER layout, ids - 1
+}
+READERS = {".dat": read_movielens_dat, ".txt": read_s3rec_txt, ".json": read_inter_json}
 
-    FileNotFoundError names every path it looked for.
-    """
-    if dataset in DATASET_FILES:
-        candidates = [Path(root) / p for p in DATASET_FILES[dataset]]
-    else:
-        candidates = [Path(dataset)]
+
+def dataset_path(dataset: str, root: str | Path) -> Path:
+    """The file a dataset name (or path) stands for; FileNotFoundError names every path it looked for."""
+    candidates = [Path(root) / p for p in DATASETS[dataset]] if dataset in DATASETS else [Path(dataset)]
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
         raise FileNotFoundError(f"dataset {dataset!r} not found: looked for {', '.join(map(str, candidates))}")
-    reader = {".dat": read_movielens_dat, ".json": read_inter_json}.get(path.suffix, read_s3rec_txt)
-    data = reader(path)
-    data.name = dataset if dataset in DATASET_FILES else data.name
+    return path
+
+
+def load_sequences(dataset: str, root: str | Path = "../shared/datasets") -> SequenceData:
+    """A named dataset (`DATASETS`) under `root`, or a path to a `.dat`, `.txt` or `.inter.json` file."""
+    path = dataset_path(dataset, root)
+    if path.suffix not in READERS:
+        raise ValueError(f"{path}: unknown format {path.suffix!r}; expected one of {sorted(READERS)}")
+    data = READERS[path.suffix](path)
+    data.name = dataset if dataset in DATASETS else data.name
     return data
+
+
+def read_attributes(dataset: str, root: str | Path, item_vocab: np.ndarray) -> list[list[int]] | None:
+    """Attribute ids per dense item (index 0 = padding) from `X_item2attributes.json` next to an
+    S3-Rec file, or None when the dataset has none."""
+    path = dataset_path(dataset, root)
+    side = path.with_name(path.stem + "_item2attributes.json")
+    if not side.exists():
+        return None
+    table = json.loads(side.read_text())
+    return [[]] + [list(table.get(str(int(i)), [])) for i in item_vocab[1:]]
 
 
 @dataclass
@@ -192,3 +214,34 @@ def leave_one_out(data: SequenceData, max_len: int = 200) -> LeaveOneOut:
                           lengths=np.array([len(s) for s in train_items], dtype=np.int64))
     return LeaveOneOut(train=train, valid=_eval_set(items, times, 2, max_len), test=_eval_set(items, times, 1, max_len),
                        num_items=data.num_items, skipped_users=len(data.items) - len(keep))
+
+
+def prefix_samples(train: SequenceBatch, max_history: int) -> SequenceBatch:
+    """Every (most recent <= max_history items before position t, item t) of the training rows, t >= 1:
+    the generative retriever's training samples. Histories are right-padded; `targets` holds item t.
+
+    >>> train = SequenceBatch(np.array([[1, 2, 3], [4, 5, 0]]), np.zeros((2, 3), dtype=np.int64), np.array([3, 2]))
+    >>> s = prefix_samples(train, max_history=2)
+    >>> s.items.tolist(), s.lengths.tolist(), s.targets.tolist()
+    ([[1, 0], [1, 2], [4, 0]], [1, 2, 1], [2, 3, 5])
+    """
+    rows, cols = np.nonzero(np.arange(train.items.shape[1])[None, :] < train.lengths[:, None])
+    keep = cols >= 1
+    rows, cols = rows[keep], cols[keep]
+    offsets = np.arange(max_history)[None, :]
+    start = np.maximum(cols - max_history, 0)
+    idx = start[:, None] + offsets
+    lengths = np.minimum(cols, max_history)
+    valid = offsets < lengths[:, None]
+    items = np.where(valid, train.items[rows[:, None], np.minimum(idx, train.items.shape[1] - 1)], 0)
+    width = int(lengths.max()) if len(lengths) else 1
+    return SequenceBatch(items=items[:, :width], times=np.zeros((len(rows), 1), dtype=np.int64),
+                         lengths=lengths.astype(np.int64), targets=train.items[rows, cols])
+
+
+def eval_histories(data: SequenceBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Histories of an evaluation set (`SequenceBatch`'s target slot at lengths - 1 removed)."""
+    lengths = data.lengths - 1
+    items = data.items.copy()
+    items[np.arange(len(items)), lengths] = 0
+    return items, lengths

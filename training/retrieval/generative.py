@@ -1,9 +1,9 @@
 """Training, evaluation and latency of the generative (semantic-ID) retriever, models/nezha.py.
 
 One sample per (history prefix, next item) of the leave-one-out training sequences
-(training/retrieval/generative_data.py), length-bucketed batches, Adam; the draft head and the backbone LM are
-trained jointly with teacher forcing. Validation HR@10 of NEZHA decoding (verified each step) on a
-fixed subsample of users picks the best epoch, with early stopping. `evaluate_decoder` ranks the
+(training/retrieval/data.py), in the shared epoch loop (training/retrieval/loop.py); the draft head and the
+backbone LM are trained jointly with teacher forcing. Validation HR@10 of NEZHA decoding (verified each step)
+on a fixed subsample of users picks the best epoch, with early stopping. `evaluate_decoder` ranks the
 test item among the decoder's top-k (full catalogue: every valid semantic ID can be generated).
 
 >>> import numpy as np, torch
@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models.nezha import NezhaConfig, NezhaRetriever
-from training.retrieval.data import LeaveOneOut, SequenceBatch
-from training.retrieval.generative_data import eval_histories, prefix_samples
-from training.retrieval.loop import BestEpoch
+from training.retrieval.data import LeaveOneOut, SequenceBatch, eval_histories, prefix_samples
+from training.retrieval.loop import LoopConfig, TrainResult, train_epochs
 from training.retrieval.semantic_ids import SemanticIds
 
 log = logging.getLogger(__name__)
@@ -47,51 +45,19 @@ def build_nezha(num_items: int, sid: SemanticIds, seed: int = 0, **kwargs) -> tu
 
 
 @dataclass
-class RetrieverTrainConfig:
+class RetrieverTrainConfig(LoopConfig):
+    """The generative recipe: training.retrieval.loop.LoopConfig plus validation and test decoding."""
+
     batch_size: int = 256
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.0
     max_epochs: int = 30
-    patience: int = 3  # evaluations without a better validation HR@10
-    eval_every: int = 1
+    patience: int = 3
     eval_users: int = 3000  # validation subsample (decoding every user each epoch costs too much CPU)
     k: int = 10
-    seed: int = 0
-    num_threads: int | None = None
-    max_train_seconds: float | None = None
     test_decoders: tuple[str, ...] = ("nezha_step",)  # "<nezha|beam>_<step|end>", evaluated after training
     # Test users per decoder (a fixed random subsample; None = all): decoding every user with every
     # decoder is the longest part of a CPU run. "_end" decoders use end_users (they measure invalid IDs).
     test_users: int | None = None
     end_users: int | None = None
-    device: str = "cpu"
-
-
-@dataclass
-class RetrieverResult:
-    best_epoch: int
-    epochs: int
-    stopped: str
-    valid: dict[str, float]
-    test: dict[str, dict[str, float]]
-    train_seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffled batches of similar lengths (sorted inside windows of 16 batches): less padding."""
-    rows = rng.permutation(len(lengths))
-    window = 16 * batch_size
-    out = []
-    for s in range(0, len(rows), window):
-        chunk = rows[s: s + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        out += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [out[i] for i in rng.permutation(len(out))]
 
 
 def _rows(items: np.ndarray, lengths: np.ndarray, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,65 +110,37 @@ def test_rows(n: int, users: int | None, seed: int = 0) -> np.ndarray | None:
 
 
 def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTrainConfig | None = None,
-                    name: str = "nezha") -> RetrieverResult:
+                    name: str = "nezha") -> TrainResult:
     """Train with early stopping on validation HR@10 (NEZHA, verified each step), restore the best
-    epoch, then evaluate `cfg.test_decoders` on every test user."""
+    epoch, then evaluate `cfg.test_decoders` on the test users."""
     cfg = cfg or RetrieverTrainConfig()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
     samples = prefix_samples(split.train, model.cfg.max_history)
     eval_rows = np.random.default_rng(cfg.seed + 1).permutation(len(split.valid))[: cfg.eval_users]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     log.info("%s: %d training samples, %d parameters", name, len(samples),
              sum(p.numel() for p in model.parameters()))
 
-    best = BestEpoch(cfg.patience)
-    history: list[dict[str, float]] = []
-    train_s, stopped, epoch = 0.0, "max_epochs", 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        batches = _batches(samples.lengths, cfg.batch_size, rng)
-        for rows in batches:
-            hist, ln = _rows(samples.items, samples.lengths, rows, device)
-            parts = model.losses(hist, ln, torch.from_numpy(samples.targets[rows]).to(device))
-            loss = parts["nezha"] + model.cfg.ar_weight * parts.get("lm", 0.0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for key, v in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(v.detach())
-        train_s += time.perf_counter() - t0
-        row: dict[str, float] = {"epoch": epoch, "train_seconds": train_s,
-                                 **{f"loss_{key}": v / len(batches) for key, v in sums.items()}}
-        out_of_time = cfg.max_train_seconds is not None and train_s >= cfg.max_train_seconds
-        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs or out_of_time:
-            valid = evaluate_decoder(model, split.valid, "nezha_step", cfg.k, rows=eval_rows)
-            row.update({f"valid_{key}": v for key, v in valid.items()})
-            best.update(epoch, (valid["r10"], valid["n10"]), valid, model)
-        history.append(row)
-        log.info("%s epoch %d %s valid r10 %s (%.0f s training)", name, epoch,
-                 " ".join(f"{key} {v / len(batches):.3f}" for key, v in sums.items()),
-                 f"{row['valid_r10']:.4f}" if "valid_r10" in row else "-", train_s)
-        if reason := best.stop_reason(out_of_time):
-            stopped = reason
-            break
-    best.restore(model)
-    test = {}
+    def step(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        hist, ln = _rows(samples.items, samples.lengths, rows, device)
+        parts = model.losses(hist, ln, torch.from_numpy(samples.targets[rows]).to(device))
+        loss = parts["nezha"] + model.cfg.ar_weight * parts.get("lm", 0.0)
+        return {"loss": loss, **{f"loss_{key}": value for key, value in parts.items()}}
+
+    def validate() -> tuple[tuple[float, ...], dict[str, float]]:
+        valid = evaluate_decoder(model, split.valid, "nezha_step", cfg.k, rows=eval_rows)
+        return (valid["r10"], valid["n10"]), valid
+
+    result = train_epochs(model, cfg, samples.lengths, step, validate, name)
     for decoder in cfg.test_decoders:
         t0 = time.perf_counter()
         rows = test_rows(len(split.test), cfg.end_users if decoder.endswith("_end") else cfg.test_users, cfg.seed)
-        test[decoder] = evaluate_decoder(model, split.test, decoder, cfg.k, rows=rows)
-        test[decoder].update(eval_seconds=time.perf_counter() - t0,
-                             users=len(split.test) if rows is None else len(rows))
-        log.info("%s test %s: %s", name, decoder, test[decoder])
-    return RetrieverResult(best_epoch=best.epoch, epochs=epoch, stopped=stopped, valid=best.valid, test=test,
-                           train_seconds=train_s, history=history)
+        result.test[decoder] = evaluate_decoder(model, split.test, decoder, cfg.k, rows=rows)
+        seconds = time.perf_counter() - t0
+        result.test[decoder].update(eval_seconds=seconds, users=len(split.test) if rows is None else len(rows))
+        result.eval_seconds += seconds
+        log.info("%s test %s: %s", name, decoder, result.test[decoder])
+    return result
 
 
 @torch.no_grad()

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from training.artifact import Manifest, load_artifact, save_artifact
-from training.retrieval.data import leave_one_out
+from training.retrieval.data import leave_one_out, load_sequences, read_attributes
 from training.retrieval.dense import RetrievalTrainConfig, build_retrieval_model, train_retrieval
 from training.retrieval.generative import RetrieverTrainConfig, build_nezha, train_retriever
-from training.retrieval.generative_data import load_any, read_attributes
 from training.retrieval.semantic_ids import attribute_embeddings, build_semantic_ids, item_embeddings
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"config": asdict(cfg)}
-    data = load_any(cfg.dataset, cfg.root)
+    data = load_sequences(cfg.dataset, cfg.root)
     split = leave_one_out(data, max_len=cfg.max_history + 1)
     out.update(data=data, split=split)
     log.info("%s: %d users, %d items, %d interactions", cfg.dataset, len(data.items), data.num_items,
