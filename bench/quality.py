@@ -13,6 +13,11 @@ logloss over the whole stream and over the last 10% of time, the simulator's ora
 rows, ML-1M's HSTU-vs-SASRec retrieval figure (bench/results/quality_retrieval.json), Zenith's
 token similarity per layer vs the shared-weight variant, and a plot of progressive AUC over time per
 model (bench/results/quality_auc_<dataset>.png).
+
+A dataset's record merges the figures of models trained in an earlier invocation only when that run saw
+the same data (events, requests, candidates, the samples' contract) and the same training config (all of
+`training` but the model and where runs are kept); otherwise it drops them and says which keys differ.
+The oracle's AUC is stored with the candidates it matched, on the rows the models are measured on.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from pathlib import Path
 
 import config
 from ray_jobs.runtime import init_ray
+from training.ranking_models import CONTENDERS
 
 RESULTS = Path("bench/results")
 ROOT = Path("data/bench/quality")
-MODELS = ("dlrm", "hstu", "genrank", "zenith", "zenith++")
+MODELS = CONTENDERS
+# Where a run keeps its files, and which model it is: not part of what makes two runs comparable.
+RUN_KEYS = ("model", "run_name", "storage_path", "artifact_dir")
 HEADLINE = {"ml-1m": "like", "ml-100k": "like", "simulator": "click"}
 
 
@@ -48,10 +56,18 @@ def dataset_config(name: str, events: int, overrides: list[str]):
 
 
 def prepare(name: str, cfg) -> dict:
-    """Landing -> lake -> features -> samples, unless a previous run left complete samples."""
+    """Landing -> lake -> features -> samples, unless a previous run left complete samples (rebuilt alone when
+    they predate the ranking contract in their commit metadata)."""
     marker = ROOT / name / "prepared.json"
     if marker.exists():
-        return json.loads(marker.read_text())
+        info = json.loads(marker.read_text())
+        if "contract" not in info:
+            from features.samples import SampleBuilder
+
+            print(f"{name}: samples predate the ranking contract; rebuilding them", flush=True)
+            info["contract"] = _contract(SampleBuilder(cfg).run(), cfg)
+            marker.write_text(json.dumps(info))
+        return info
     shutil.rmtree(ROOT / name, ignore_errors=True)
     t = time.perf_counter()
     if name == "simulator":
@@ -71,10 +87,56 @@ def prepare(name: str, cfg) -> dict:
     samples = SampleBuilder(cfg).run()
     info = {"events": ingest.totals()["valid"], "quarantined": ingest.totals()["quarantined"],
             "failed_expectations": ingest.failed, "requests": samples.requests,
-            "candidates": samples.candidates, "tasks": list(samples.tasks),
+            "candidates": samples.candidates, "tasks": list(samples.tasks), "contract": _contract(samples, cfg),
             "prepare_s": round(time.perf_counter() - t, 1)}
     marker.write_text(json.dumps(info))
     return info
+
+
+def _contract(report, cfg) -> dict:
+    from training.stream import SampleStream
+
+    contract = SampleStream.open(cfg.lake.table("samples_ranking"), cfg.lake.storage_options).contract
+    return {**contract.to_metadata(), "requests": report.requests, "candidates": report.candidates}
+
+
+def data_identity(info: dict) -> dict:
+    """What the models of a dataset record were measured on."""
+    return {k: info.get(k) for k in ("events", "quarantined", "requests", "candidates", "contract")}
+
+
+def comparable_config(training) -> dict:
+    return {k: v for k, v in training.model_dump().items() if k not in RUN_KEYS}
+
+
+def differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two records, dotted, with both values."""
+    out = []
+    for key in sorted(set(earlier) | set(now)):
+        a, b = earlier.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} then, {b!r} now)")
+    return out
+
+
+def mergeable(earlier: dict, data: dict, training: dict) -> dict:
+    """The models of an earlier record measured on `data` with `training`; says why the others are dropped."""
+    why = differences(earlier.get("data") or {}, data)
+    if why:
+        print(f"   not merging the earlier record's models: its data differ in {'; '.join(why)}", flush=True)
+        return {}
+    kept = {}
+    for kind in MODELS:
+        if kind not in earlier:
+            continue
+        why = differences(earlier[kind].get("config") or {}, training)
+        if why:
+            print(f"   not merging the earlier {kind}: its training config differs in {'; '.join(why)}", flush=True)
+        else:
+            kept[kind] = earlier[kind]
+    return kept
 
 
 def token_similarity_rows(cfg, artifacts: dict[str, str], rows: int = 512) -> dict[str, list[float]]:
@@ -128,11 +190,13 @@ def run_dataset(name: str, args) -> dict:
     task = HEADLINE[name]
     print(f"\n== {name}: {info['requests']:,} requests, {info['candidates']:,} candidates "
           f"(prepared in {info['prepare_s']}s)", flush=True)
-    out: dict = {"requests": info["requests"], "candidates": info["candidates"], "task": task}
-    # Models of an earlier run on the same data keep their figures (a run of some models adds to them).
-    earlier = _saved(name)
-    if earlier.get("requests") == info["requests"] and earlier.get("candidates") == info["candidates"]:
-        out.update({k: v for k, v in earlier.items() if k in MODELS and k not in args.models})
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {list(MODELS)}")
+    data, training = data_identity(info), comparable_config(cfg.training)
+    out: dict = {"requests": info["requests"], "candidates": info["candidates"], "task": task, "data": data}
+    # Models of an earlier run on the same data and config keep their figures (a run of some models adds to them).
+    out.update({k: v for k, v in mergeable(_saved(name), data, training).items() if k not in args.models})
     artifacts = {}
     kinds = list(args.models) + (["zenith-shared"] if "zenith" in args.models and not args.skip_similarity else [])
     for kind in kinds:
@@ -146,18 +210,25 @@ def run_dataset(name: str, args) -> dict:
             continue  # trained for the token-similarity comparison only
         out[kind] = {"auc": whole["auc"], "gauc": whole["gauc"], "logloss": whole["logloss"], "ne": whole["ne"],
                      "calibration": whole["calibration"], "last10_auc": last["auc"], "last10_gauc": last["gauc"],
-                     "last10_logloss": last["logloss"], "seconds": run.seconds,
-                     "requests_per_s": round(m["requests"] / run.seconds, 1),
-                     "tasks": {t: {k: v[k] for k in ("auc", "gauc", "logloss")} for t, v in m["progressive"].items()},
-                     "auc_over_time": m["auc_over_time"]}
+                     "last10_logloss": last["logloss"], "candidates": m["candidates"], "prior": m["prior"],
+                     "seconds": run.seconds, "requests_per_s": round(m["requests"] / run.seconds, 1),
+                     "tasks": {t: {k: v[k] for k in ("auc", "gauc", "logloss", "ne", "calibration")}
+                               for t, v in m["progressive"].items()},
+                     "auc_over_time": m["auc_over_time"], "config": training}
         _save(name, out)  # a model's figures survive a later model's failure or a stopped run
         print(f"{kind:>9}: AUC {whole['auc']:.4f} GAUC {whole['gauc']:.4f} logloss {whole['logloss']:.4f} | "
               f"last 10%: AUC {last['auc']:.4f} GAUC {last['gauc']:.4f} | {run.seconds:.0f}s", flush=True)
     oracle, oracle_series = None, None
     if name == "simulator":
-        ceiling = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"))
+        ceiling = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"),
+                                        from_sample=cfg.training.prior_requests)
         oracle, oracle_series = ceiling["auc"], ceiling["auc_over_time"]
         out["oracle_auc"], out["oracle_auc_over_time"] = oracle, oracle_series
+        out["oracle_matched"], out["oracle_candidates"] = ceiling["matched"], ceiling["candidates"]
+        measured = {out[k]["candidates"] for k in MODELS if k in out}
+        if measured != {ceiling["matched"]}:
+            print(f"   WARNING: the oracle matched {ceiling['matched']:,} candidates, the models were measured on "
+                  f"{sorted(measured)}: the gap below compares different rows", flush=True)
         best = max(v["auc"] for k, v in out.items() if isinstance(v, dict) and "auc" in v and k in MODELS)
         out["best_gap_to_oracle"] = round(oracle - best, 4)
         print(f"   oracle AUC {oracle:.4f}; best model {best:.4f} (gap {oracle - best:.4f}; goal <= 0.005)")

@@ -217,8 +217,9 @@ class SamplesConfig(Section):
 class TrainingConfig(Section):
     """Streaming one-pass ranking training on Ray Train (training/ranking.py)."""
 
-    # zenith-shared: Zenith with shared-weight attention and FFN (the token-similarity comparison only)
-    model: Literal["dlrm", "hstu", "genrank", "zenith", "zenith++", "zenith-shared"] = "genrank"
+    # Names are interpreted in one place, training/ranking_models.py's RANKERS (config imports nothing): an
+    # unknown name is refused there, by train_ranking, before any worker starts.
+    model: str = Field("genrank", min_length=1, description="a ranker of training.ranking_models.RANKERS")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
     # STACK.md: with 2 workers on 2 CPUs, a whole CPU per worker starves Ray Data's readers.
@@ -244,6 +245,9 @@ class TrainingConfig(Section):
     # could shift the offsets by only a few tenths of a logit; they are few and seen by every impression.
     position_bias_lr: float = Field(0.02, gt=0, description="learning rate of the display-slot offsets")
     task_weights: dict[str, float] = Field(default_factory=dict, description="loss weight per task (default 1)")
+    prior_requests: int = Field(512, ge=0, description=(
+        "the label rates of the stream's first N requests are the task outputs' starting log-odds; those requests "
+        "are trained on but left out of the progressive metrics (their labels set the scores' mean); 0 = start at 0"))
     bf16: bool = Field(True, description="bf16 autocast on GPU (CPU always runs float32)")
     checkpoint_every_steps: int = Field(50, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")

@@ -10,7 +10,8 @@ Ranking: one row per recommendation request (live-stream) or exposure group (rat
 History: the user's last N engagements strictly before T. Stats: the user's, each candidate's and each
 candidate's author's windowed stats as of T, taken from the feature tables with Feast's point-in-time
 rule (the latest row at or before T, within the view's TTL), which only holds events before that row's
-time. `stats_asof_ms` is the newest such row's time, for leakage checks.
+time. `stats_asof_ms` is the newest such row's time, for leakage checks. The commit that writes the table
+carries its contract (features/sample_contract.py: kind, tasks, stat names, columns, vocabulary sizes).
 
 Retrieval: per user, the chronological items of `samples.retrieval_actions` (the last
 `samples.retrieval_max_length`); leave-one-out: the last item is the test target, the one before it validation.
@@ -37,6 +38,7 @@ from features.job import FeatureJob
 from features.offline import duckdb_connection
 from features.partitions import prepare_events, with_partition
 from features.repo import absolute_paths
+from features.sample_contract import RankingContract
 from features.sample_groups import RankingGroups, ranking_partition, retrieval_partition
 from features.spec import FeatureStoreSpec
 from ingestion.contract import day_strings
@@ -106,6 +108,18 @@ class SampleBuilder:
             con.close()
         return "ratings" if rates and not impressions else "livestream"
 
+    def contract(self, kind: str, tasks: tuple[str, ...]) -> RankingContract:
+        """What `samples_ranking` promises its readers; vocabulary sizes are the largest ids in `events`."""
+        con = duckdb_connection()
+        try:
+            users, items, authors = con.execute(f"""
+                SELECT max(user_id), max(item_id), coalesce(max(author_id), 0)
+                FROM delta_scan('{self.cfg.lake.events}')""").fetchone()
+        finally:
+            con.close()
+        return RankingContract(kind=kind, tasks=tasks, stat_names=tuple(self.spec.stat_names),
+                               num_users=int(users or 1), num_items=int(items or 1), num_authors=int(authors))
+
     def run(self) -> SamplesReport:
         """Rebuild both tables from the whole `events` table (each in one Delta commit)."""
         log.info("phase read")  # phase lines: where a kill landed, for bench.crash
@@ -114,7 +128,7 @@ class SampleBuilder:
         t = time.perf_counter()
         parts = self.cfg.features.partitions
         groups = RankingGroups(kind=kind, spec=self.spec, samples=self.cfg.samples, tasks=report.tasks)
-        metadata = {"kind": kind, "tasks": ",".join(report.tasks), "stat_names": ",".join(self.spec.stat_names)}
+        metadata = self.contract(kind, report.tasks).to_metadata()
         with sort_shuffle(preserve_order=True):
             events = (ray.data.read_delta(self.cfg.lake.events, storage_options=self.opts, columns=[
                 "user_id", "item_id", "author_id", "request_id", "ts", "action", "value", "source_file",

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from models.features import FeatureEmbedder, RankingInputSpec, ranking_bce
+from models.heads import prior_logits
 from models.inputs import RankingInputs
 
 
@@ -94,6 +95,11 @@ class DLRM(nn.Module):
         for layer in self.cross:
             x = layer(x0, x)
         return feats.scatter(self.out(self.deep(x)))
+
+    @torch.no_grad()
+    def init_task_bias(self, rates: torch.Tensor) -> None:
+        """Start each task's output at its base rate's log-odds (models.heads.prior_logits)."""
+        self.out.bias.copy_(prior_logits(rates, self.config.num_tasks))
 
     def loss(
         self, inputs: RankingInputs, labels: torch.Tensor, task_weights: torch.Tensor | None = None

@@ -13,6 +13,8 @@ torch.Size([2, 5, 3])
 >>> inp = random_ranking_inputs(batch_size=2, num_candidates=5)
 >>> multitask_bce(torch.zeros(2, 5, 3), torch.ones(2, 5, 3), inp.candidate_mask()).item()  # 3 * ln 2
 2.0794...
+>>> [round(v, 3) for v in prior_logits(torch.tensor([0.5, 0.01]), num_tasks=2).tolist()]
+[0.0, -4.595]
 """
 
 from __future__ import annotations
@@ -52,6 +54,17 @@ class RankerConfig:
                           variant=self.variant, relative_bias=relative_bias)
 
 
+def prior_logits(rates: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """log(p / (1 - p)) of each task's base rate p: the output bias that makes an untrained ranker predict the
+    base rates. Every ranker's `init_task_bias(rates)` starts its last layer's bias there, because a head that
+    starts at 0 predicts 0.5 for a task seen once in a thousand candidates and needs hundreds of steps to
+    unlearn it, and one-pass training scores every one of those steps."""
+    rates = torch.as_tensor(rates, dtype=torch.float32).reshape(-1)
+    if rates.numel() != num_tasks or not bool(((rates > 0) & (rates < 1)).all()):
+        raise ValueError(f"task base rates must be {num_tasks} values in (0, 1), got {rates.tolist()}")
+    return torch.logit(rates)
+
+
 class TaskHeads(nn.Module):
     """One small MLP per task on the candidate state (choice: MODELS.md §3 heads).
 
@@ -73,6 +86,12 @@ class TaskHeads(nn.Module):
         if self.item_product:
             s = torch.cat([s, s * item_emb], dim=-1)
         return torch.cat([mlp(s) for mlp in self.mlps], dim=-1)
+
+    @torch.no_grad()
+    def init_task_bias(self, rates: torch.Tensor) -> None:
+        """Start each task's output at its base rate's log-odds (`prior_logits`)."""
+        for mlp, b in zip(self.mlps, prior_logits(rates, len(self.mlps)), strict=True):
+            mlp[-1].bias.fill_(b)
 
 
 def multitask_bce(
@@ -133,6 +152,9 @@ class SequenceRanker(nn.Module):
     def candidate_tokens(self, inputs: RankingInputs, hist: Tokens) -> Tokens:
         """Tokens for all C candidate slots; each depends only on its own candidate and the history."""
         raise NotImplementedError
+
+    def init_task_bias(self, rates: torch.Tensor) -> None:
+        self.heads.init_task_bias(rates)
 
     def _finish(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.drop(x) * valid[..., None].to(x.dtype)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from models.features import ID_FEATURES, CandidateFeatures, FeatureEmbedder, RankingInputSpec, ranking_bce
+from models.heads import prior_logits
 from models.inputs import RankingInputs
 from models.zenith_layers import RetokenisedFusion, TokenwiseAttention, TokenwiseMoE, TokenwiseSwiGLU
 
@@ -195,6 +196,11 @@ class Zenith(nn.Module):
     def forward(self, inputs: RankingInputs) -> torch.Tensor:
         feats, outs = self.encode(inputs)
         return feats.scatter(self.head(outs[-1].flatten(1)))
+
+    @torch.no_grad()
+    def init_task_bias(self, rates: torch.Tensor) -> None:
+        """Start each task's output at its base rate's log-odds (models.heads.prior_logits)."""
+        self.head[-1].bias.copy_(prior_logits(rates, self.config.num_tasks))
 
     def loss(
         self, inputs: RankingInputs, labels: torch.Tensor, task_weights: torch.Tensor | None = None

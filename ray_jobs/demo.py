@@ -145,11 +145,14 @@ def training_stage(cfg):
 
     run = train_ranking(cfg, log=lambda line: print("   " + line, flush=True))
     print_summary(run)
-    oracle = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"))
+    # the ceiling on the rows the run's metrics cover (they start after the base-rate requests)
+    first = run.metrics["prior"]["requests"]
+    oracle = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"), from_sample=first)
     last = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"),
-                                 since_s=run.metrics["last_from_ts"])
+                                 since_s=run.metrics["last_from_ts"], from_sample=first)
     print(f"   click AUC, whole stream: model {run.metrics['progressive']['click']['auc']:.4f} vs oracle "
-          f"{oracle['auc']:.4f} (the simulator's true p_click on the same {oracle['matched']:,} candidates)")
+          f"{oracle['auc']:.4f} (the simulator's true p_click on {oracle['matched']:,} of the model's "
+          f"{run.metrics['candidates']:,} candidates)")
     print(f"   click AUC, last {run.metrics['last_fraction']:.0%}: model {run.metrics['last']['click']['auc']:.4f} "
           f"vs oracle {last['auc']:.4f}   ({time.perf_counter() - t:.1f}s)")
     return run

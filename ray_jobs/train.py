@@ -24,6 +24,11 @@ def print_summary(run) -> None:
     m = run.metrics
     print(f"\n{m['model']}: {m['requests']:,} requests, {m['candidates']:,} candidates scored before training, "
           f"{m['steps']} steps, {m['restarts']} restart(s), {run.seconds:.0f}s")
+    prior = m.get("prior") or {}
+    if prior.get("rates"):
+        rates = ", ".join(f"{task} {rate:.4f}" for task, rate in prior["rates"].items())
+        print(f"  task outputs started at the label rates of the first {prior['requests']:,} requests ({rates}); "
+              "the metrics below cover the requests after them")
     for scope, title in (("progressive", "whole stream"), ("last", f"last {m['last_fraction']:.0%} of time")):
         for task, v in m[scope].items():
             print(f"  {title:>18} {task:>10}: AUC {_f(v.get('auc'))}  GAUC {_f(v.get('gauc'))}  "

@@ -54,15 +54,11 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 import storage
-from models.dlrm import DLRM, DLRMConfig
-from models.features import RankingInputSpec
-from models.genrank import GenRank, HSTURanking
-from models.heads import RankerConfig
 from models.hstu import HSTUConfig
 from models.nezha import NezhaConfig, NezhaRetriever
 from models.retrieval import HSTURetrieval
 from models.sasrec import SASRec
-from models.zenith import Zenith, ZenithConfig
+from training.ranking_models import RANKERS
 
 FORMAT_VERSION = 1
 MANIFEST, CONFIG, WEIGHTS = "manifest.json", "config.json", "weights.safetensors"
@@ -98,10 +94,13 @@ def _register(registry: dict[str, type], cls: type) -> None:
     registry[cls.__name__] = cls
 
 
-for _model in (HSTURetrieval, SASRec, HSTURanking, GenRank, DLRM, Zenith, NezhaRetriever):
+for _model in (HSTURetrieval, SASRec, NezhaRetriever):
     register_model(_model)
-for _config in (HSTUConfig, RankerConfig, RankingInputSpec, DLRMConfig, ZenithConfig, NezhaConfig):
+for _config in (HSTUConfig, NezhaConfig):
     register_config(_config)
+for _ranker in RANKERS.values():  # the ranking models are declared once, where training.model names them
+    for _cls in _ranker.classes:
+        (register_model if issubclass(_cls, nn.Module) else register_config)(_cls)
 
 
 def encode_config(value: Any, path: str = "config") -> Any:

@@ -3,9 +3,11 @@
 The simulator writes each impression's true p_click under `simulator.oracle_dir` (p_click.parquet:
 request_id, item_id, p_click, ...). Scoring the `samples_ranking` candidates with it, against the
 samples' own `label_click`, gives the ceiling for the trained models' progressive AUC on the very same
-rows - over the whole stream and from a time on (the "last 10%" scope).
+rows - over the whole stream and from a time on (the "last 10%" scope). Pass the run's
+`metrics["prior"]["requests"]` as `from_sample` so the ceiling covers the rows the run's metrics do, and
+compare `matched` with the run's candidate count: a ceiling on other rows is no ceiling.
 
-    oracle_auc_on_samples("data/demo/oracle", "data/demo/lake/samples_ranking", since_s=None)
+    oracle_auc_on_samples("data/demo/oracle", "data/demo/lake/samples_ranking", since_s=None, from_sample=512)
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from training.ranking_eval import auc_over_time
 
 
 def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: int | None = None,
-                          max_requests: int | None = None) -> dict[str, float]:
+                          max_requests: int | None = None, from_sample: int = 0) -> dict[str, float]:
     """{"auc", "candidates", "matched", "auc_over_time"}: AUC of the true p_click on the samples' click labels
-    (over the whole scope, and per 5% of it in time order as `training.ranking_eval.auc_over_time` slices it)."""
+    over the samples `from_sample` <= sample_no < `max_requests` (and request time >= `since_s`), and per 5% of
+    that scope in time order as `training.ranking_eval.auc_over_time` slices it. `matched` of `candidates` had
+    an oracle row."""
     fs, path = storage.filesystem(storage.join(str(oracle_dir), "p_click.parquet"))
     oracle = pq.read_table(path, filesystem=fs, columns=["request_id", "item_id", "p_click"])
     # An item shown twice in one request is one candidate in the samples (its first impression): keep one row.
@@ -35,6 +39,8 @@ def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: in
         columns=["sample_no", "request_id", "request_ts", "cand_item_ids", "label_click"])
     if max_requests is not None:
         samples = samples.filter(pc.less(samples["sample_no"], max_requests))
+    if from_sample:
+        samples = samples.filter(pc.greater_equal(samples["sample_no"], from_sample))
     seconds = pc.divide(pc.cast(samples["request_ts"], pa.int64()), 1_000_000)
     if since_s is not None:
         keep = pc.greater_equal(seconds, since_s)

@@ -14,6 +14,12 @@ driver computes the headline metrics from the kept scores and writes the model a
 `position_bias_slots` the workers fit the ranker plus per-slot logit offsets (models/position.py): the
 scores and checkpoints include the offsets, the artifact holds the ranker alone.
 
+Every task output starts at its base rate's log-odds (models.heads.prior_logits), or a rare task's
+first hundreds of steps are scored near 0.5 and dominate its logloss. The rates are those of the
+stream's first `training.prior_requests` requests, read by the driver before training: those
+requests are trained on like any other, but the headline metrics start after them (their own labels
+set the scores' mean), and `metrics["prior"]` records how many there were and the rates.
+
 Workers may run out of rows at different steps (equal splits, but rows skipped after a restart
 differ per worker): a worker without rows takes a zero-loss step on a one-row dummy batch so DDP's
 collectives stay matched, and the loop ends when no worker has rows left.
@@ -41,18 +47,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from config.schema import PlatformConfig, TrainingConfig
-from features.offline import duckdb_connection
 from models.heads import multitask_bce
 from models.inputs import RankingInputs
 from storage import filesystem
 from training.artifact import save_artifact
 from training.ranking_batch import RankingFeatures, encode, labels
 from training.ranking_eval import auc_over_time, run_metrics
-from training.ranking_models import build_trainable, extra_loss, ranker_of
+from training.ranking_models import build_trainable, extra_loss, ranker, ranker_of
 from training.stream import SAMPLE_NO, PredictionLog, SampleStream, StreamPosition
-
-COLUMNS = ["sample_no", "user_id", "request_ts", "hist_item_ids", "hist_author_ids", "hist_actions", "hist_ts",
-           "hist_values", "cand_item_ids", "cand_author_ids", "user_stats", "cand_item_stats", "cand_author_stats"]
 
 
 @dataclass
@@ -66,18 +68,17 @@ class RankingRun:
     seconds: float
 
 
-def ranking_features(cfg: PlatformConfig, stream: SampleStream) -> RankingFeatures:
-    """Vocabulary sizes from the `events` table (largest id; later ids fold), tasks and stats from the samples."""
-    con = duckdb_connection()
-    try:
-        users, items, authors = con.execute(
-            f"SELECT max(user_id), max(item_id), coalesce(max(author_id), 0) FROM delta_scan('{cfg.lake.events}')"
-        ).fetchone()
-    finally:
-        con.close()
-    return RankingFeatures(kind=stream.metadata["kind"], tasks=tuple(stream.metadata["tasks"].split(",")),
-                           stat_names=tuple(stream.metadata["stat_names"].split(",")), num_users=int(users),
-                           num_items=int(items), num_authors=int(authors), max_hist_len=cfg.training.max_hist_len)
+def base_rates(stream: SampleStream, tasks: tuple[str, ...], requests: int) -> list[float] | None:
+    """Each task's positive rate over the stream's first `requests` requests (None when 0), with half a
+    positive and half a negative added (Jeffreys) so a task without positives there still gets a rate in (0, 1)."""
+    if not requests:
+        return None
+    head = stream.head([f"label_{task}" for task in tasks], requests)
+    rates = []
+    for task in tasks:
+        y = pc.list_flatten(head[f"label_{task}"]).to_numpy(zero_copy_only=False)
+        rates.append((float(y.sum()) + 0.5) / (len(y) + 1.0))
+    return rates
 
 
 def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -> RankingRun:
@@ -91,8 +92,13 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
     if t.use_gpu and not cfg.ray.address and not ray.cluster_resources().get("GPU"):
         # A local Ray without GPUs would wait for them forever (a cluster may still autoscale a GPU group).
         raise ValueError("training.use_gpu is true but this local Ray has no GPU; set training.use_gpu=false")
+    ranker(t.model)  # an unknown name fails here, not in every worker
     stream = SampleStream.open(cfg.lake.table("samples_ranking"), cfg.lake.storage_options, t.max_requests)
-    feats = ranking_features(cfg, stream)
+    if t.prior_requests >= stream.num_samples:
+        raise ValueError(f"training.prior_requests={t.prior_requests} leaves none of the stream's "
+                         f"{stream.num_samples:,} requests to measure: lower it (0 = heads start at logit 0)")
+    feats = RankingFeatures.from_contract(stream.contract, t.max_hist_len)
+    rates = base_rates(stream, feats.tasks, t.prior_requests)
     name = t.run_name or f"{t.model.replace('+', 'p')}-{datetime.now(UTC):%Y%m%dT%H%M%S}"
     storage = t.storage_path if "://" in t.storage_path else os.path.abspath(t.storage_path)
     run_dir = f"{storage}/{name}"
@@ -102,13 +108,13 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"training": t.model_dump(), "features": feats.to_dict(), "run_dir": run_dir,
-                           "num_samples": stream.num_samples},
+                           "num_samples": stream.num_samples, "base_rates": rates},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         # Blocks of a few batches: small enough to interleave the workers in time, large enough that the
         # split coordinator's per-block cost stays small.
-        datasets={"train": stream.dataset(COLUMNS + [f"label_{task}" for task in feats.tasks], 4 * t.batch_size)},
+        datasets={"train": stream.dataset(list(stream.contract.columns), 4 * t.batch_size)},
         dataset_config=_WholeStreamSplit(),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
@@ -122,9 +128,12 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
         state = _read_json(os.path.join(folder, "state.json"))
     pred = PredictionLog.read(f"{run_dir}/predictions", feats.tasks)
     _check_once(pred, stream.num_samples, run_dir)
-    metrics = run_metrics(pred, feats.tasks, t.eval_last_fraction)
+    measured = pred.filter(pc.greater_equal(pred[SAMPLE_NO], t.prior_requests))
+    metrics = run_metrics(measured, feats.tasks, t.eval_last_fraction)
     metrics.update(model=t.model, requests=stream.num_samples, steps=state["step"], restarts=state["restarts"],
-                   auc_over_time=auc_over_time(pred, feats.tasks[0]))
+                   auc_over_time=auc_over_time(measured, feats.tasks[0]),
+                   prior={"requests": t.prior_requests, "candidates": pred.num_rows - measured.num_rows,
+                          "rates": dict(zip(feats.tasks, rates or [], strict=False))})
     if trained is not ranker_of(trained):  # the learned display-slot effect, for comparison with the logs
         offsets = trained.position.offsets.detach()
         metrics["position_offsets"] = {task: [round(v, 4) for v in offsets[:, i].tolist()]
@@ -222,7 +231,7 @@ def _train_loop(config: dict) -> None:
     if not t.use_gpu:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     torch.manual_seed(t.seed)
-    model, _ = build_trainable(t.model, feats, t)
+    model, _ = build_trainable(t.model, feats, t, config["base_rates"])
     position, step, restarts = StreamPosition(num_samples), 0, 0
     checkpoint = ray.train.get_checkpoint()
     optimizer_state = None
@@ -236,9 +245,8 @@ def _train_loop(config: dict) -> None:
             step, restarts = state["step"], state["restarts"] + 1
     preds = PredictionLog(f"{run_dir}/predictions", rank, feats.tasks)
     preds.rollback(after_step=step)
-    # Zenith++'s MoE leaves unchosen experts without gradients in a step; the others use every parameter.
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
-        "find_unused_parameters": t.model == "zenith++"})
+        "find_unused_parameters": ranker(t.model).unused_parameters})
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(_param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
     if optimizer_state is not None:
@@ -283,7 +291,7 @@ def _train_loop(config: dict) -> None:
         model.train()
         with autocast:
             logits = ddp(inputs)
-            loss = multitask_bce(logits.float(), y, inputs.candidate_mask(), weights) + extra_loss(model)
+            loss = multitask_bce(logits.float(), y, inputs.candidate_mask(), weights) + extra_loss(t.model, model)
         optimizer.zero_grad(set_to_none=True)
         (loss * (1.0 if n else 0.0)).backward()
         nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_norm)

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from features.sample_contract import RankingContract
 from ingestion.contract import ACTION_INDEX, ACTIONS
 from models.features import fold_ids
 from models.inputs import RankingInputs
@@ -74,6 +75,13 @@ class RankingFeatures:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tasks": list(self.tasks), "stat_names": list(self.stat_names)}
+
+    @classmethod
+    def from_contract(cls, contract: RankingContract, max_hist_len: int) -> RankingFeatures:
+        """What a ranker trained on rows of this contract sees (the newest `max_hist_len` history events)."""
+        return cls(kind=contract.kind, tasks=contract.tasks, stat_names=contract.stat_names,
+                   num_users=contract.num_users, num_items=contract.num_items, num_authors=contract.num_authors,
+                   max_hist_len=max_hist_len)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RankingFeatures:

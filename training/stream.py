@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
+from features.sample_contract import RankingContract
 from storage import filesystem
 
 SAMPLE_NO = "sample_no"
@@ -45,12 +46,13 @@ SAMPLE_NO = "sample_no"
 
 @dataclass
 class SampleStream:
-    """The `samples_ranking` table as a time-ordered stream (optionally its first `max_requests` rows)."""
+    """The `samples_ranking` table as a time-ordered stream (optionally its first `max_requests` rows), with the
+    contract its builder committed (features/sample_contract.py)."""
 
     files: list[str]
     num_samples: int
     rows_in_files: int
-    metadata: dict[str, str]
+    contract: RankingContract
 
     @classmethod
     def open(cls, path: str, storage_options: dict[str, str] | None = None,
@@ -59,6 +61,7 @@ class SampleStream:
         meta = next((h for h in table.history() if h.get("operation") == "WRITE" and "tasks" in h), None)
         if meta is None:
             raise ValueError(f"{path} has no sample-builder commit (tasks/stat_names metadata): run ray_jobs.samples")
+        contract = RankingContract.from_metadata({k: v for k, v in meta.items() if isinstance(v, str)}, path)
         adds = pa.table(table.get_add_actions(flatten=True)).to_pydict()
         lo, hi, rows = adds[f"min.{SAMPLE_NO}"], adds[f"max.{SAMPLE_NO}"], adds["num_records"]
         order = sorted(range(len(lo)), key=lambda i: lo[i])
@@ -71,7 +74,12 @@ class SampleStream:
         total = int(sum(rows))
         in_files = int(sum(rows[i] for i in order if max_requests is None or lo[i] < max_requests))
         return cls(files=files, num_samples=total if max_requests is None else min(total, max_requests),
-                   rows_in_files=in_files, metadata={k: str(v) for k, v in meta.items() if isinstance(v, str)})
+                   rows_in_files=in_files, contract=contract)
+
+    def head(self, columns: list[str], rows: int) -> pa.Table:
+        """The stream's first `rows` samples (at most its length), in order, read on the caller."""
+        wanted = columns if SAMPLE_NO in columns else [SAMPLE_NO, *columns]  # the order comes from it
+        return _read_chunk(pa.table({"id": [0]}), self.files, wanted, min(rows, self.num_samples), self.num_samples)
 
     def dataset(self, columns: list[str], block_rows: int = 128):
         """A Ray Dataset of the stream in order, one block per `block_rows` samples (the caller sets preserve_order

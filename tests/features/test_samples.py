@@ -163,3 +163,18 @@ def test_long_rating_sessions_are_split_not_truncated(tmp_path, ray_local):
     assert sorted(i for c in ranking["cand_item_ids"] for i in c) == [e["item_id"] for e in session]
     assert ranking["request_ts"].nunique() == 1 and ranking["request_id"].nunique() == 3
     assert [list(v) for v in ranking["label_love"]] == [[0, 0, 0], [0, 1, 0], [0]]
+
+
+def test_the_ranking_contract_is_in_the_commit_that_wrote_the_rows(samples, feature_lake):
+    from features.sample_contract import RankingContract
+
+    ranking, _ = samples
+    cfg, events = feature_lake.cfg, feature_lake.events
+    commit = next(h for h in DeltaTable(cfg.lake.table("samples_ranking")).history() if h["operation"] == "WRITE")
+    contract = RankingContract.from_metadata(commit, "samples_ranking")
+    assert contract.tasks == ("click", "long_view", "like", "follow", "gift") and contract.kind == "livestream"
+    assert set(contract.columns) <= set(ranking.columns)
+    # vocabulary sizes: the largest ids of the events the rows were built from
+    assert contract.num_users == max(e["user_id"] for e in events)
+    assert contract.num_items == max(e["item_id"] for e in events)
+    assert contract.num_authors == max(e.get("author_id") or 0 for e in events)

@@ -4,7 +4,8 @@ One lake per module (simulate -> ingest -> features -> samples). Then: a 2-worke
 every request exactly once before training on it and writes a loadable artifact whose scores match
 its own progressive log at the end of the stream; and the fault test: SIGKILL one training worker
 mid-pass, the run restarts from its latest checkpoint, finishes, and no request consumed before that
-checkpoint is trained on again.
+checkpoint is trained on again. And the negative control: with labels shuffled across candidates the
+same path measures AUC 0.5 within its sampling error, unless the label leaks into the features.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import config
@@ -63,7 +66,16 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     assert m["requests"] == report.requests and m["restarts"] == 0
     pred = PredictionLog.read(f"{run.run_dir}/predictions", ("click",))
     assert sorted(set(pred["sample_no"].to_pylist())) == list(range(report.requests))
-    assert pred.num_rows == report.candidates == m["candidates"]
+    # every candidate scored; the metrics start after the requests whose label rates primed the heads
+    prior = m["prior"]
+    assert prior["requests"] == run_cfg.training.prior_requests and set(prior["rates"]) == set(m["progressive"])
+    assert pred.num_rows == report.candidates == m["candidates"] + prior["candidates"]
+    first = pred.filter(pc.less(pred["sample_no"], prior["requests"]))
+    assert prior["rates"]["click"] == pytest.approx(pc.mean(first["y_click"]).as_py(), rel=0.05)
+    # Started at the base rates, even the rare tasks are better than predicting their rate all along.
+    for task, v in m["progressive"].items():
+        assert v["ne"] < 1, (task, v)
+    assert 0.8 < m["progressive"]["click"]["calibration"] < 1.25
     # The simulator's clicks depend on the user and item: one pass already ranks above chance.
     assert m["progressive"]["click"]["auc"] > 0.55 and m["last"]["click"]["auc"] > 0.55
     assert any(line.startswith("step ") and "chunk AUC(click)" in line for line in lines)
@@ -83,8 +95,9 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     from training.oracle import oracle_auc_on_samples
 
     # The ceiling on the same rows, whole and per time slice (the slices the run's own AUC-over-time uses).
-    ceiling = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"))
-    assert ceiling["matched"] == ceiling["candidates"] == report.candidates
+    ceiling = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"),
+                                    from_sample=prior["requests"])
+    assert ceiling["matched"] == ceiling["candidates"] == m["candidates"]
     assert ceiling["auc"] > m["progressive"]["click"]["auc"]
     assert [p["ts"] for p in ceiling["auc_over_time"]] == [p["ts"] for p in m["auc_over_time"]]
 
@@ -141,3 +154,63 @@ def test_gpu_run_with_bf16_autocast(sim_lake):
                                            "training.cpus_per_worker=1", "training.model=genrank",
                                            "training.run_name=gpu"]))
     assert run.metrics["requests"] == report.requests and run.metrics["progressive"]["click"]["auc"] > 0.55
+
+
+def shuffled_samples(cfg, root: Path, leak: bool, requests: int, seed: int = 0) -> Path:
+    """A lake holding only the first `requests` samples, every task's labels permuted across all their candidates
+    (one permutation, so the tasks keep their joint distribution); with `leak`, each candidate's item stats are
+    replaced by its permuted click label, the way a leaking feature would carry it. The commit keeps the
+    builder's contract, so training reads the table as it reads any other."""
+    from deltalake import CommitProperties, DeltaTable, write_deltalake
+
+    source = DeltaTable(cfg.lake.table("samples_ranking"))
+    contract = next(h for h in source.history() if h["operation"] == "WRITE" and "tasks" in h)
+    meta = {k: v for k, v in contract.items() if k in ("kind", "tasks", "stat_names", "columns", "num_users",
+                                                        "num_items", "num_authors")}
+    table = source.to_pyarrow_table(filters=[("sample_no", "<", requests)]).sort_by("sample_no")
+    offsets = table["label_click"].combine_chunks().offsets
+    order = np.random.default_rng(seed).permutation(len(pc.list_flatten(table["label_click"])))
+    for task in meta["tasks"].split(","):
+        col = f"label_{task}"
+        values = pc.list_flatten(table[col]).to_numpy()[order]
+        table = table.set_column(table.schema.get_field_index(col), col,
+                                 pa.ListArray.from_arrays(offsets, pa.array(values, pa.int8())))
+    if leak:
+        stats = table["cand_item_stats"].combine_chunks()
+        width = len(meta["stat_names"].split(","))
+        clicks = pc.list_flatten(table["label_click"]).to_numpy().astype(np.float32)
+        inner = pa.ListArray.from_arrays(pa.array(np.arange(0, (len(clicks) + 1) * width, width, dtype=np.int32)),
+                                         pa.array(np.repeat(clicks, width), pa.float32()))
+        table = table.set_column(table.schema.get_field_index("cand_item_stats"), "cand_item_stats",
+                                 pa.ListArray.from_arrays(stats.offsets, inner))
+    lake = root / ("leaky" if leak else "shuffled")
+    write_deltalake(str(lake / "samples_ranking"), table, commit_properties=CommitProperties(custom_metadata=meta))
+    return lake
+
+
+def null_auc_se(positives: int, negatives: int) -> float:
+    """Standard error of the AUC of scores independent of the labels (Hanley & McNeil 1982, at AUC = 0.5)."""
+    return float(np.sqrt((positives + negatives + 1) / (12.0 * positives * negatives)))
+
+
+@pytest.mark.parametrize("leak", [False, True], ids=["shuffled", "shuffled-and-leaked"])
+def test_shuffled_labels_measure_chance_unless_the_label_leaks(sim_lake, leak):
+    """The negative control runs the real path (stream, Ray Train workers, progressive log, metrics) on labels
+    that nothing can predict: its AUC must be 0.5 within 4 standard errors of its own sample. The leaked
+    variant shows the check has teeth: the same labels, also written into a feature, are learnt at once."""
+    from training.ranking import train_ranking
+
+    root, cfg, _ = sim_lake
+    lake = shuffled_samples(cfg, root, leak, requests=1500)
+    # one worker: the same loop, without a second process to start
+    run = train_ranking(config.load(None, [*lake_overrides(root), f"lake.root={lake}", "training.prior_requests=100",
+                                           "training.num_workers=1", "training.cpus_per_worker=1",
+                                           f"training.run_name={lake.name}", "training.checkpoint_every_steps=100"]),
+                        log=lambda line: None)
+    click = run.metrics["progressive"]["click"]
+    se = null_auc_se(click["positives"], click["count"] - click["positives"])
+    assert click["positives"] > 200 and se < 0.02, click  # enough rows for the control to mean something
+    if leak:
+        assert click["auc"] > 0.5 + 4 * se, click
+    else:
+        assert abs(click["auc"] - 0.5) < 4 * se, (click, se)

@@ -79,15 +79,52 @@ def test_features_round_trip_through_a_dict():
 
 def test_every_model_accepts_encoded_rows():
     from config.schema import TrainingConfig
-    from training.ranking_models import MODELS, build_ranker
+    from training.ranking_models import RANKERS, build_ranker
 
     inputs = encode(rows(), FEATS)
     t = TrainingConfig(d_model=16, embed_dim=8, num_heads=2, num_blocks=1)
-    for kind in MODELS:
+    for kind in RANKERS:
         model, _ = build_ranker(kind, FEATS, t)
         logits = model(inputs)
         assert logits.shape == (2, 2, 2), kind
         assert np.isfinite(logits.detach().numpy()).all(), kind
+
+
+def test_every_model_starts_its_task_outputs_at_the_base_rates():
+    """The output bias is set, nothing else: the same seeded model primed with two sets of rates differs by
+    exactly the difference of their log-odds on every candidate."""
+    from config.schema import TrainingConfig
+    from training.ranking_models import RANKERS, build_ranker
+
+    inputs = encode(rows(), FEATS)
+    mask = inputs.candidate_mask()
+    t = TrainingConfig(d_model=16, embed_dim=8, num_heads=2, num_blocks=1)
+    rates, other = [0.002, 0.3], [0.5, 0.5]
+    for kind in RANKERS:
+        torch.manual_seed(0)
+        primed = build_ranker(kind, FEATS, t, base_rates=rates)[0].eval()
+        torch.manual_seed(0)
+        even = build_ranker(kind, FEATS, t, base_rates=other)[0].eval()
+        with torch.no_grad():
+            shift = (primed(inputs) - even(inputs))[mask]
+        assert torch.allclose(shift, torch.logit(torch.tensor(rates)).expand_as(shift), atol=1e-5), kind
+    with pytest.raises(ValueError, match=r"2 values in \(0, 1\)"):
+        build_ranker("dlrm", FEATS, t, base_rates=[0.0, 0.5])
+
+
+def test_a_ranker_name_is_interpreted_in_the_registry_alone():
+    from config.schema import TrainingConfig
+    from training.artifact import CONFIG_CLASSES, MODEL_CLASSES
+    from training.ranking_models import CONTENDERS, RANKERS, build_ranker
+
+    for kind, entry in RANKERS.items():
+        model, config = build_ranker(kind, FEATS, TrainingConfig(d_model=16, embed_dim=8, num_heads=2))
+        # what the artifact must rebuild is registered with it, from the same entry
+        assert type(model) in entry.classes and type(config) in entry.classes, kind
+        assert all(MODEL_CLASSES.get(c.__name__) is c or CONFIG_CLASSES.get(c.__name__) is c for c in entry.classes)
+    assert "zenith-shared" in RANKERS and "zenith-shared" not in CONTENDERS
+    with pytest.raises(ValueError, match=r"training\.model must be one of \['dlrm'.*got 'nope'"):
+        build_ranker("nope", FEATS, TrainingConfig())
 
 
 def test_position_offsets_only_for_samples_in_display_order():

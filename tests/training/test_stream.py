@@ -7,9 +7,11 @@ import pyarrow as pa
 import pytest
 from deltalake import CommitProperties, write_deltalake
 
+from features.sample_contract import RankingContract
 from training.stream import PredictionLog, SampleStream, StreamPosition
 
-META = {"kind": "ratings", "tasks": "like,love", "stat_names": "a,b"}
+META = RankingContract(kind="ratings", tasks=("like", "love"), stat_names=("a", "b"), num_users=3, num_items=9,
+                       num_authors=0).to_metadata()
 
 
 def write_samples(path, ranges: list[range]) -> None:
@@ -23,7 +25,7 @@ def write_samples(path, ranges: list[range]) -> None:
 def test_files_come_in_sample_order_and_max_requests_limits(tmp_path):
     write_samples(tmp_path / "s", [range(10, 20), range(0, 10), range(20, 25)])
     stream = SampleStream.open(str(tmp_path / "s"))
-    assert stream.num_samples == 25 and stream.metadata["tasks"] == "like,love"
+    assert stream.num_samples == 25 and stream.contract == RankingContract.from_metadata(META, "s")
     firsts = [pa.parquet.read_table(f.replace("file://", ""))["sample_no"][0].as_py() for f in stream.files]
     assert firsts == [0, 10, 20]
     limited = SampleStream.open(str(tmp_path / "s"), max_requests=12)
@@ -40,6 +42,21 @@ def test_a_table_without_builder_metadata_is_refused(tmp_path):
     write_deltalake(str(tmp_path / "s"), pa.table({"sample_no": [0, 1]}))
     with pytest.raises(ValueError, match=r"ray_jobs\.samples"):
         SampleStream.open(str(tmp_path / "s"))
+
+
+def test_a_table_from_before_the_contract_is_refused_with_the_fix(tmp_path):
+    old = {k: META[k] for k in ("kind", "tasks", "stat_names")}
+    write_deltalake(str(tmp_path / "s"), pa.table({"sample_no": [0, 1]}),
+                    commit_properties=CommitProperties(custom_metadata=old))
+    with pytest.raises(ValueError, match=r"lacks \['num_users', 'num_items', 'num_authors'\].*ray_jobs\.samples"):
+        SampleStream.open(str(tmp_path / "s"))
+
+
+def test_stream_head_reads_the_first_samples_in_order(tmp_path):
+    write_samples(tmp_path / "s", [range(10, 20), range(0, 10)])
+    stream = SampleStream.open(str(tmp_path / "s"))
+    assert stream.head(["sample_no"], 12)["sample_no"].to_pylist() == list(range(12))
+    assert stream.head(["sample_no"], 99).num_rows == 20
 
 
 def test_dataset_reads_in_order_in_small_blocks(tmp_path, ray_local):
