@@ -117,12 +117,19 @@ def differences(earlier: dict, now: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            out.append(f"{prefix}{key} ({a!r} then, {b!r} now)")
+            out.append(f"{prefix}{key} ({_short(a)} then, {_short(b)} now)")
     return out
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def mergeable(earlier: dict, data: dict, training: dict) -> dict:
     """The models of an earlier record measured on `data` with `training`; says why the others are dropped."""
+    if not any(kind in earlier for kind in MODELS):
+        return {}
     why = differences(earlier.get("data") or {}, data)
     if why:
         print(f"   not merging the earlier record's models: its data differ in {'; '.join(why)}", flush=True)

@@ -22,41 +22,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from config.schema import TrainingConfig
 from features.samples import ranking_tasks
 from features.spec import FeatureStoreSpec
-from models.dlrm import DLRM, DLRMConfig
-from models.features import RankingInputSpec
-from models.genrank import GenRank, RankerConfig
 from models.hstu import HSTUConfig
 from models.inputs import random_ranking_inputs
 from models.retrieval import HSTURetrieval
 from training.artifact import Manifest, save_artifact
 from training.ranking_batch import RankingFeatures
+from training.ranking_models import RANKERS, build_ranker
 
 
 def ranker_artifact(folder: str | Path, cfg, *, num_users: int, num_items: int, num_authors: int,
                     kind: str = "genrank", max_hist_len: int = 32, d_model: int = 32, steps: int = 3,
                     seed: int = 0, name: str | None = None) -> Manifest:
-    """A GenRank (M-FALCON path) or DLRM (plain forward) ranker over the live-stream tasks of `cfg`'s features."""
+    """A ranker of `kind` (training.ranking_models.RANKERS: genrank takes serving's M-FALCON path, dlrm its plain
+    forward) over the live-stream tasks of `cfg`'s features."""
     torch.manual_seed(seed)
     stat_names = FeatureStoreSpec.from_config(cfg.features).stat_names
     tasks = ranking_tasks("livestream")
     feats = RankingFeatures(kind="livestream", tasks=tasks, stat_names=stat_names, num_users=num_users,
                             num_items=num_items, num_authors=num_authors, max_hist_len=max_hist_len)
-    if kind == "genrank":
-        config = RankerConfig(num_items=num_items, num_actions=feats.num_actions, num_tasks=len(tasks),
-                              num_authors=num_authors, cand_dense_dim=feats.item_dense_dim, max_hist_len=max_hist_len,
-                              d_model=d_model, d_qk=d_model // 2, d_v=d_model // 2, num_heads=2,
-                              head_hidden=d_model, dropout=0.0)
-        model = GenRank(config)
-    elif kind == "dlrm":
-        spec = RankingInputSpec(num_users=num_users, num_items=num_items, num_authors=num_authors,
-                                num_actions=feats.num_actions, item_dense_dim=feats.item_dense_dim,
-                                user_dense_dim=feats.user_dense_dim, embed_dim=16)
-        config = DLRMConfig(features=spec, num_tasks=len(tasks))
-        model = DLRM(config)
-    else:
-        raise ValueError(f"kind must be genrank or dlrm, not {kind!r}")
+    model, config = build_ranker(kind, feats, TrainingConfig(model=kind, d_model=d_model, num_heads=2, embed_dim=16,
+                                                              dropout=0.0, max_hist_len=max_hist_len))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):  # a few steps so the weights are not the initialisation
@@ -104,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=2000, help="item ids 1..items")
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--authors", type=int, default=500)
-    parser.add_argument("--ranker", default="genrank", choices=["genrank", "dlrm"])
+    parser.add_argument("--ranker", default="genrank", choices=list(RANKERS))
     args = parser.parse_args(argv)
     cfg = config.from_args(args)
     out = Path(args.out)

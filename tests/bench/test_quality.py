@@ -21,6 +21,8 @@ def test_models_of_the_same_data_and_config_are_merged_the_others_named(capsys):
     assert mergeable(earlier, rebuilt, training) == {}
     assert "data differ in contract.num_items ('50' then, '60' now)" in capsys.readouterr().out
     assert mergeable({"dlrm": {"auc": 0.8}}, DATA, training) == {}  # a record from before data were recorded
+    assert "data differ in candidates (None then, 80 now)" in capsys.readouterr().out
+    assert mergeable({}, DATA, training) == {} and capsys.readouterr().out == ""  # nothing to merge, nothing to say
 
 
 def test_differences_names_nested_keys_with_both_values():
