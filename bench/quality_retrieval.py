@@ -30,7 +30,7 @@ import torch
 
 from training.artifact import save_artifact
 from training.retrieval.data import leave_one_out, load_sequences
-from training.retrieval.dense import RetrievalTrainConfig, build_retrieval_model, train_retrieval
+from training.retrieval.dense import SOFTMAXES, RetrievalTrainConfig, build_retrieval_model, train_retrieval
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "quality_retrieval.json"
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=200)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--negatives", type=int, default=128)
-    parser.add_argument("--negatives-per", choices=("sequence", "batch"), default="sequence",
-                        help="one set of negatives per training sequence, or the model's one set per batch")
+    parser.add_argument("--softmax", choices=SOFTMAXES, default="sampled_per_sequence",
+                        help="the HSTU paper's protocol samples 128 negatives; 'full' is the whole catalogue")
     parser.add_argument("--variant", default="research", help="HSTU block form: research | production")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the CI machine has 2 cores)")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     split = leave_one_out(data, max_len=args.max_len)
     print(f"{args.dataset}: {len(data.items)} users, {data.num_items} items, {data.num_interactions} interactions "
           f"({time.perf_counter() - t0:.1f} s to load); {split.skipped_users} users with < 3 items skipped")
-    cfg = RetrievalTrainConfig(num_negatives=args.negatives, negatives=args.negatives_per, max_epochs=args.max_epochs,
+    cfg = RetrievalTrainConfig(num_negatives=args.negatives, softmax=args.softmax, max_epochs=args.max_epochs,
                                patience=args.patience, eval_every=args.eval_every, seed=args.seed,
                                num_threads=args.threads, device=args.device,
                                max_train_seconds=args.max_train_minutes * 60 if args.max_train_minutes else None)

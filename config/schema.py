@@ -281,6 +281,61 @@ class ServingConfig(Section):
     landing_prefix: str = "serving"
 
 
+class DenseRetrieverConfig(Section):
+    """A SASRec-class next-item model trained with a softmax over the whole catalogue (training.retrieval.dense).
+
+    Defaults: the recipe measured on Amazon Beauty and Sports (BENCHMARKS.md, retrieval).
+    """
+
+    model: Literal["sasrec", "hstu"] = "sasrec"
+    similarity: Literal["cosine", "dot"] = "cosine"
+    d_model: int = Field(64, gt=0)
+    blocks: int = Field(2, gt=0)
+    heads: int = Field(1, gt=0)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    softmax: Literal["full", "sampled_per_sequence", "sampled_per_batch"] = "full"
+    num_negatives: int = Field(128, gt=0, description="sampled softmaxes only")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    max_epochs: int = Field(200, gt=0)
+    patience: int = Field(5, gt=0, description="validations without a better HR@10 before stopping")
+    eval_every: int = Field(2, gt=0, description="epochs between validations")
+    max_minutes: float | None = Field(None, gt=0, description="time budget of the training epochs")
+
+
+class GenerativeRetrieverConfig(Section):
+    """Semantic IDs of the dense model's item table (and / or item attributes), then the NEZHA retriever."""
+
+    item_source: Literal["model", "attributes", "both"] = "model"
+    sid_method: Literal["rq-kmeans", "rq-vae"] = "rq-kmeans"
+    codebooks: list[int] = Field(default_factory=lambda: [256, 256, 256], min_length=1,
+                                 description="codes per level, before the collision code")
+    balanced: bool = False
+    backbone: Literal["hstu", "transformer"] = "hstu"
+    d_model: int = Field(64, gt=0)
+    blocks: int = Field(2, gt=0)
+    heads: int = Field(2, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    beam_size: int = Field(20, gt=0)
+    ar_weight: float = Field(1.0, ge=0, description="weight of the backbone LM loss (the beam-search baseline)")
+    # Code embeddings and output rows start at the RQ-KMeans centroids (when they are d_model wide).
+    init_from_codebooks: bool = True
+    batch_size: int = Field(256, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    max_epochs: int = Field(30, gt=0)
+    patience: int = Field(3, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
+    eval_users: int = Field(3000, gt=0, description="validation users decoded after every epoch")
+
+
+class RetrievalConfig(Section):
+    """Both retrievers (`ray_jobs.train_retrieval`, `ray_jobs.train_retriever`, the demo, `bench.retrieval`)."""
+
+    max_history: int = Field(50, gt=0, description="most recent items a retriever reads per user")
+    dense: DenseRetrieverConfig = Field(default_factory=DenseRetrieverConfig)
+    generative: GenerativeRetrieverConfig = Field(default_factory=GenerativeRetrieverConfig)
+
+
 class PlatformConfig(Section):
     profile: str = "embedded"
     # Secrets that config.load expanded from `${NAME}` references: dotted key -> (reference, value).
@@ -294,6 +349,7 @@ class PlatformConfig(Section):
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     def keep_secret_references(self, references: dict[str, tuple[str, str]]) -> None:
         """Dump these secrets as their `${NAME}` references (dotted key -> (reference, value))."""

@@ -162,11 +162,16 @@ def retriever_stage(cfg) -> str:
     """Stage 8: semantic IDs + the NEZHA generative retriever on the lake's user sequences (a short run)."""
     t = stage("8. retrieval: semantic IDs (RQ-KMeans) + NEZHA generative retriever on the lake's sequences")
     from training.retrieval.lake_sequences import export_retrieval_sequences
-    from training.retrieval.pipeline import PipelineConfig, run, save
+    from training.retrieval.pipeline import RunOptions, run, save
 
     path = export_retrieval_sequences(cfg, DEMO_ROOT / "retrieval" / "lake.txt")
-    out = run(PipelineConfig(dataset=str(path), dot_epochs=6, dot_minutes=1.0, codebooks=(32, 32, 32), epochs=4,
-                             minutes=1.5, eval_users=500, test_users=500, d_model=32, dot_d_model=32))
+    # A short run of the configured recipe: narrower, fewer epochs, time-boxed (a few minutes on 2 cores).
+    r = cfg.retrieval
+    retrieval = r.model_copy(update={
+        "dense": r.dense.model_copy(update={"d_model": 32, "max_epochs": 6, "max_minutes": 1.0}),
+        "generative": r.generative.model_copy(update={"d_model": 32, "codebooks": [32, 32, 32], "max_epochs": 4,
+                                                      "max_minutes": 1.5, "eval_users": 500})})
+    out = run(retrieval, RunOptions(dataset=str(path), test_users=500))
     folder = DEMO_ROOT / "artifacts" / "retriever"
     manifest = save(folder, out)
     sid = out["sid"].stats

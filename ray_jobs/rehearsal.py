@@ -225,8 +225,9 @@ def rehearse(events: int, log=print) -> dict[str, Any]:
 
             retriever = r.s3("artifacts", f"retriever-{run}")
             logs = r.stage("train_retriever", "ray_jobs.train_retriever", "--source", "lake", "--artifact", retriever,
-                           "--dot-epochs", "2", "--epochs", "2", "--codebooks", "8,8", "--d-model", "32",
-                           "--eval-users", "200", "--test-users", "200", "--end-users", "50",
+                           "--set", "retrieval.dense.max_epochs=2", "--set", "retrieval.generative.max_epochs=2",
+                           "--set", "retrieval.generative.codebooks=[8,8]", "--set", "retrieval.generative.d_model=32",
+                           "--set", "retrieval.generative.eval_users=200", "--test-users", "200",
                            outputs={"artifact": retriever})
             node = _first(r'"node_id": "[0-9a-f]+"', logs)
             node_id = node.split('"')[3] if node else None

@@ -214,3 +214,20 @@ def test_full_softmax_is_cross_entropy_over_every_item_but_padding():
 def test_config_rejects_an_unknown_softmax():
     with pytest.raises(ValueError, match="softmax"):
         RetrievalTrainConfig(softmax="position")
+
+
+def test_dense_entrypoint_trains_the_configured_recipe_and_saves_a_loadable_artifact(tmp_path):
+    from ray_jobs import train_retrieval as job
+    from training.artifact import load_artifact
+
+    lines = [" ".join(map(str, [u, *((np.arange(9) + u) % 13 + 1)])) for u in range(1, 41)]
+    (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
+    rc = job.main(["--dataset", str(tmp_path / "Ring.txt"), "--out", str(tmp_path / "out"), "--threads", "1",
+                   "--set", "retrieval.dense.d_model=16", "--set", "retrieval.dense.max_epochs=2",
+                   "--set", "retrieval.dense.similarity=dot", "--set", "retrieval.max_history=8"])
+    assert rc == 0
+    model, manifest = load_artifact(next((tmp_path / "out").iterdir()))
+    assert type(model).__name__ == "SASRec" and model.similarity == "dot" and model.item_emb.weight.shape == (14, 16)
+    assert manifest.metadata["retrieval"]["dense"]["max_epochs"] == 2 and manifest.metrics["epochs"] == 2
+    scores = model.eval().score_all(torch.tensor([[1, 2, 3]]), None, torch.tensor([3]))
+    assert scores.shape == (1, 14) and scores[0, 0] == float("-inf")

@@ -9,6 +9,7 @@ import torch
 import training.retrieval.generative
 import training.retrieval.pipeline
 import training.retrieval.semantic_ids
+from config.schema import RetrievalConfig
 from ray_jobs import train_retriever as train_retriever_job
 from training.artifact import load_artifact
 from training.retrieval.data import (
@@ -19,6 +20,7 @@ from training.retrieval.data import (
     sequences_from_interactions,
 )
 from training.retrieval.generative import RetrieverTrainConfig, build_nezha, train_retriever
+from training.retrieval.pipeline import RunOptions
 from training.retrieval.semantic_ids import attribute_embeddings, build_semantic_ids
 
 
@@ -98,9 +100,11 @@ def test_entrypoint_writes_an_artifact_that_retrieves_after_loading(tmp_path):
     lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
     (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "artifacts"
-    rc = train_retriever_job.main(["--dataset", str(tmp_path / "Ring.txt"), "--out", str(out), "--codebooks", "4,4",
-                               "--dot-epochs", "1", "--dot-d-model", "8", "--epochs", "1", "--d-model", "16",
-                               "--blocks", "1", "--max-history", "5", "--eval-users", "10"])
+    rc = train_retriever_job.main(["--dataset", str(tmp_path / "Ring.txt"), "--out", str(out), "--set",
+                               "retrieval.generative.codebooks=[4,4]", "--set", "retrieval.dense.max_epochs=1",
+                               "--set", "retrieval.dense.d_model=8", "--set", "retrieval.generative.max_epochs=1",
+                               "--set", "retrieval.generative.d_model=16", "--set", "retrieval.generative.blocks=1",
+                               "--set", "retrieval.max_history=5", "--set", "retrieval.generative.eval_users=10"])
     assert rc == 0
     folder = next(out.iterdir())
     model, manifest = load_artifact(folder)
@@ -128,14 +132,14 @@ def test_pipeline_starts_the_retriever_at_the_centroids_when_they_fit(tmp_path, 
         return None
 
     monkeypatch.setattr(training.retrieval.pipeline, "train_retriever", capture)
-    base = dict(dataset=str(tmp_path / "Ring.txt"), codebooks=(4, 4), dot_epochs=1, max_history=5, blocks=1,
-                threads=None)
-    out = training.retrieval.pipeline.run(training.retrieval.pipeline.PipelineConfig(
-        dot_d_model=16, d_model=16, **base))
+    opts = RunOptions(dataset=str(tmp_path / "Ring.txt"), threads=None)
+    cfg = RetrievalConfig(max_history=5, dense={"max_epochs": 1, "d_model": 16},
+                          generative={"codebooks": [4, 4], "blocks": 1, "d_model": 16})
+    out = training.retrieval.pipeline.run(cfg, opts)
     assert torch.equal(seen["code_emb"], out["sid"].codebooks[0])
     with caplog.at_level("WARNING"):  # 8-wide centroids cannot start a 16-wide model: said, and skipped
-        out = training.retrieval.pipeline.run(training.retrieval.pipeline.PipelineConfig(
-            dot_d_model=8, d_model=16, **base))
+        cfg.dense.d_model = 8
+        out = training.retrieval.pipeline.run(cfg, opts)
     assert "init_from_codebooks skipped" in caplog.text
     assert not torch.equal(seen["code_emb"][:, :8], out["sid"].codebooks[0])
 
