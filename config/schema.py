@@ -320,6 +320,9 @@ class GenerativeRetrieverConfig(Section):
     ar_weight: float = Field(1.0, ge=0, description="weight of the backbone LM loss (the beam-search baseline)")
     # Code embeddings and output rows start at the RQ-KMeans centroids (when they are d_model wide).
     init_from_codebooks: bool = True
+    # History tokens also carry the item's own embedding, started from the dense model's item table (when it
+    # is d_model wide): the backbone then reads the items as the dense retriever does, not only their codes.
+    history_item_embeddings: bool = False
     batch_size: int = Field(256, gt=0)
     lr: float = Field(1e-3, gt=0)
     max_epochs: int = Field(30, gt=0)

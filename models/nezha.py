@@ -2,7 +2,8 @@
 
 A causal backbone (models/nezha_backbone.py: HSTU or a plain transformer) reads the user's history,
 one token per item = the sum of the embeddings of the item's L codes (choice: L tokens per item
-would make the prompt L times longer; the codes still carry the semantic ID). Two heads share it:
+would make the prompt L times longer; the codes still carry the semantic ID), plus, optionally
+(`item_embeddings`), an embedding of the item itself. Two heads share it:
 - NEZHA: the prompt ends with L placeholder tokens SP_1..SP_L; one pass gives h_0 (last history
   token) and h_1..h_L; the draft head computes s_1 = h_0, logits_l = Linear_l(h_l + s_l),
   s_{l+1} = RNNCell_l(Emb_l(t_l), s_l); decoding is one pass plus a beam search over L cheap steps.
@@ -54,6 +55,9 @@ class NezhaConfig:
     hstu_variant: str = "research"
     beam_size: int = 20  # default beam width (at least k)
     ar_weight: float = 1.0  # weight of the backbone LM loss (0 trains NEZHA alone: no baseline)
+    # A history token also carries an embedding of the item itself, not only of its codes (items that share
+    # codes stay apart; `init_from_item_table` can start it from a dense retriever's items).
+    item_embeddings: bool = False
 
 
 def recent(history: torch.Tensor, lengths: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +87,9 @@ class NezhaRetriever(nn.Module):
         # weights file carries it too and `load_artifact` gives a model that can verify on its own.
         self.register_buffer("semantic_ids", torch.zeros(cfg.num_items + 1, self.levels, dtype=torch.long))
         self.code_emb = nn.ModuleList(nn.Embedding(t, d) for t in sizes)
+        self.item_emb = nn.Embedding(cfg.num_items + 1, d, padding_idx=0) if cfg.item_embeddings else None
+        if self.item_emb is not None:
+            nn.init.zeros_(self.item_emb.weight)  # start as a pure code-sum token
         self.pos_emb = nn.Embedding(cfg.max_history + self.levels, d)
         self.placeholders = nn.Parameter(torch.randn(self.levels, d) / math.sqrt(d))  # SP_1..SP_L
         self.step_type = nn.Parameter(torch.randn(self.levels, d) / math.sqrt(d))  # marks LM code tokens
@@ -125,6 +132,21 @@ class NezhaRetriever(nn.Module):
             for weight in (self.code_emb[level].weight, self.draft_out[level].weight, self.lm_out[level].weight):
                 weight.copy_(book)
 
+    @torch.no_grad()
+    def init_from_item_table(self, table: torch.Tensor) -> None:
+        """Start every history token at row i of `table` [num_items + 1, d_model] (a dense retriever's items):
+        the item embedding takes the residual between the table row and the sum of the item's code embeddings.
+        Call it after `init_from_codebooks`, whose centroids the residual is taken against."""
+        if self.item_emb is None:
+            raise ValueError("this model has no item embeddings (NezhaConfig.item_embeddings=False)")
+        if tuple(table.shape) != tuple(self.item_emb.weight.shape):
+            raise ValueError(f"item table is {tuple(table.shape)}, "
+                             f"the model embeds {tuple(self.item_emb.weight.shape)}")
+        codes = self.semantic_ids
+        code_sum = sum(emb.weight[codes[:, level]] for level, emb in enumerate(self.code_emb))
+        self.item_emb.weight.copy_(table.to(code_sum) - code_sum)
+        self.item_emb.weight[0] = 0
+
     def index(self) -> SemanticIdIndex:
         """Hash sets of the current table, rebuilt whenever the buffer changed (e.g. after loading)."""
         table = self.semantic_ids
@@ -136,6 +158,8 @@ class NezhaRetriever(nn.Module):
     def item_tokens(self, items: torch.Tensor) -> torch.Tensor:
         codes = self.semantic_ids[items]
         x = sum(emb(codes[..., level]) for level, emb in enumerate(self.code_emb))
+        if self.item_emb is not None:
+            x = x + self.item_emb(items)
         return x * (items > 0)[..., None].to(x.dtype)
 
     def _run(self, hist_x: torch.Tensor, lengths: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:

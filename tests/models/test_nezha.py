@@ -181,3 +181,21 @@ def test_init_from_codebooks_places_centroids_on_both_sides_and_rejects_wrong_sh
         model.init_from_codebooks([torch.randn(4, 16), torch.randn(3, 8)])
     with pytest.raises(ValueError, match="at most 2 codebooks"):
         model.init_from_codebooks([torch.randn(4, 16), torch.randn(3, 16), torch.randn(2, 16)])
+
+
+def test_history_item_embeddings_start_tokens_at_the_dense_table_and_keep_shared_codes_apart():
+    plain = _model()
+    model = _model(item_embeddings=True)
+    items = torch.tensor([[1, 2, 3, 0]])
+    codes = model.semantic_ids[items]
+    code_sum = sum(emb(codes[..., level]) for level, emb in enumerate(model.code_emb)) * (items > 0)[..., None]
+    assert torch.allclose(model.item_tokens(items), code_sum)  # zero-initialised: code tokens until trained
+    table = torch.randn(16, 16)
+    model.init_from_item_table(table)
+    tokens = model.item_tokens(torch.arange(16)[None])[0]
+    assert torch.allclose(tokens[1:], table[1:], atol=1e-6) and torch.equal(tokens[0], torch.zeros(16))
+    assert bool(model.loss(items[:, :3], torch.tensor([3]), torch.tensor([4])) > 0)
+    with pytest.raises(ValueError, match="item table is"):
+        model.init_from_item_table(torch.randn(16, 8))
+    with pytest.raises(ValueError, match="no item embeddings"):
+        plain.init_from_item_table(table)

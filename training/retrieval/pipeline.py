@@ -100,13 +100,19 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
                              seed=opts.seed)
     model, model_config = build_nezha(split.num_items, sid, seed=opts.seed, backbone=g.backbone, d_model=g.d_model,
                                       num_blocks=g.blocks, num_heads=g.heads, max_history=cfg.max_history,
-                                      dropout=g.dropout, beam_size=g.beam_size, ar_weight=g.ar_weight)
+                                      dropout=g.dropout, beam_size=g.beam_size, ar_weight=g.ar_weight,
+                                      item_embeddings=g.history_item_embeddings)
     if g.init_from_codebooks:
         if sid.codebooks is not None and sid.codebooks[0].shape[1] == g.d_model:
             model.init_from_codebooks(sid.codebooks)
         else:  # RQ-VAE latents, or attributes concatenated: no centroids in the model's space
             log.warning("init_from_codebooks skipped: the tokeniser's centroids are not %d-wide (%s, item source %s)",
                         g.d_model, g.sid_method, g.item_source)
+    if g.history_item_embeddings:
+        if table is not None and table.shape[1] == g.d_model:
+            model.init_from_item_table(table)
+        else:
+            log.warning("history item embeddings start at zero: no %d-wide dense item table to start from", g.d_model)
     train_cfg = RetrieverTrainConfig(batch_size=g.batch_size, lr=g.lr, max_epochs=g.max_epochs, patience=g.patience,
                                      eval_users=g.eval_users, seed=opts.seed, num_threads=opts.threads,
                                      device=opts.device, test_decoders=tuple(opts.test_decoders),
