@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import config
+from bench.retrieval_channels import channel_recall
 from config.schema import RetrievalConfig
 from training.retrieval.data import SequenceBatch, eval_histories
 from training.retrieval.dense import evaluate
@@ -70,7 +71,7 @@ def dense_latency(model, split, batch: int, requests: int = 200, k: int = 10) ->
     return float(np.mean(times))
 
 
-def bench_dataset(cfg: RetrievalConfig, opts: RunOptions, requests: int) -> dict:
+def bench_dataset(cfg: RetrievalConfig, opts: RunOptions, requests: int, channel_users: int) -> dict:
     out = run(cfg, opts)
     model, split, result = out["model"], out["split"], out["result"]
     torch.set_num_threads(1)  # latency on one core, as the retriever would run in a serving replica
@@ -92,6 +93,9 @@ def bench_dataset(cfg: RetrievalConfig, opts: RunOptions, requests: int) -> dict
                          "invalid_rate": 0.0, "latency_ms_b1": dense_latency(dense, split, 1, requests),
                          "latency_ms_b32": dense_latency(dense, split, 32, max(requests // 10, 10))}
     data = out["data"]
+    if dense is not None and channel_users:
+        rows["channels"] = channel_recall(model, dense, split, dict(cfg.channels), channel_users, seed=opts.seed)
+        logging.info("%s channels: %s", opts.dataset, rows["channels"])
     entry = {**rows,
              "nezha_speedup_vs_beam": rows["beam"]["latency_ms_b1"] / rows["nezha"]["latency_ms_b1"],
              "nezha_speedup_vs_beam_b32": rows["beam"]["latency_ms_b32"] / rows["nezha"]["latency_ms_b32"],
@@ -118,6 +122,9 @@ def table(results: dict) -> str:
         lines.append(f"{ds:8} NEZHA speed-up vs beam search: {entry['nezha_speedup_vs_beam']:.1f}x (batch 1), "
                      f"{entry['nezha_speedup_vs_beam_b32']:.1f}x (batch 32); "
                      f"R@10 ratio {entry['nezha_r10_vs_beam']:.3f}")
+        if ch := entry.get("channels"):
+            lines.append(f"{ds:8} recall@{ch['k']} ({ch['users']} users): " +
+                         ", ".join(f"{n} {r:.4f}" for n, r in ch["recall"].items()) + f" (quotas {ch['quotas']})")
     return "\n".join(lines)
 
 
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse a saved dense retriever (ray_jobs.train_retrieval) instead of training one")
     parser.add_argument("--test-users", type=int, default=None, help="test users per step decoder (default: all)")
     parser.add_argument("--end-users", type=int, default=None, help="test users per end-verified decoder")
+    parser.add_argument("--channel-users", type=int, default=2000,
+                        help="test users for the channels' recall@200 (0: skip; NEZHA decodes with beam 200)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                           threads=args.threads, test_decoders=tuple(DECODERS.values()), test_users=args.test_users,
                           end_users=args.end_users)
         t0 = time.perf_counter()
-        results[ds] = bench_dataset(retrieval, opts, args.requests)
+        results[ds] = bench_dataset(retrieval, opts, args.requests, args.channel_users)
         results[ds]["wall_seconds"] = time.perf_counter() - t0
         results[ds]["command"] = "python -m bench.retrieval " + " ".join(sys.argv[1:] if argv is None else argv)
         results[ds]["date"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -7,7 +7,7 @@ never silently falls back to a default. `config.load` reads a profile and applie
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
@@ -331,10 +331,18 @@ class GenerativeRetrieverConfig(Section):
     eval_users: int = Field(3000, gt=0, description="validation users decoded after every epoch")
 
 
+RetrievalChannel = Literal["generative", "dense", "trending"]
+
+
 class RetrievalConfig(Section):
-    """Both retrievers (`ray_jobs.train_retrieval`, `ray_jobs.train_retriever`, the demo, `bench.retrieval`)."""
+    """Both retrievers (`ray_jobs.train_retrieval`, `ray_jobs.train_retriever`, the demo, `bench.retrieval`) and
+    how serving merges their candidates (serving/channels.py)."""
 
     max_history: int = Field(50, gt=0, description="most recent items a retriever reads per user")
+    # Candidates per channel, in merge order; a channel's unused share is filled by the others, in this order.
+    channels: dict[RetrievalChannel, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: {"generative": 100, "dense": 80, "trending": 20},
+        description="the merge's share of each retrieval channel (serving.num_candidates are kept)")
     dense: DenseRetrieverConfig = Field(default_factory=DenseRetrieverConfig)
     generative: GenerativeRetrieverConfig = Field(default_factory=GenerativeRetrieverConfig)
 

@@ -1,0 +1,77 @@
+"""Recall@200 of each retrieval channel and of their merge (serving/channels.py), on the same test users.
+
+Called by bench/retrieval.py after training. Channels: "generative" (NEZHA decoding, verified every step, beam
+= k), "dense" (exact top-k over the dense retriever's item table), "trending" (the most frequent items of the
+training sequences: these public datasets have no usable timestamps, so popularity stands in for serving's
+windowed engagement). Leave-one-out, nothing excluded, as in the rest of the benchmark.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from serving.channels import merge_channels
+from training.retrieval.data import LeaveOneOut, eval_histories
+from training.retrieval.dense import score_next_items
+
+
+def _generative(model, split: LeaveOneOut, rows: np.ndarray, k: int, batch: int = 32) -> list[list[int]]:
+    items, lengths = eval_histories(split.test)
+    out = []
+    for s in range(0, len(rows), batch):
+        r = rows[s: s + batch]
+        width = max(int(lengths[r].max()), 1)
+        got = model.decode(torch.from_numpy(items[r, :width]), torch.from_numpy(lengths[r]), k, "nezha",
+                           verify="step", beam_size=k).items
+        out += [[i for i in row if i > 0] for row in got.tolist()]
+    return out
+
+
+def _dense(model, split: LeaveOneOut, rows: np.ndarray, k: int, batch: int = 256) -> list[list[int]]:
+    model.eval()
+    out = []
+    for s in range(0, len(rows), batch):
+        r = rows[s: s + batch]
+        width = int(split.test.lengths[r].max())
+        scores = score_next_items(model, *(torch.from_numpy(a[r, :width]) for a in (split.test.items,
+                                                                                    split.test.times)),
+                                  torch.from_numpy(split.test.lengths[r]))
+        scores[:, 0] = float("-inf")
+        out += scores[:, 1:].topk(min(k, scores.shape[1] - 1), dim=1).indices.add(1).tolist()
+    return out
+
+
+def trending(split: LeaveOneOut, k: int) -> list[int]:
+    """The k most frequent items of the training sequences (ties: lower id)."""
+    counts = np.bincount(split.train.items[split.train.items > 0], minlength=split.num_items + 1)
+    return (np.argsort(-counts[1:], kind="stable")[:k] + 1).tolist()
+
+
+@torch.no_grad()
+def channel_recall(generative, dense, split: LeaveOneOut, quotas: dict[str, int], users: int, k: int = 200,
+                   seed: int = 0) -> dict:
+    """Recall@k of every channel and of the merge with `quotas`, over `users` random test users."""
+    rows = np.sort(np.random.default_rng(seed + 3).permutation(len(split.test))[:users])
+    targets = split.test.targets[rows]
+    lists: dict[str, list[list[int]]] = {}
+    seconds: dict[str, float] = {}
+    for name, fn in (("generative", lambda: _generative(generative, split, rows, k)),
+                     ("dense", lambda: _dense(dense, split, rows, k)),
+                     ("trending", lambda: [trending(split, k)] * len(rows))):
+        t0 = time.perf_counter()
+        lists[name] = fn()
+        seconds[name] = time.perf_counter() - t0
+
+    def recall(candidates: list[list[int]]) -> float:
+        return float(np.mean([t in set(c) for t, c in zip(targets, candidates)]))
+
+    merges = [merge_channels({n: lists[n][j] for n in lists}, quotas, k) for j in range(len(rows))]
+    shares = {n: sum(c == n for m in merges for _, c in m) / (len(rows) * k) for n in quotas}
+    merged = recall([[i for i, _ in m] for m in merges])
+    return {"k": k, "users": len(rows), "quotas": dict(quotas),
+            "recall": {**{n: recall(c) for n, c in lists.items()}, "merged": merged},
+            "merged_share": shares,
+            "seconds": seconds}
