@@ -2,13 +2,15 @@
 
     run = train_ranking(config.load("embedded"))   # after ray_jobs.samples; see ray_jobs.train
 
-The driver opens `samples_ranking` as a time-ordered stream (training.stream), hands it to the
-trainer as a Ray Dataset (the trainer splits it across workers with `streaming_split`, order
-preserved) and starts `num_workers` workers. Each worker, per step: takes its next batch of
-requests, drops those already trained on (after a restart), scores them with the current model
-(progressive validation: scored before trained on), then trains on them; DDP averages the
-gradients. Every `checkpoint_every_steps` the workers merge the samples they trained on into the
-stream position, flush their scores and rank 0 reports a checkpoint (weights, optimiser, position).
+The driver opens `samples_ranking` as a time-ordered stream (training.stream: the file list and the
+contract, from the Delta log) and starts `num_workers` workers. Each worker reads its own share of
+the rows from the table's files (`SampleStream.shard`: in round k, worker r takes batch k*workers + r),
+so a step's workers train on adjacent batches and every row is scored by a model trained on exactly
+the rows before its round. Each worker, per step: takes its next batch of requests, drops those
+already trained on (after a restart), scores them with the current model (progressive validation:
+scored before trained on), then trains on them; DDP averages the gradients. Every
+`checkpoint_every_steps` the workers merge the samples they trained on into the stream position,
+flush their scores and rank 0 reports a checkpoint (weights, optimiser, position).
 A worker failure restarts the group from the latest checkpoint (`FailureConfig`). At the end the
 driver computes the headline metrics from the kept scores and writes the model artifact. With
 `position_bias_slots` the workers fit the ranker plus per-slot logit offsets (models/position.py): the
@@ -20,9 +22,10 @@ stream's first `training.prior_requests` requests, read by the driver before tra
 requests are trained on like any other, but the headline metrics start after them (their own labels
 set the scores' mean), and `metrics["prior"]` records how many there were and the rates.
 
-Workers may run out of rows at different steps (equal splits, but rows skipped after a restart
-differ per worker): a worker without rows takes a zero-loss step on a one-row dummy batch so DDP's
-collectives stay matched, and the loop ends when no worker has rows left.
+Workers may run out of rows at different steps (the last round may not reach every worker): a worker
+without rows takes a zero-loss step on a one-row dummy batch so DDP's collectives stay matched, and the
+loop ends when no worker has rows left. A round whose rows were all trained before a restart is
+skipped by every worker at once, so the workers stay in the same round.
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ import pyarrow.compute as pc
 import ray
 import torch
 import torch.distributed as dist
-from ray.data import ExecutionOptions
-from ray.train import DataConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -108,14 +109,10 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"training": t.model_dump(), "features": feats.to_dict(), "run_dir": run_dir,
-                           "num_samples": stream.num_samples, "base_rates": rates},
+                           "num_samples": stream.num_samples, "base_rates": rates, "stream": stream},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        # Blocks of a few batches: small enough to interleave the workers in time, large enough that the
-        # split coordinator's per-block cost stays small.
-        datasets={"train": stream.dataset(list(stream.contract.columns), 4 * t.batch_size)},
-        dataset_config=_WholeStreamSplit(),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
     )
     with _ProgressTail(f"{run_dir}/progress.log", log):
@@ -145,19 +142,6 @@ def train_ranking(cfg: PlatformConfig, log=print, artifact: str | None = None) -
     manifest = save_artifact(folder, model, model_config, metadata, metrics, name=name)
     return RankingRun(artifact=folder, version=manifest.version, metrics=metrics, run_dir=run_dir,
                       seconds=round(time.perf_counter() - t0, 1))
-
-
-class _WholeStreamSplit(DataConfig):
-    """Ray Train's split (`streaming_split`), in stream order, without `equal=True`: that mode drops rows to
-    give every worker the same count, and one pass must not lose a sample (uneven shares are handled by
-    the zero-loss steps of `_train_loop`)."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        ds = datasets["train"].copy(datasets["train"])
-        ds.set_name("train")
-        ds.context.execution_options = ExecutionOptions(preserve_order=True)
-        hints = worker_node_ids if self._enable_shard_locality else None
-        return [{"train": split} for split in ds.streaming_split(world_size, equal=False, locality_hints=hints)]
 
 
 def _read_json(path: str) -> dict:
@@ -261,8 +245,9 @@ def _train_loop(config: dict) -> None:
             f.write(f"{os.getpid()}\n")
     progress.say(f"worker {rank}: {'resumed at step ' + str(step) if checkpoint else 'started'}, "
                  f"{position.count:,} of {num_samples:,} requests already trained")
-    rows_iter = iter(ray.train.get_dataset_shard("train").iter_batches(
-        batch_size=t.batch_size, batch_format="pyarrow", prefetch_batches=2))
+    stream: SampleStream = config["stream"]
+    rows_iter = stream.shard(list(stream.contract.columns), t.batch_size, rank, ctx.get_world_size(),
+                             start=position.watermark)
     trained_since: list[np.ndarray] = []
 
     while True:

@@ -1,8 +1,10 @@
 """The sample stream of one-pass training: its order, its position, and the scores it was validated with.
 
 - `SampleStream` lists the `samples_ranking` files in time order (from the Delta log's per-file
-  `sample_no` statistics; the builder writes rows in time order, one dt partition after another) and
-  reads them with Ray Data in that order.
+  `sample_no` statistics; the builder writes rows in time order, one dt partition after another).
+  Its `shard` is one training worker's feed: the worker reads its own `sample_no` ranges from those
+  files itself, batch k*world + rank in round k, so the workers move through time together, a round
+  per DDP step, and no process but the workers touches the rows.
 - `StreamPosition` is the set of samples trained on so far, one bit per `sample_no`. A checkpoint stores
   it; after a restart every worker drops the rows whose bit is set, so no sample consumed before the
   checkpoint is trained on twice (rows trained after it are trained again: their update was lost).
@@ -26,14 +28,13 @@ from __future__ import annotations
 
 import io
 import itertools
-import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
@@ -47,9 +48,12 @@ SAMPLE_NO = "sample_no"
 @dataclass
 class SampleStream:
     """The `samples_ranking` table as a time-ordered stream (optionally its first `max_requests` rows), with the
-    contract its builder committed (features/sample_contract.py)."""
+    contract its builder committed (features/sample_contract.py). `files` are in `sample_no` order; `first` and
+    `last` are each file's smallest and largest `sample_no` (the Delta log's statistics)."""
 
     files: list[str]
+    first: list[int]
+    last: list[int]
     num_samples: int
     rows_in_files: int
     contract: RankingContract
@@ -64,34 +68,38 @@ class SampleStream:
         contract = RankingContract.from_metadata({k: v for k, v in meta.items() if isinstance(v, str)}, path)
         adds = pa.table(table.get_add_actions(flatten=True)).to_pydict()
         lo, hi, rows = adds[f"min.{SAMPLE_NO}"], adds[f"max.{SAMPLE_NO}"], adds["num_records"]
+        if any(v is None for v in (*lo, *hi)):
+            raise ValueError(f"{path}: a file has no {SAMPLE_NO} statistics in the Delta log; rebuild the samples "
+                             "with ray_jobs.samples")
         order = sorted(range(len(lo)), key=lambda i: lo[i])
         for a, b in itertools.pairwise(order):
             if hi[a] >= lo[b]:
                 raise ValueError(f"{path}: files overlap in {SAMPLE_NO} ({adds['path'][a]}, {adds['path'][b]}); "
                                  "rebuild the samples (they must be written in time order)")
+        kept = [i for i in order if max_requests is None or lo[i] < max_requests]
         root = table.table_uri.rstrip("/")
-        files = [f"{root}/{adds['path'][i]}" for i in order if max_requests is None or lo[i] < max_requests]
         total = int(sum(rows))
-        in_files = int(sum(rows[i] for i in order if max_requests is None or lo[i] < max_requests))
-        return cls(files=files, num_samples=total if max_requests is None else min(total, max_requests),
-                   rows_in_files=in_files, contract=contract)
+        return cls(files=[f"{root}/{adds['path'][i]}" for i in kept], first=[int(lo[i]) for i in kept],
+                   last=[int(hi[i]) for i in kept],
+                   num_samples=total if max_requests is None else min(total, max_requests),
+                   rows_in_files=int(sum(rows[i] for i in kept)), contract=contract)
 
     def head(self, columns: list[str], rows: int) -> pa.Table:
         """The stream's first `rows` samples (at most its length), in order, read on the caller."""
-        wanted = columns if SAMPLE_NO in columns else [SAMPLE_NO, *columns]  # the order comes from it
-        return _read_chunk(pa.table({"id": [0]}), self.files, wanted, min(rows, self.num_samples), self.num_samples)
+        return _RangeReader(self, columns).read(0, min(rows, self.num_samples))
 
-    def dataset(self, columns: list[str], block_rows: int = 128):
-        """A Ray Dataset of the stream in order, one block per `block_rows` samples (the caller sets preserve_order
-        on the consumer). Each block is read by sample_no range (Parquet row-group statistics prune the files):
-        Ray's Parquet reader may schedule a file's row groups in any order, and `streaming_split` hands whole
-        blocks to whichever worker asks next, so small ordered blocks keep the workers together in time."""
-        import ray
-
-        chunks = max(1, math.ceil(self.num_samples / block_rows))
-        return ray.data.range(chunks, override_num_blocks=chunks).map_batches(
-            _read_chunk, batch_size=1, batch_format="pyarrow",
-            fn_kwargs={"files": self.files, "columns": columns, "rows": block_rows, "limit": self.num_samples})
+    def shard(self, columns: list[str], batch_rows: int, rank: int, world: int, start: int = 0) -> Iterator[pa.Table]:
+        """Worker `rank`'s batches of one pass, in order, read by this process from the table's files (plus
+        `sample_no`). The stream is cut into batches of `batch_rows` (batch i = samples [i*b, (i+1)*b)) and
+        round k gives batch k*world + r to worker r: the workers train round k as one DDP step, so every row
+        is scored by a model trained on exactly the rows before its round (no skew between workers). Rounds
+        that end at or before `start` are skipped unread (a resumed run's watermark)."""
+        if batch_rows < 1 or world < 1 or not 0 <= rank < world:
+            raise ValueError(f"shard: need batch_rows >= 1 and 0 <= rank < world, got {batch_rows}, {rank}, {world}")
+        reader = _RangeReader(self, columns)
+        round_rows = world * batch_rows
+        for lo in range(start // round_rows * round_rows + rank * batch_rows, self.num_samples, round_rows):
+            yield reader.read(lo, min(lo + batch_rows, self.num_samples))
 
 
 class StreamPosition:
@@ -177,14 +185,79 @@ class PredictionLog:
         return table.take(pc.sort_indices(table, [(SAMPLE_NO, "ascending")]))
 
 
-def _read_chunk(batch: pa.Table, files: list[str], columns: list[str], rows: int, limit: int) -> pa.Table:
-    lo = int(batch["id"][0].as_py()) * rows
-    hi = min(lo + rows, limit)
-    fs, _ = filesystem(files[0])
-    data = pads.dataset([filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
-    wanted = [c for c in columns if c in data.schema.names]  # older tables may lack newer optional columns
-    table = data.to_table(columns=wanted, filter=(pads.field(SAMPLE_NO) >= lo) & (pads.field(SAMPLE_NO) < hi))
-    return table.take(pc.sort_indices(table, [(SAMPLE_NO, "ascending")]))
+class _RangeReader:
+    """Reads rising `sample_no` ranges of a stream's files: each Parquet row group at most once (the
+    decoded group stays buffered until a range passes it); files and row groups that end before a range
+    are skipped by their statistics without being read."""
+
+    def __init__(self, stream: SampleStream, columns: list[str]):
+        self.files = list(zip(stream.files, stream.first, stream.last, strict=True))
+        self.columns = columns
+        self.fs = filesystem(stream.files[0])[0] if stream.files else None
+        self.groups: list[tuple[int, int | None]] = []  # (row group, its largest sample_no if known) of `parquet`
+        self.path, self.parquet = "", None
+        self.buffer: pa.Table | None = None  # decoded rows not yet handed out, in order
+        self.decoded_to = -1  # the largest sample_no decoded so far
+
+    def read(self, lo: int, hi: int) -> pa.Table:
+        """The rows with lo <= sample_no < hi, in order; ranges must not go back."""
+        parts = []
+        while True:
+            if self.buffer is not None:
+                nos = self.buffer[SAMPLE_NO].to_numpy()
+                a, b = np.searchsorted(nos, lo), np.searchsorted(nos, hi)
+                parts.append(self.buffer.slice(a, b - a))
+                self.buffer = self.buffer.slice(b) if b < len(nos) else None
+                if self.buffer is not None:  # it holds rows past `hi`: nothing later belongs to this range
+                    break
+            if not self._decode_next(lo):
+                break
+        if not parts:
+            return self.empty()
+        return pa.concat_tables(parts, promote_options="default").combine_chunks()
+
+    def empty(self) -> pa.Table:
+        return pa.table({SAMPLE_NO: pa.array([], pa.int64())})
+
+    def _decode_next(self, lo: int) -> bool:
+        """Decode the next row group that may hold rows >= lo into the buffer; False at the end."""
+        while True:
+            while not self.groups:
+                if not self.files:
+                    return False
+                self.path, _, last = self.files.pop(0)
+                if last < lo:
+                    continue
+                self.parquet = pq.ParquetFile(self.fs.open_input_file(filesystem(self.path)[1]))
+                self.groups = _group_maxima(self.parquet)
+            group, top = self.groups.pop(0)
+            if top is not None and top < lo:
+                continue
+            names = self.parquet.schema_arrow.names
+            wanted = [SAMPLE_NO, *(c for c in self.columns if c in names and c != SAMPLE_NO)]  # older tables lack
+            table = self.parquet.read_row_group(group, columns=wanted)  # newer optional columns
+            nos = table[SAMPLE_NO].to_numpy()
+            if len(nos) and (nos[0] <= self.decoded_to or (np.diff(nos) <= 0).any()):
+                raise ValueError(f"{self.path}: rows are not in {SAMPLE_NO} order (row group {group}): "
+                                 "rebuild the samples with ray_jobs.samples")
+            if len(nos):
+                self.decoded_to = int(nos[-1])
+                self.buffer = table
+                return True
+
+
+def _group_maxima(parquet: pq.ParquetFile) -> list[tuple[int, int | None]]:
+    """Each row group with its largest sample_no from the Parquet statistics (None where there are none)."""
+    meta = parquet.metadata
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]  # list columns have nested leaves
+    if SAMPLE_NO not in leaves:
+        raise ValueError(f"a samples file has no {SAMPLE_NO} column; rebuild the samples with ray_jobs.samples")
+    column = leaves.index(SAMPLE_NO)
+    out = []
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(column).statistics
+        out.append((g, int(stats.max) if stats is not None and stats.has_min_max else None))
+    return out
 
 
 def _step_rank(name: str) -> tuple[int | None, int | None]:

@@ -66,6 +66,7 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     assert m["requests"] == report.requests and m["restarts"] == 0
     pred = PredictionLog.read(f"{run.run_dir}/predictions", ("click",))
     assert sorted(set(pred["sample_no"].to_pylist())) == list(range(report.requests))
+    assert_round_robin(Path(run.run_dir) / "predictions", run_cfg.training, report.requests)
     # every candidate scored; the metrics start after the requests whose label rates primed the heads
     prior = m["prior"]
     assert prior["requests"] == run_cfg.training.prior_requests and set(prior["rates"]) == set(m["progressive"])
@@ -102,6 +103,18 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     assert [p["ts"] for p in ceiling["auc_over_time"]] == [p["ts"] for p in m["auc_over_time"]]
 
 
+def assert_round_robin(predictions: Path, t, requests: int) -> None:
+    """Each worker scored exactly its own batches: batch i (samples [i*b, (i+1)*b)) on worker i mod workers."""
+    import pyarrow.parquet as pq
+
+    for rank in range(t.num_workers):
+        files = sorted(predictions.glob(f"step-*-rank-{rank}.parquet"))
+        seen = np.unique(np.concatenate([pq.read_table(f, columns=["sample_no"])["sample_no"].to_numpy()
+                                         for f in files]))
+        mine = np.arange(requests)
+        assert seen.tolist() == mine[(mine // t.batch_size) % t.num_workers == rank].tolist(), rank
+
+
 def test_killed_worker_resumes_from_checkpoint_without_training_twice(sim_lake):
     from training.artifact import load_artifact
     from training.stream import PredictionLog
@@ -124,6 +137,7 @@ def test_killed_worker_resumes_from_checkpoint_without_training_twice(sim_lake):
         per_request.setdefault(s, set()).add(step)
     assert sorted(per_request) == list(range(report.requests))  # every request trained on ...
     assert all(len(steps) == 1 for steps in per_request.values())  # ... in exactly one kept step
+    assert_round_robin(run_dir / "predictions", config.load(None, overrides).training, report.requests)
     log = (run_dir / "progress.log").read_text()
     resumed_from = int(log.split("resumed at step ")[1].split(",")[0])
     assert resumed_from >= run["resumable_from"] >= every and resumed_from % every == 0

@@ -1,11 +1,12 @@
-"""The sample stream: file order from the Delta log, stream position bits, prediction files and rollback."""
+"""The sample stream: file order from the Delta log, each worker's feed against a plain read, stream position bits,
+prediction files and rollback."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from deltalake import CommitProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 
 from features.sample_contract import RankingContract
 from training.stream import PredictionLog, SampleStream, StreamPosition
@@ -14,11 +15,14 @@ META = RankingContract(kind="ratings", tasks=("like", "love"), stat_names=("a", 
                        num_authors=0).to_metadata()
 
 
-def write_samples(path, ranges: list[range]) -> None:
+def write_samples(path, ranges: list, row_group_rows: int | None = None) -> None:
     """One commit per range (each becomes its own file), with the sample builder's commit metadata."""
+    props = WriterProperties(max_row_group_size=row_group_rows) if row_group_rows else None
     for i, r in enumerate(ranges):
-        table = pa.table({"sample_no": pa.array(list(r), pa.int64()), "user_id": pa.array([1] * len(r), pa.int64())})
-        write_deltalake(str(path), table, mode="overwrite" if i == 0 else "append",
+        nos = list(r)
+        table = pa.table({"sample_no": pa.array(nos, pa.int64()), "user_id": pa.array([n % 5 for n in nos], pa.int64()),
+                          "ts": pa.array([[n, n + 1] for n in nos], pa.list_(pa.int64()))})
+        write_deltalake(str(path), table, mode="overwrite" if i == 0 else "append", writer_properties=props,
                         commit_properties=CommitProperties(custom_metadata=META))
 
 
@@ -59,13 +63,45 @@ def test_stream_head_reads_the_first_samples_in_order(tmp_path):
     assert stream.head(["sample_no"], 99).num_rows == 20
 
 
-def test_dataset_reads_in_order_in_small_blocks(tmp_path, ray_local):
-    write_samples(tmp_path / "s", [range(0, 300), range(300, 500)])
-    ds = SampleStream.open(str(tmp_path / "s"), max_requests=450).dataset(["sample_no", "user_id"], block_rows=64)
-    ds.context.execution_options.preserve_order = True
-    got = [b["sample_no"].to_pylist() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-    assert [s for block in got for s in block] == list(range(450))
-    assert max(len(b) for b in got) <= 64
+def plain_read(path) -> pa.Table:
+    """The table read by delta-rs alone, in sample order: what the feed must hand out."""
+    table = DeltaTable(str(path)).to_pyarrow_table()
+    return table.take(pa.compute.sort_indices(table, [("sample_no", "ascending")]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_worker_reads_its_own_batches_in_rounds(tmp_path, world):
+    # files of several row groups each, cut at places no batch boundary falls on
+    write_samples(tmp_path / "s", [range(0, 45), range(45, 46), range(46, 130)], row_group_rows=8)
+    stream, rows, b = SampleStream.open(str(tmp_path / "s")), plain_read(tmp_path / "s"), 7
+    shards = [list(stream.shard(["user_id", "ts"], b, rank=r, world=world)) for r in range(world)]
+    for r, batches in enumerate(shards):
+        expected = [rows.slice(i * b, b) for i in range(r, -(-130 // b), world)]
+        assert [t.select(rows.column_names).to_pylist() for t in batches] == [e.to_pylist() for e in expected]
+    # round k (one DDP step) holds exactly the batches after those of every earlier round
+    rounds = [sorted(s for shard in shards if k < len(shard) for s in shard[k]["sample_no"].to_pylist())
+              for k in range(len(shards[0]))]
+    assert [s for rnd in rounds for s in rnd] == list(range(130))
+
+
+def test_a_resumed_shard_starts_at_the_round_of_the_watermark(tmp_path):
+    write_samples(tmp_path / "s", [range(0, 50), range(50, 100)], row_group_rows=16)
+    stream = SampleStream.open(str(tmp_path / "s"), max_requests=90)
+    firsts = [t["sample_no"][0].as_py() for t in stream.shard(["user_id"], 10, rank=1, world=2, start=47)]
+    assert firsts == [50, 70]  # round 2 (40-59) holds the watermark; the stream ends at 90
+    assert [t.num_rows for t in stream.shard([], 25, rank=0, world=1)] == [25, 25, 25, 15]
+
+
+def test_rows_out_of_order_in_a_file_are_refused(tmp_path):
+    write_samples(tmp_path / "s", [[0, 2, 1, 3]])
+    with pytest.raises(ValueError, match="not in sample_no order"):
+        list(SampleStream.open(str(tmp_path / "s")).shard(["user_id"], 2, rank=0, world=1))
+
+
+def test_bad_shard_arguments_are_named(tmp_path):
+    write_samples(tmp_path / "s", [range(0, 4)])
+    with pytest.raises(ValueError, match="rank < world"):
+        next(SampleStream.open(str(tmp_path / "s")).shard([], 2, rank=2, world=2))
 
 
 def test_position_bits_round_trip():
@@ -95,3 +131,20 @@ def test_rollback_sets_aside_only_later_steps_of_that_worker(tmp_path):
     assert kept["sample_no"].to_pylist() == [0, 1, 2, 3, 6, 7]
     assert kept.column("step").to_pylist() == [10, 10, 10, 10, 20, 20]
     assert PredictionLog.read(str(tmp_path), tasks, rolled_back=True)["sample_no"].to_pylist() == [4, 5]
+
+
+def test_a_shard_reads_a_table_on_s3(tmp_path, monkeypatch):
+    """The cluster path: the Delta log through delta-rs, the files through storage/ (pyarrow S3), both configured
+    from the environment alone, as in a pod."""
+    from ray_jobs.local_cluster import S3Server
+
+    with S3Server(bucket="feed") as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        write_samples("s3://feed/s", [range(0, 30), range(30, 50)], row_group_rows=8)
+        stream = SampleStream.open("s3://feed/s")
+        local = tmp_path / "s"
+        write_samples(local, [range(0, 30), range(30, 50)])
+        got = pa.concat_tables(stream.shard(["user_id", "ts"], 6, rank=1, world=2))
+        expected = plain_read(local).filter(pa.array([(n // 6) % 2 == 1 for n in range(50)]))
+        assert got.select(expected.column_names).to_pylist() == expected.to_pylist()
