@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -186,68 +187,69 @@ class PredictionLog:
 
 
 class _RangeReader:
-    """Reads rising `sample_no` ranges of a stream's files: each Parquet row group at most once (the
-    decoded group stays buffered until a range passes it); files and row groups that end before a range
-    are skipped by their statistics without being read."""
+    """Reads rising `sample_no` ranges of a stream's files, decoding each Parquet row group at most once.
+
+    Files never overlap (SampleStream.open checks), but rows inside a file need not be in order: delta-rs may
+    write a later chunk of the builder's stream before an earlier one, so a row group can hold the end of one
+    chunk and the start of the next. Row groups are therefore taken by their `sample_no` statistics: every
+    group that may hold rows below a range's end is decoded (sorted) into a pool, the range is cut from each
+    pooled group, and a group leaves the pool once a range passes its last row. Groups and files that end
+    before a range are skipped unread."""
 
     def __init__(self, stream: SampleStream, columns: list[str]):
-        self.files = list(zip(stream.files, stream.first, stream.last, strict=True))
+        self.files = deque(zip(stream.files, stream.first, stream.last, strict=True))
         self.columns = columns
         self.fs = filesystem(stream.files[0])[0] if stream.files else None
-        self.groups: list[tuple[int, int | None]] = []  # (row group, its largest sample_no if known) of `parquet`
+        self.groups: deque[tuple[int, int, int]] = deque()  # (min, max, index) of the open file's unread groups
         self.path, self.parquet = "", None
-        self.buffer: pa.Table | None = None  # decoded rows not yet handed out, in order
-        self.decoded_to = -1  # the largest sample_no decoded so far
+        self.pool: list[tuple[np.ndarray, pa.Table]] = []  # decoded groups' rows not handed out yet, each sorted
 
     def read(self, lo: int, hi: int) -> pa.Table:
-        """The rows with lo <= sample_no < hi, in order; ranges must not go back."""
-        parts = []
-        while True:
-            if self.buffer is not None:
-                nos = self.buffer[SAMPLE_NO].to_numpy()
-                a, b = np.searchsorted(nos, lo), np.searchsorted(nos, hi)
-                parts.append(self.buffer.slice(a, b - a))
-                self.buffer = self.buffer.slice(b) if b < len(nos) else None
-                if self.buffer is not None:  # it holds rows past `hi`: nothing later belongs to this range
-                    break
-            if not self._decode_next(lo):
-                break
+        """The rows with lo <= sample_no < hi, in order; a range must not start before the previous one ended."""
+        self._decode_below(lo, hi)
+        parts, kept = [], []
+        for nos, table in self.pool:
+            a, b = np.searchsorted(nos, lo), np.searchsorted(nos, hi)
+            if b > a:
+                parts.append(table.slice(a, b - a))
+            if b < len(nos):
+                kept.append((nos[b:], table.slice(b)))
+        self.pool = kept
         if not parts:
-            return self.empty()
-        return pa.concat_tables(parts, promote_options="default").combine_chunks()
+            return pa.table({SAMPLE_NO: pa.array([], pa.int64())})
+        out = pa.concat_tables(parts, promote_options="default").combine_chunks()
+        return _in_order(out, f"{self.path} (rows {lo}..{hi - 1})")
 
-    def empty(self) -> pa.Table:
-        return pa.table({SAMPLE_NO: pa.array([], pa.int64())})
-
-    def _decode_next(self, lo: int) -> bool:
-        """Decode the next row group that may hold rows >= lo into the buffer; False at the end."""
+    def _decode_below(self, lo: int, hi: int) -> None:
+        """Decode into the pool every unread row group that may hold rows in [lo, hi)."""
         while True:
-            while not self.groups:
-                if not self.files:
-                    return False
-                self.path, _, last = self.files.pop(0)
+            if not self.groups:
+                if not self.files or self.files[0][1] >= hi:
+                    return
+                self.path, first, last = self.files.popleft()
                 if last < lo:
                     continue
                 self.parquet = pq.ParquetFile(self.fs.open_input_file(filesystem(self.path)[1]))
-                self.groups = _group_maxima(self.parquet)
-            group, top = self.groups.pop(0)
-            if top is not None and top < lo:
+                self.groups = deque(sorted(_group_bounds(self.parquet, first, last)))
+                continue
+            low, top, group = self.groups[0]
+            if low >= hi:  # later groups and files start later still
+                return
+            self.groups.popleft()
+            if top < lo:
                 continue
             names = self.parquet.schema_arrow.names
             wanted = [SAMPLE_NO, *(c for c in self.columns if c in names and c != SAMPLE_NO)]  # older tables lack
-            table = self.parquet.read_row_group(group, columns=wanted)  # newer optional columns
+            table = _in_order(self.parquet.read_row_group(group, columns=wanted), f"{self.path} group {group}")
             nos = table[SAMPLE_NO].to_numpy()
-            if len(nos) and (nos[0] <= self.decoded_to or (np.diff(nos) <= 0).any()):
-                raise ValueError(f"{self.path}: rows are not in {SAMPLE_NO} order (row group {group}): "
-                                 "rebuild the samples with ray_jobs.samples")
-            if len(nos):
-                self.decoded_to = int(nos[-1])
-                self.buffer = table
-                return True
+            start = np.searchsorted(nos, lo)  # rows below `lo` belong to earlier ranges (other workers, or trained)
+            if start < len(nos):
+                self.pool.append((nos[start:], table.slice(start)))
 
 
-def _group_maxima(parquet: pq.ParquetFile) -> list[tuple[int, int | None]]:
-    """Each row group with its largest sample_no from the Parquet statistics (None where there are none)."""
+def _group_bounds(parquet: pq.ParquetFile, first: int, last: int) -> list[tuple[int, int, int]]:
+    """Each row group's (min, max) sample_no from the Parquet statistics (the file's, where a group has none)
+    and its index."""
     meta = parquet.metadata
     leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]  # list columns have nested leaves
     if SAMPLE_NO not in leaves:
@@ -256,8 +258,20 @@ def _group_maxima(parquet: pq.ParquetFile) -> list[tuple[int, int | None]]:
     out = []
     for g in range(meta.num_row_groups):
         stats = meta.row_group(g).column(column).statistics
-        out.append((g, int(stats.max) if stats is not None and stats.has_min_max else None))
+        known = stats is not None and stats.has_min_max
+        out.append((int(stats.min) if known else first, int(stats.max) if known else last, g))
     return out
+
+
+def _in_order(table: pa.Table, where: str) -> pa.Table:
+    """The rows sorted by sample_no; a sample_no that appears twice is an error (the stream would train on it twice)."""
+    nos = table[SAMPLE_NO].to_numpy()
+    if (np.diff(nos) > 0).all():
+        return table
+    order = np.argsort(nos, kind="stable")
+    if (np.diff(nos[order]) == 0).any():
+        raise ValueError(f"{where}: a {SAMPLE_NO} appears twice; rebuild the samples with ray_jobs.samples")
+    return table.take(pa.array(order))
 
 
 def _step_rank(name: str) -> tuple[int | None, int | None]:

@@ -92,9 +92,18 @@ def test_a_resumed_shard_starts_at_the_round_of_the_watermark(tmp_path):
     assert [t.num_rows for t in stream.shard([], 25, rank=0, world=1)] == [25, 25, 25, 15]
 
 
-def test_rows_out_of_order_in_a_file_are_refused(tmp_path):
-    write_samples(tmp_path / "s", [[0, 2, 1, 3]])
-    with pytest.raises(ValueError, match="not in sample_no order"):
+def test_rows_out_of_order_inside_a_file_come_out_in_order(tmp_path):
+    # as delta-rs writes the builder's chunks: a later chunk first, a row group straddling the two
+    write_samples(tmp_path / "s", [[*range(20, 27), *range(0, 20)], range(27, 40)], row_group_rows=4)
+    stream = SampleStream.open(str(tmp_path / "s"))
+    for rank in (0, 1):
+        got = [s for t in stream.shard(["user_id"], 3, rank=rank, world=2) for s in t["sample_no"].to_pylist()]
+        assert got == [s for s in range(40) if (s // 3) % 2 == rank]
+
+
+def test_a_sample_written_twice_is_refused(tmp_path):
+    write_samples(tmp_path / "s", [[0, 2, 1, 2, 3]])
+    with pytest.raises(ValueError, match="appears twice"):
         list(SampleStream.open(str(tmp_path / "s")).shard(["user_id"], 2, rank=0, world=1))
 
 
