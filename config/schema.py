@@ -301,6 +301,9 @@ class DenseRetrieverConfig(Section):
     patience: int = Field(5, gt=0, description="validations without a better HR@10 before stopping")
     eval_every: int = Field(2, gt=0, description="epochs between validations")
     max_minutes: float | None = Field(None, gt=0, description="time budget of the training epochs")
+    # Once validation has chosen the epochs, train again that long on training + validation items (the test
+    # item stays unseen) and keep that model: what a deployed retriever does with its freshest interactions.
+    refit_with_validation: bool = False
 
 
 class GenerativeRetrieverConfig(Section):

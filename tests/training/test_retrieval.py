@@ -231,3 +231,16 @@ def test_dense_entrypoint_trains_the_configured_recipe_and_saves_a_loadable_arti
     assert manifest.metadata["retrieval"]["dense"]["max_epochs"] == 2 and manifest.metrics["epochs"] == 2
     scores = model.eval().score_all(torch.tensor([[1, 2, 3]]), None, torch.tensor([3]))
     assert scores.shape == (1, 14) and scores[0, 0] == float("-inf")
+
+
+def test_refit_trains_the_chosen_epochs_on_validation_items_and_tests_the_refit():
+    split = ring_split(num_users=32, length=10)
+    model, _ = build_retrieval_model("sasrec", split.num_items, d_model=16, max_len=12, dropout=0.0)
+    cfg = RetrievalTrainConfig(batch_size=16, lr=5e-3, max_epochs=4, eval_every=2, refit_with_validation=True)
+    result = train_retrieval(model, split, cfg)
+    assert result.refit["epochs"] == result.best_epoch in (2, 4)
+    assert set(result.refit["selected_test"]) == set(result.test)
+    extended = split.train_with_validation()
+    assert (extended.lengths == np.minimum(split.train.lengths + 1, split.max_len)).all()
+    last = extended.items[np.arange(len(extended)), extended.lengths - 1]
+    assert (last == split.valid.targets).all()  # the validation item, never the test item

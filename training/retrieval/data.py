@@ -175,6 +175,22 @@ class LeaveOneOut:
     test: SequenceBatch
     num_items: int
     skipped_users: int
+    max_len: int = 0  # positions per sequence, target slot included
+
+    def train_with_validation(self) -> SequenceBatch:
+        """The training rows with each user's validation item appended (the most recent max_len kept): what a
+        model is refitted on once validation has chosen its epochs; the test item stays unseen.
+
+        >>> data = sequences_from_interactions([1] * 5, [1, 2, 3, 4, 5], [0, 1, 2, 3, 4])
+        >>> leave_one_out(data, max_len=3).train_with_validation().items.tolist()
+        [[2, 3, 4]]
+        """
+        rows, times = [], []
+        for u in range(len(self.train)):
+            n, slot = int(self.train.lengths[u]), int(self.valid.lengths[u]) - 1
+            rows.append(np.r_[self.train.items[u, :n], self.valid.targets[u]][-self.max_len:])
+            times.append(np.r_[self.train.times[u, :n], self.valid.times[u, slot]][-self.max_len:])
+        return SequenceBatch(items=_pad(rows), times=_pad(times), lengths=np.array([len(r) for r in rows], np.int64))
 
 
 def _pad(rows: list[np.ndarray]) -> np.ndarray:
@@ -213,7 +229,7 @@ def leave_one_out(data: SequenceData, max_len: int = 200) -> LeaveOneOut:
     train = SequenceBatch(items=_pad(train_items), times=_pad(train_times),
                           lengths=np.array([len(s) for s in train_items], dtype=np.int64))
     return LeaveOneOut(train=train, valid=_eval_set(items, times, 2, max_len), test=_eval_set(items, times, 1, max_len),
-                       num_items=data.num_items, skipped_users=len(data.items) - len(keep))
+                       num_items=data.num_items, skipped_users=len(data.items) - len(keep), max_len=max_len)
 
 
 def prefix_samples(train: SequenceBatch, max_history: int) -> SequenceBatch:

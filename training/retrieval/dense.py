@@ -20,8 +20,11 @@ deterministic by seed for a fixed thread count on the CPU.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +80,9 @@ class RetrievalTrainConfig(LoopConfig):
     softmax: str = "full"
     num_negatives: int = 128  # sampled softmaxes only
     eval_batch_size: int = 256
+    # After validation picked the best epoch E: train again from the same initial weights for E epochs on the
+    # training rows plus each user's validation item, and test that model (the selected one is tested too).
+    refit_with_validation: bool = False
 
     def __post_init__(self) -> None:
         if self.softmax not in SOFTMAXES:
@@ -124,29 +130,50 @@ def evaluate(model: SequentialRetriever, data: SequenceBatch, ks: tuple[int, ...
 
 def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: RetrievalTrainConfig | None = None,
                     name: str = "model") -> TrainResult:
-    """Train with early stopping on validation HR@10 (ties: NDCG@10), restore the best epoch, test it."""
+    """Train with early stopping on validation HR@10 (ties: NDCG@10), restore the best epoch, test it; with
+    `refit_with_validation`, refit for that many epochs on training + validation items and test the refit."""
     cfg = cfg or RetrievalTrainConfig()
     device = torch.device(cfg.device)
     model.to(device)
-    negatives = torch.Generator().manual_seed(cfg.seed)  # on the CPU; the model moves the ids
-    trainable = np.flatnonzero(split.train.lengths >= 2)  # a row needs a next item to learn from
+    initial = copy.deepcopy(model.state_dict())
+    result = _fit(model, split.train, cfg, name, lambda: evaluate(model, split.valid, batch_size=cfg.eval_batch_size))
+    t0 = time.perf_counter()
+    result.test = evaluate(model, split.test, batch_size=cfg.eval_batch_size)
+    result.eval_seconds += time.perf_counter() - t0
+    log.info("%s best epoch %d: valid hr@10 %.4f, test hr@10 %.4f ndcg@10 %.4f", name, result.best_epoch,
+             result.valid.get("hr@10", float("nan")), result.test["hr@10"], result.test["ndcg@10"])
+    if cfg.refit_with_validation and result.best_epoch > 0:
+        model.load_state_dict(initial)
+        refit_cfg = dataclasses.replace(cfg, max_epochs=result.best_epoch, eval_every=result.best_epoch,
+                                        max_train_seconds=None, patience=1)
+        refit = _fit(model, split.train_with_validation(), refit_cfg, f"{name}-refit", None)
+        test = evaluate(model, split.test, batch_size=cfg.eval_batch_size)
+        result.refit = {"epochs": refit.epochs, "train_seconds": refit.train_seconds, "selected_test": result.test}
+        result.test, result.train_seconds = test, result.train_seconds + refit.train_seconds
+        log.info("%s refitted on training + validation items for %d epochs: test hr@10 %.4f ndcg@10 %.4f", name,
+                 refit.epochs, test["hr@10"], test["ndcg@10"])
+    return result
 
-    def step(rows: np.ndarray) -> dict[str, torch.Tensor]:
-        items, times, lengths = _tensors(split.train, trainable[rows], device)
+
+def _fit(model: SequentialRetriever, rows: SequenceBatch, cfg: RetrievalTrainConfig, name: str,
+         validate: Callable[[], dict[str, float]] | None) -> TrainResult:
+    """The epoch loop on `rows` with cfg's loss; without `validate` the last epoch is kept."""
+    device = torch.device(cfg.device)
+    negatives = torch.Generator().manual_seed(cfg.seed)  # on the CPU; the model moves the ids
+    trainable = np.flatnonzero(rows.lengths >= 2)  # a row needs a next item to learn from
+
+    def step(batch: np.ndarray) -> dict[str, torch.Tensor]:
+        items, times, lengths = _tensors(rows, trainable[batch], device)
         if cfg.softmax == "full":
             return {"loss": full_softmax(model, items, times, lengths)}
         if cfg.softmax == "sampled_per_sequence":
             return {"loss": per_sequence_sampled_softmax(model, items, times, lengths, cfg.num_negatives, negatives)}
         return {"loss": model.loss(items, times, lengths, num_negatives=cfg.num_negatives, generator=negatives)}
 
-    def validate() -> tuple[tuple[float, ...], dict[str, float]]:
-        valid = evaluate(model, split.valid, batch_size=cfg.eval_batch_size)
+    def score() -> tuple[tuple[float, ...], dict[str, float]]:
+        if validate is None:
+            return (0.0,), {}
+        valid = validate()
         return (valid["hr@10"], valid["ndcg@10"]), valid  # NDCG breaks ties once HR saturates
 
-    result = train_epochs(model, cfg, split.train.lengths[trainable], step, validate, name)
-    t0 = time.perf_counter()
-    result.test = evaluate(model, split.test, batch_size=cfg.eval_batch_size)
-    result.eval_seconds += time.perf_counter() - t0
-    log.info("%s best epoch %d: valid hr@10 %.4f, test hr@10 %.4f ndcg@10 %.4f", name, result.best_epoch,
-             result.valid.get("hr@10", float("nan")), result.test["hr@10"], result.test["ndcg@10"])
-    return result
+    return train_epochs(model, cfg, rows.lengths[trainable], step, score, name)

@@ -62,6 +62,7 @@ class TrainResult:
     eval_seconds: float
     test: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    refit: dict[str, Any] = field(default_factory=dict)  # a refit after selection (dense.py), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

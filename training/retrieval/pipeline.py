@@ -49,6 +49,7 @@ def dense_train_config(cfg: RetrievalConfig, opts: RunOptions) -> RetrievalTrain
     d = cfg.dense
     return RetrievalTrainConfig(batch_size=d.batch_size, lr=d.lr, max_epochs=d.max_epochs, patience=d.patience,
                                 eval_every=d.eval_every, softmax=d.softmax, num_negatives=d.num_negatives,
+                                refit_with_validation=d.refit_with_validation,
                                 seed=opts.seed, num_threads=opts.threads, device=opts.device,
                                 max_train_seconds=d.max_minutes * 60 if d.max_minutes else None)
 
