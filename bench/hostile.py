@@ -90,7 +90,7 @@ class Stages:
         return {"items": items, "scores": [1.0 / i for i in items], "version": "stub-retriever"}
 
     # Ranker
-    def rank(self, user_id: int, items: list[int], now_ms: int) -> dict[str, Any]:
+    def rank(self, user_id: int, items: list[int], now_ms: int, user=None) -> dict[str, Any]:
         probs = [[0.5 / (1 + j)] for j in range(len(items))]
         return {"probs": probs, "score": [p[0] for p in probs], "tasks": ["click"], "version": "stub-ranker",
                 "fallback": None, "timings_ms": {}}
@@ -120,9 +120,13 @@ class Stages:
 class _Store:
     """An online store where every user has the same three engagements."""
 
-    def get(self, user_id: int, item_ids) -> SimpleNamespace:
-        return SimpleNamespace(sequence={"item_ids": np.array([3, 1, 2]), "ts": np.array([NOW_MS] * 3)},
-                               sequence_missing=False, user_missing=False)
+    def get(self, user_id: int, item_ids):
+        from serving.lookup import default_features
+
+        f = default_features(("n",), user_id, item_ids)
+        f.sequence = {**f.sequence, "item_ids": np.array([3, 1, 2]), "ts": np.array([NOW_MS] * 3)}
+        f.sequence_missing = f.user_missing = False
+        return f
 
 
 @contextlib.contextmanager
@@ -141,7 +145,7 @@ def in_process_app(landing_dir: str, api_key: str = API_KEY) -> Iterator[tuple[A
     ingress.features = ingress.retriever = ingress.ranker = ingress.events = handle
     ingress.args, ingress.cfg = {}, platform_config({}).serving
     ingress.trending, ingress.trending_at = [], -1e9
-    ingress.client, ingress.store_error = _Store(), None
+    ingress.client, ingress.store_error, ingress.cascade = _Store(), None, None  # split mode, over the stubs
     saved_limits, saved_context = dict(common.INGRESS_LIMITS), ray.serve.get_replica_context
     common.INGRESS_LIMITS.update(max_body_bytes=ingress.cfg.max_body_bytes, api_key=api_key)
     ray.serve.get_replica_context = lambda: SimpleNamespace(servable_object=ingress)

@@ -265,6 +265,10 @@ class ServingConfig(Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
+    # cascade: the Ingress replica runs lookup, retrieval and ranking in process (no deployment hops; scale
+    # out by Ingress replicas); split: Retriever and Ranker replicas do (scale each stage on its own).
+    # Either way their deployments' user_config names the artifacts (docs/serving.md, "Modes").
+    mode: Literal["cascade", "split"] = "cascade"
     num_candidates: int = Field(200, gt=0, le=500, description="items retrieved per /recommend, then ranked")
     max_k: int = Field(100, gt=0, description="largest k a /recommend may ask for")
     max_rank_items: int = Field(500, gt=0, le=500, description="largest item_ids list a /rank may send")

@@ -3,11 +3,12 @@
     serve run serving/config.yaml                      # or: python -m ray_jobs.deploy --config embedded ...
     curl -s localhost:8000/recommend -d '{"user_id": 7, "k": 10}' -H 'content-type: application/json'
 
-/recommend: the user's history (read by the ingress itself from the online store: a hop less per request)
--> candidates (Retriever, batched; seen items excluded) -> M-FALCON ranking of the candidates (Ranker, batched;
-it reads the candidates' features) -> top k. FeatureLookup keeps the trending list from the lake. Every
-stage has a fallback and a time limit (serving.stage_timeout_s), so a broken or slow dependency degrades the
-answer instead of failing it:
+/recommend: the user's history (read once, by the ingress itself, from the online store) -> candidates
+(retrieval, batched; seen items excluded) -> M-FALCON ranking of the candidates (batched; with the candidates'
+features) -> top k. Where retrieval and ranking run is `serving.mode`: `cascade` (default) runs them in this
+replica, in a thread (serving.cascade), `split` calls the Retriever and Ranker deployments. FeatureLookup keeps
+the trending list from the lake. Every stage has a fallback and a time limit (serving.stage_timeout_s), so a
+broken or slow dependency degrades the answer instead of failing it:
 - unknown user / no usable history: trending items (from the windowed stats) are the candidates;
 - feature store unavailable: trending candidates, ranked with default features;
 - retriever unavailable or too slow: trending candidates;
@@ -18,31 +19,32 @@ past max_ongoing_requests + max_queued_requests of the Ingress the proxy answers
 
 # No `from __future__ import annotations`: FastAPI must see the body models, not strings, on the ingress.
 import asyncio
-import hmac
 import logging
 import os
 import time
+import uuid
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Body, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from pydantic_core import to_json
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import Headers
 
 from features.online import FeatureStoreUnavailable, OnlineFeatureClient
+from features.spec import FeatureStoreSpec
 from serving import common
+from serving.cascade import Cascade, Job, top
 from serving.common import Timer, platform_config
 from serving.events import EventIntake
-from serving.lookup import FeatureLookup
+from serving.guard import RequestGuard, key_refusal
+from serving.lookup import FeatureLookup, UserFeatures
 from serving.ranker import Ranker
 from serving.retriever import Retriever
 from serving.schemas import (
     MAX_EVENTS,
-    BadJSON,
     Event,
     EventsAccepted,
     Health,
@@ -50,9 +52,7 @@ from serving.schemas import (
     RankResponse,
     RecommendRequest,
     RecommendResponse,
-    ScoredItem,
     public_errors,
-    strict_json,
 )
 
 log = logging.getLogger("ray.serve")
@@ -60,93 +60,6 @@ app = FastAPI(title="streamrec", version="1",
               description="Recommendations (generative retrieval + M-FALCON ranking) and event intake.")
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="required by POST /events and by /recommend with debug=true")
-# The ingress's limits live in serving.common: Serve pickles the FastAPI app, and with it this module's
-# functions by value (their globals copied), so a dict here would not be the one the Ingress sets.
-
-
-def key_refusal(key: str | None) -> tuple[int, str] | None:
-    """(status, reason) when `key` is not the configured API key; None when it is."""
-    expected = common.INGRESS_LIMITS.get("api_key")
-    if not expected:
-        return 503, "no API key configured on the server"
-    if key is None or not hmac.compare_digest(key.encode("utf-8", "replace"), expected.encode()):
-        return 401, "missing or wrong X-API-Key"
-    return None
-
-
-def _refuse(status: int, msg: str, field: str = "body") -> JSONResponse:
-    headers = {"WWW-Authenticate": "ApiKey"} if status == 401 else None
-    return JSONResponse({"detail": [{"loc": [field], "msg": msg, "type": "request"}]}, status, headers=headers)
-
-
-def _is_json(content_type: str | None) -> bool:
-    """No content type counts as JSON (as FastAPI reads it); else application/json or */*+json, in UTF-8."""
-    if content_type is None:
-        return True
-    media, *params = (part.strip().lower() for part in content_type.split(";"))
-    charset = next((p.partition("=")[2].strip('" ') for p in params if p.startswith("charset=")), "utf-8")
-    return (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))) \
-        and charset == "utf-8"
-
-
-class RequestGuard:
-    """ASGI middleware run before FastAPI reads anything: POST /events without the right key is refused
-    before its body is read; every body is read here counting the bytes that actually arrive (a chunked body
-    has no Content-Length to trust) and refused with 413 past serving.max_body_bytes; a POST body must be
-    strict JSON (serving.schemas.strict_json) or gets 400 (415 for another content type). Only then does the
-    app see the body, replayed from memory."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = common.INGRESS_LIMITS["max_body_bytes"]
-        refused = self._refused_unread(scope, limit)
-        if refused is not None:
-            return await _refuse(*refused)(scope, receive, send)
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > limit:
-                return await _refuse(413, f"request body larger than {limit} bytes")(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        if body and scope["method"] == "POST":
-            try:
-                strict_json(bytes(body))
-            except BadJSON as err:
-                return await _refuse(400, str(err))(scope, receive, send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    def _refused_unread(scope, limit: int) -> tuple[int, str, str] | None:
-        """(status, reason, field) for a request refused on its headers alone."""
-        headers, post = Headers(scope=scope), scope["method"] == "POST"
-        route = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/")
-        if post and route == "/events" and (refused := key_refusal(headers.get("x-api-key"))):
-            return *refused, "X-API-Key"
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return 413, f"request body larger than {limit} bytes", "body"
-        if post and not _is_json(headers.get("content-type")):
-            return 415, "content-type must be application/json (UTF-8)", "content-type"
-        return None
-
-
 app.add_middleware(RequestGuard)
 
 
@@ -159,40 +72,78 @@ def _bad(field: str, msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
 
+def _json(body: dict[str, Any]) -> Response:
+    """The answer encoded once, without validating it again through its response model (the route still
+    declares that model for the OpenAPI schema; tests check answers against it)."""
+    return Response(to_json(body), media_type="application/json")
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    """user_config: {"overrides": [...]} (config overrides, e.g. another online store) re-opens the feature client."""
+    """user_config: {"overrides": [...]} (config overrides, e.g. another online store) re-opens the feature client.
+    In cascade mode it also follows the Retriever and Ranker deployments' user_config (their artifacts)."""
 
     def __init__(self, features: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
                  events: DeploymentHandle, args: dict[str, Any] | None = None):
         self.features, self.retriever, self.ranker, self.events = features, retriever, ranker, events
         self.args = args or {}
-        self.cfg = platform_config(self.args).serving
+        cfg = platform_config(self.args)
+        self.cfg = cfg.serving
         key = os.environ.get(self.cfg.api_key_env)
         common.INGRESS_LIMITS.update(max_body_bytes=self.cfg.max_body_bytes, api_key=key)
         self.trending: list = []
         self.trending_at = -1e9
         self.client: OnlineFeatureClient | None = None
         self.store_error: str | None = None
-        self.reconfigure({})
+        self.cascade = (Cascade(self.args, FeatureStoreSpec.from_config(cfg.features).stat_names)
+                        if self.cfg.mode == "cascade" else None)
+        self.follower = f"ingress-{uuid.uuid4().hex[:12]}"
+        self.following: list[asyncio.Task] = []
+        self._open_store(None)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        cfg = platform_config(self.args, (user_config or {}).get("overrides"))
+    def _open_store(self, overrides: list[str] | None) -> None:
+        cfg = platform_config(self.args, overrides)
         try:
             self.client, self.store_error = OnlineFeatureClient(cfg), None
         except FeatureStoreUnavailable as err:  # serve trending items; /healthz says so, the log says why
             self.client, self.store_error = None, str(err)
             log.error("online store unavailable: %s", err)
+        if self.cascade is not None:
+            self.cascade.set_client(self.client)
 
-    def _user(self, user_id: int) -> dict[str, Any]:
-        """The user's history, oldest first. Read in process, on the event loop: a local read is well under a
-        millisecond, cheaper than a thread or a deployment hop; the store's own timeout bounds a remote one."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self._open_store((user_config or {}).get("overrides"))
+        if self.cascade is not None and not self.following:
+            # Load the models before taking requests, then keep following their deployments' user_config.
+            for stage, handle in (("retriever", self.retriever), ("ranker", self.ranker)):
+                applied = await self._apply_settings(stage, handle, "")
+                self.following.append(asyncio.get_running_loop().create_task(self._follow(stage, handle, applied)))
+
+    async def _apply_settings(self, stage: str, handle: DeploymentHandle, applied: str) -> str:
+        token, uc = await handle.follow.remote(self.follower, applied)
+        if token != applied:
+            try:
+                await self.cascade.configure(stage, uc, self.client, self.cfg.task_weights)
+            except ValueError as err:  # keep what is loaded; /healthz names the bad setting
+                getattr(self.cascade, stage).error = f"bad user_config ({err})"
+                log.error("%s user_config: %s", stage, err)
+        return token
+
+    async def _follow(self, stage: str, handle: DeploymentHandle, applied: str) -> None:
+        while True:
+            try:
+                applied = await self._apply_settings(stage, handle, applied)
+            except Exception as err:  # the stage's replica restarting: ask again shortly
+                log.warning("following the %s settings: %s", stage, err)
+                await asyncio.sleep(1.0)
+
+    def _user(self, user_id: int) -> UserFeatures:
+        """The user's stats and history, read once per request. In process, on the event loop: a local read is
+        well under a millisecond, cheaper than a thread or a deployment hop; the store's timeout bounds a remote one."""
         if self.client is None:
             raise FeatureStoreUnavailable(self.store_error or "no online store")
-        f = self.client.get(int(user_id), [])
-        return {"items": f.sequence["item_ids"].tolist(), "ts": f.sequence["ts"].tolist(),
-                "missing": bool(f.sequence_missing and f.user_missing)}
+        return UserFeatures.read(self.client, user_id)
 
     async def _call(self, response, timeout: float | None = None):
         """A stage's answer within its time limit; on timeout the request to it is cancelled."""
@@ -213,8 +164,7 @@ class Ingress:
 
     @app.post("/recommend", response_model=RecommendResponse,
               responses={401: {"description": "debug=true without the right X-API-Key"}})
-    async def recommend(self, req: RecommendRequest,
-                        key: str | None = Security(api_key_header)) -> RecommendResponse:
+    async def recommend(self, req: RecommendRequest, key: str | None = Security(api_key_header)) -> Response:
         if req.k > self.cfg.max_k:
             raise _bad("k", f"k must be <= {self.cfg.max_k}")
         # A user's engagements are theirs: shown only to a caller holding the key, and only when asked for.
@@ -230,71 +180,109 @@ class Ingress:
                 user = self._user(req.user_id)
             except FeatureStoreUnavailable:
                 fallbacks.append("trending:feature_store_unavailable")
-        exclude = set(user["items"]) if user and req.exclude_seen else set()
-        n = self.cfg.num_candidates
-        cands, cand_scores = [], []
-        if user is not None and (user["missing"] or not user["items"]):
-            fallbacks.append("trending:unknown_user" if user["missing"] else "trending:cold_user")
-        elif user is not None:
+        history = user.sequence["item_ids"].tolist() if user is not None else []
+        exclude = set(history) if req.exclude_seen else set()
+        n = self.cfg.num_candidates if user is not None and history and not user.unknown else 0
+        if user is not None and not n:
+            fallbacks.append("trending:unknown_user" if user.unknown else "trending:cold_user")
+        job = Job(user, req.user_id, now_ms, n, exclude, await self._trending())
+        if not n:
+            job.n = self.cfg.num_candidates
+            job.use_trending()
+            job.n = 0
+        stages = self._cascaded if self.cascade is not None else self._split
+        cands, items = await stages(job, req.k, timer, fallbacks, versions)
+        timer.total()
+        body = {"user_id": req.user_id, "items": items, "candidates_retrieved": len(cands),
+                "fallback": ",".join(dict.fromkeys(fallbacks)) or None, "model_versions": versions,
+                "timings_ms": timer.ms, "history_items": history[::-1][:10] if req.debug else None,
+                "request_ts_ms": now_ms}
+        return _json(body)
+
+    async def _cascaded(self, job: Job, k: int, timer: Timer, fallbacks: list[str], versions: dict) -> tuple:
+        """Retrieval and ranking in this replica (serving.cascade), each stage within its time limit."""
+        self.cascade.submit(job)
+        if job.n:
             with timer("retrieval"):
                 try:
-                    got = await self._call(self.retriever.retrieve.remote(
-                        list(zip(user["items"], user["ts"])), now_ms, n, sorted(exclude)))
-                    cands, cand_scores, versions["retriever"] = got["items"], got["scores"], got["version"]
-                    if not cands:
+                    _, _, versions["retriever"], reason = await asyncio.wait_for(asyncio.shield(job.retrieved),
+                                                                                 self.cfg.stage_timeout_s)
+                except Exception:
+                    job.retrieval_late, reason = True, "retriever_unavailable"
+            if reason:
+                fallbacks.append(f"trending:{reason}")
+        with timer("ranking"):
+            try:
+                ranked = await asyncio.wait_for(asyncio.shield(job.ranked), self.cfg.stage_timeout_s)
+            except Exception:
+                if job.retrieval_late or not job.cands:
+                    job.use_trending()
+                fallbacks.append("unranked:ranker_unavailable")
+                return job.cands, [{"item_id": i, "score": s, "scores": {}} for i, s in
+                                   zip(job.cands[:k], job.cand_scores)]
+        versions["ranker"] = ranked["version"]
+        timer.ms.update(ranked["timings_ms"])
+        if ranked["fallback"]:
+            fallbacks.append(f"{ranked['fallback']}:feature_store_unavailable")
+        return ranked["cands"], top(ranked["cands"], ranked, k)
+
+    async def _split(self, job: Job, k: int, timer: Timer, fallbacks: list[str], versions: dict) -> tuple:
+        """Retrieval and ranking by the Retriever and Ranker deployments, each call within its time limit."""
+        if job.n:
+            history = list(zip(job.user.sequence["item_ids"].tolist(), job.user.sequence["ts"].tolist()))
+            with timer("retrieval"):
+                try:
+                    got = await self._call(self.retriever.retrieve.remote(history, job.now_ms, job.n,
+                                                                          sorted(job.exclude)))
+                    job.cands, job.cand_scores, versions["retriever"] = got["items"], got["scores"], got["version"]
+                    if not job.cands:
                         fallbacks.append("trending:no_known_history")
                 except Exception:
                     fallbacks.append("trending:retriever_unavailable")
-        if not cands:
-            with timer("trending"):
-                trend = [(i, s) for i, s in await self._trending() if i not in exclude][:n]
-                cands, cand_scores = [i for i, _ in trend], [s for _, s in trend]
-        items = [ScoredItem(item_id=i, score=s) for i, s in zip(cands[: req.k], cand_scores)]
-        if cands:
+            if not job.cands:
+                job.use_trending()
+        items = [{"item_id": i, "score": s, "scores": {}} for i, s in zip(job.cands[:k], job.cand_scores)]
+        if job.cands:
             with timer("ranking"):
                 try:
-                    ranked = await self._call(self.ranker.rank.remote(req.user_id, cands, now_ms))
-                    items = self._top(cands, ranked, req.k)
+                    # The user as read here goes along: the Ranker does not read it again.
+                    ranked = await self._call(self.ranker.rank.remote(job.user_id, job.cands, job.now_ms, job.user))
+                    items = top(job.cands, ranked, k)
                     versions["ranker"] = ranked["version"]
                     timer.ms.update(ranked["timings_ms"])
                     if ranked["fallback"]:
                         fallbacks.append(f"{ranked['fallback']}:feature_store_unavailable")
                 except Exception:
                     fallbacks.append("unranked:ranker_unavailable")
-        timer.total()
-        history = None
-        if req.debug:
-            history = user["items"][::-1][:10] if user else []
-        return RecommendResponse(
-            user_id=req.user_id, items=items, candidates_retrieved=len(cands),
-            fallback=",".join(dict.fromkeys(fallbacks)) or None, model_versions=versions, timings_ms=timer.ms,
-            history_items=history, request_ts_ms=now_ms)
-
-    @staticmethod
-    def _top(cands: list[int], ranked: dict, k: int) -> list[ScoredItem]:
-        score = np.asarray(ranked["score"])
-        order = np.argsort(-score, kind="stable")[:k]
-        tasks = ranked["tasks"]
-        return [ScoredItem(item_id=cands[j], score=float(score[j]),
-                           scores=dict(zip(tasks, ranked["probs"][j]))) for j in order.tolist()]
+        return job.cands, items
 
     @app.post("/rank", response_model=RankResponse, responses={503: {"description": "no ranker loaded"}})
-    async def rank(self, req: RankRequest) -> RankResponse:
+    async def rank(self, req: RankRequest) -> Response:
         if len(req.item_ids) > self.cfg.max_rank_items:
             raise _bad("item_ids", f"at most {self.cfg.max_rank_items} items")
         now_ms, timer = int(time.time() * 1000), Timer()
         with timer("ranking"):
             try:
-                ranked = await self._call(self.ranker.rank.remote(req.user_id, req.item_ids, now_ms))
+                if self.cascade is not None:
+                    try:
+                        user = self._user(req.user_id)
+                    except FeatureStoreUnavailable:
+                        user = None
+                    job = self.cascade.submit(Job(user, req.user_id, now_ms, cands=list(req.item_ids)))
+                    ranked = await asyncio.wait_for(asyncio.shield(job.ranked), self.cfg.stage_timeout_s)
+                else:
+                    ranked = await self._call(self.ranker.rank.remote(req.user_id, req.item_ids, now_ms))
             except Exception as err:
                 raise HTTPException(503, f"ranker unavailable: {type(err).__name__}") from None
         timer.ms.update(ranked["timings_ms"])
         timer.total()
-        items = [ScoredItem(item_id=i, score=s, scores=dict(zip(ranked["tasks"], p)))
-                 for i, s, p in zip(req.item_ids, ranked["score"], ranked["probs"])]
+        probs = [list(map(float, p)) for p in ranked["probs"]]
+        items = [{"item_id": i, "score": float(s), "scores": dict(zip(ranked["tasks"], p))}
+                 for i, s, p in zip(req.item_ids, ranked["score"], probs)]
         fallback = f"{ranked['fallback']}:feature_store_unavailable" if ranked["fallback"] else None
-        return RankResponse(user_id=req.user_id, items=items, tasks=ranked["tasks"], fallback=fallback,
-                            model_versions={"ranker": ranked["version"]}, timings_ms=timer.ms, request_ts_ms=now_ms)
+        return _json({"user_id": req.user_id, "items": items, "tasks": ranked["tasks"], "fallback": fallback,
+                      "model_versions": {"ranker": ranked["version"]}, "timings_ms": timer.ms,
+                      "request_ts_ms": now_ms})
 
     # RequestGuard checks the key before the body is read; the Security dependency puts it in the OpenAPI schema.
     @app.post("/events", status_code=202, response_model=EventsAccepted, dependencies=[Security(api_key_header)],
@@ -319,8 +307,9 @@ class Ingress:
         """Unauthenticated, so it names what is wrong but never where (no path, URI or host): the deployments'
         logs have the details. FeatureLookup, Retriever and Ranker word their checks so; EventIntake's text
         carries its errors verbatim, so only its subject (before the first colon) goes out."""
-        checks = {"features": self.features.check, "retriever": self.retriever.check,
-                  "ranker": self.ranker.check, "events": self.events.check}
+        checks = {"features": self.features.check, "events": self.events.check}
+        if self.cascade is None:
+            checks.update(retriever=self.retriever.check, ranker=self.ranker.check)
         problems = [] if common.INGRESS_LIMITS.get("api_key") else [f"events: no API key in ${self.cfg.api_key_env}"]
         try:
             self._user(1)
@@ -336,12 +325,16 @@ class Ingress:
             if name == "events":
                 got = [f"events: {p.split(':', 1)[0][:80]} (details in the EventIntake log)" for p in got]
             problems += got
-        versions = {}
-        for name, handle in (("retriever", self.retriever), ("ranker", self.ranker)):
-            try:
-                versions[name] = (await self._call(handle.loaded.remote())).get("version")
-            except Exception:
-                versions[name] = None
+        if self.cascade is not None:
+            problems += self.cascade.problems()
+            versions = self.cascade.versions()
+        else:
+            versions = {}
+            for name, handle in (("retriever", self.retriever), ("ranker", self.ranker)):
+                try:
+                    versions[name] = (await self._call(handle.loaded.remote())).get("version")
+                except Exception:
+                    versions[name] = None
         return Health(status="degraded" if problems else "ok", model_versions=versions, problems=problems)
 
 

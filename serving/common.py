@@ -12,6 +12,10 @@ so `serve run serving/config.yaml` works from any folder).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,15 @@ def platform_config(args: dict[str, Any] | None, extra_overrides: list[str] | No
     if "://" not in cfg.ingest.landing_dir:
         cfg.ingest.landing_dir = resolve(cfg.ingest.landing_dir, args)
     return cfg
+
+
+def setting(user_config: dict[str, Any], key: str, default, kind: type = float):
+    """user_config[key] as `kind` (default when absent); a value of another kind is an error naming the key."""
+    value = user_config.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"user_config {key}={value!r}: want a {kind.__name__}") from None
 
 
 class Timer:
@@ -121,3 +134,84 @@ class BusyBatchWait:
             return await asyncio.to_thread(fn, *args)
         finally:
             self.in_flight -= 1
+
+
+class ModelSlot:
+    """One stage's model, swapped in only once loaded: `await slot.load(artifact, build)` loads a new artifact in a
+    thread while the old model keeps answering; a failed load keeps the old one and says why in `error` (for
+    /healthz; the log has the path). Used by the Retriever and Ranker deployments and by the cascade Ingress."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.model: Any = None
+        self.artifact: str | None = None
+        self.error: str | None = f"no {stage} artifact configured"
+
+    @property
+    def version(self) -> str | None:
+        return self.model.version if self.model is not None else None
+
+    async def load(self, artifact: str | None, build) -> bool:
+        """Serve `artifact` (None: serve nothing); `build(artifact)` makes the model. True when a model was built."""
+        if artifact is None:
+            self.model, self.artifact, self.error = None, None, f"no {self.stage} artifact configured"
+            return False
+        if artifact == self.artifact and self.model is not None:
+            self.error = None  # back to the artifact it serves (a rollback after a failed load): that error is over
+            return False
+        try:
+            model = await asyncio.to_thread(build, artifact)
+        except Exception as err:  # keep serving what is loaded (or nothing)
+            self.error = load_failed(err)
+            logging.getLogger("ray.serve").error("%s artifact %s: %s", self.stage, artifact, err)
+            return False
+        self.model, self.artifact, self.error = model, artifact, None
+        return True
+
+    def problems(self) -> list[str]:
+        return [] if self.model is not None and self.error is None else [f"{self.stage}: {self.error}"]
+
+
+# A follower asks again at least this often; one not heard from for twice as long is gone.
+FOLLOW_WAIT_S = 5.0
+
+
+class SettingsBoard:
+    """A stage deployment's user_config, handed to the cascade Ingress replicas that run the stage in process.
+
+    In cascade mode the Retriever and Ranker deployments keep their user_config (where deploys and the cluster
+    pipeline roll artifacts in) but load no model: each Ingress replica follows the board (`follow`, a long
+    poll) and applies what it gets. Settings are named by their content (`token`), so replicas of one stage
+    deployment, which all hold the same user_config, agree on what is current. Serve routes no request to a
+    replica while its reconfigure runs, so `publish` cannot wait for the followers' acknowledgements; `behind`
+    names the followers alive at the last publish that have not applied it yet (serving.deploy.set_user_config
+    waits for none). The long poll is short: a replica shutting down waits for the one in flight."""
+
+    def __init__(self):
+        self.token, self.user_config = "", {}
+        self.followers: dict[str, tuple[str, float]] = {}  # follower -> (token applied, last heard)
+        self.expected: list[str] = []
+        self._changed: asyncio.Event | None = None
+
+    def publish(self, user_config: dict[str, Any]) -> None:
+        self.user_config = dict(user_config or {})
+        self.token = hashlib.sha256(json.dumps(self.user_config, sort_keys=True, default=str).encode()).hexdigest()
+        now = time.monotonic()
+        self.followers = {f: v for f, v in self.followers.items() if now - v[1] < 60 * FOLLOW_WAIT_S}
+        self.expected = [f for f, (_, heard) in self.followers.items() if now - heard < 2 * FOLLOW_WAIT_S]
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def follow(self, follower: str, applied: str, wait_s: float = FOLLOW_WAIT_S) -> tuple[str, dict]:
+        """(token, user_config) once they differ from what the follower `applied`, or after `wait_s`."""
+        self.followers[follower] = (applied, time.monotonic())
+        if applied == self.token:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wait_s)
+        return self.token, self.user_config
+
+    def behind(self) -> list[str]:
+        return [f for f in self.expected if f in self.followers and self.followers[f][0] != self.token]

@@ -21,6 +21,7 @@ import yaml
 
 CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
 APP_NAME = "streamrec"
+STAGES = ("Retriever", "Ranker")  # in cascade mode the Ingress replicas follow these two's user_config
 
 
 def serve_config(path: str | Path = CONFIG_PATH, *, config: str | None = None, overrides: list[str] | None = None,
@@ -108,8 +109,25 @@ def set_user_config(sc: dict[str, Any], deployment: str, timeout_s: float = 300.
             d["user_config"] = {**(d.get("user_config") or {}), **changes}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(new))
     time.sleep(0.5)  # let the controller pick the new target up before polling its status
+    deadline = time.monotonic() + timeout_s
     wait_running(timeout_s, {deployment: {}})
+    if deployment in STAGES:
+        wait_followers(deployment, deadline - time.monotonic())
     return new
+
+
+def wait_followers(deployment: str, timeout_s: float) -> None:
+    """In cascade mode, until every Ingress replica has applied the stage deployment's new user_config (loaded
+    the artifact or failed to: /healthz says which); at once in split mode."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, APP_NAME)
+    deadline = time.monotonic() + timeout_s
+    while behind := handle.settings_behind.remote().result():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{deployment}: Ingress replicas {behind} did not apply the new user_config "
+                               f"within {timeout_s:.0f}s")
+        time.sleep(0.1)
 
 
 def deployed_app() -> dict[str, Any] | None:

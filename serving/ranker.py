@@ -12,7 +12,6 @@ user_config task_weights; empty = every task weighs 1).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -27,8 +26,8 @@ from features.online import FeatureStoreUnavailable, OnlineFeatureClient
 from features.spec import FeatureStoreSpec
 from models.heads import SequenceRanker
 from models.mfalcon import MFalconScorer
-from serving.common import BusyBatchWait, StageUnavailable, load_failed, platform_config, resolve
-from serving.lookup import default_features, ranking_rows
+from serving.common import BusyBatchWait, ModelSlot, SettingsBoard, StageUnavailable, platform_config, resolve
+from serving.lookup import CandidateCache, UserFeatures, batch_rows, default_candidates
 from training.artifact import load_artifact
 from training.ranking_batch import RankingFeatures, encode
 
@@ -70,6 +69,15 @@ class RankerModel:
         return probs @ self.weights
 
 
+async def load_ranker(slot: ModelSlot, artifact: str | None, weights: dict[str, float] | None,
+                      uc: dict[str, Any]) -> None:
+    """A Ranker user_config's model into `slot`: the same artifact only changes the task weights."""
+    if artifact is not None and artifact == slot.artifact and slot.model is not None:
+        slot.model.set_weights(weights)
+    await slot.load(artifact, lambda path: RankerModel(path, weights, int(uc.get("micro_batch", 256)),
+                                                       int(uc.get("cache_size", 4096))))
+
+
 @serve.deployment
 class Ranker:
     """Reads the candidates' features (its own online client: one hop less per request) and scores them.
@@ -79,83 +87,86 @@ class Ranker:
     torch_threads, item_cache_ttl_s (candidates' stats kept that long: see features.online), overrides
     (config overrides, e.g. another online store). A new artifact is loaded in a
     thread and swapped in: requests keep being answered by the old model meanwhile, each response names the
-    version that scored it."""
+    version that scored it. In cascade mode (serving.mode) it loads nothing: the Ingress replicas follow its
+    user_config (`follow`) and rank in process (serving.cascade)."""
 
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = args or {}
         self.cfg = platform_config(self.args)
+        self.board = SettingsBoard() if self.cfg.serving.mode == "cascade" else None
         self.stat_names = FeatureStoreSpec.from_config(self.cfg.features).stat_names
-        self.model: RankerModel | None = None
-        self.artifact: str | None = None
-        self.error: str | None = "no ranker artifact configured"
+        self.slot = ModelSlot("ranker")
         self.client: OnlineFeatureClient | None = None
+        self.candidates: CandidateCache | None = None
         self.store_error: str | None = None
         self.overrides: list[str] | None = None
         self.batch_wait = BusyBatchWait(self._batched)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = user_config or {}
+        if self.board is not None:
+            return self.board.publish(uc)
         if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
             torch.set_num_threads(int(uc["torch_threads"]))
         self.batch_wait.configure(uc, default_size=8)
         overrides = list(uc.get("overrides") or [])
         item_ttl_s = float(uc.get("item_cache_ttl_s", 0.0))
-        if overrides != self.overrides or self.client is None or item_ttl_s != self.client.item_ttl_s:
+        if overrides != self.overrides or self.client is None:
             self.overrides = overrides
             self.cfg = platform_config(self.args, overrides)
             try:
-                self.client, self.store_error = OnlineFeatureClient(self.cfg, item_ttl_s=item_ttl_s), None
+                self.client, self.store_error = OnlineFeatureClient(self.cfg), None
             except FeatureStoreUnavailable as err:
                 self.client, self.store_error = None, type(err).__name__
                 log.error("ranker: online store unavailable: %s", err)
+            self.candidates = CandidateCache(self.client, item_ttl_s) if self.client is not None else None
+        elif self.candidates is not None and self.candidates.ttl_s != item_ttl_s:
+            self.candidates = CandidateCache(self.client, item_ttl_s)
         weights = uc.get("task_weights") or self.cfg.serving.task_weights
-        artifact = resolve(uc.get("artifact"), self.args)
-        if artifact is None:
-            self.model, self.artifact, self.error = None, None, "no ranker artifact configured"
-            return
-        if artifact == self.artifact and self.model is not None:
-            # Back to the artifact it serves (a rollback after a failed load): that load's error is over.
-            self.model.set_weights(weights)
-            self.error = None
-            return
-        try:
-            model = await asyncio.to_thread(RankerModel, artifact, weights, int(uc.get("micro_batch", 256)),
-                                            int(uc.get("cache_size", 4096)))
-        except Exception as err:  # keep serving what is loaded (or nothing): /healthz says so, the log says why
-            self.error = load_failed(err)
-            log.error("ranker artifact %s: %s", artifact, err)
-            return
-        self.model, self.artifact, self.error = model, artifact, None
+        await load_ranker(self.slot, resolve(uc.get("artifact"), self.args), weights, uc)
 
-    async def rank(self, user_id: int, item_ids: list[int], request_ts_ms: int) -> dict[str, Any]:
-        if self.model is None:
-            raise StageUnavailable(self.error)
+    async def follow(self, follower: str, applied: str) -> tuple[str, dict]:
+        """Cascade mode: this deployment's user_config, once it differs from `applied` (SettingsBoard.follow)."""
+        if self.board is None:
+            raise StageUnavailable("split mode: the Ranker ranks itself")
+        return await self.board.follow(follower, applied)
+
+    async def rank(self, user_id: int, item_ids: list[int], request_ts_ms: int,
+                   user: UserFeatures | None = None) -> dict[str, Any]:
+        """`user`: the user's features as the caller read them (then not read again), else read here."""
+        if self.slot.model is None:
+            raise StageUnavailable(self.slot.error)
         self.batch_wait.before_request()
-        return await self._batched((int(user_id), list(item_ids), int(request_ts_ms)))
+        return await self._batched((int(user_id), list(item_ids), int(request_ts_ms), user))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _batched(self, requests: list[tuple[int, list[int], int]]) -> list[dict[str, Any]]:
+    async def _batched(self, requests: list[tuple]) -> list[dict[str, Any]]:
         """Concurrent requests share one forward: M-FALCON prefills their histories together. The batch runs
         in a thread, so the event loop keeps taking requests meanwhile: they form the next batch."""
         # One model for the whole batch, even if a new one is swapped in meanwhile.
-        return await self.batch_wait.run(self._rank_batch, self.model, requests)
+        return await self.batch_wait.run(self._rank_batch, self.slot.model, requests)
 
-    def _rank_batch(self, model: RankerModel, requests: list[tuple[int, list[int], int]]) -> list[dict[str, Any]]:
+    def _rank_batch(self, model: RankerModel, requests: list[tuple]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        rows, fallbacks = [], []
-        for user_id, item_ids, request_ts_ms in requests:
+        users, cands, fallbacks = [], [], []
+        for user_id, item_ids, _, user in requests:
             fallback = None
             try:
-                if self.client is None:
+                if self.client is None or self.candidates is None:
                     raise FeatureStoreUnavailable(self.store_error or "no online store")
-                features = self.client.get(user_id, item_ids)
+                if user is None:
+                    user = UserFeatures.read(self.client, user_id)
+                cand = self.candidates.get(item_ids)
             except FeatureStoreUnavailable:
                 # Rank anyway, as for an unknown user with unknown items: better than no ranking at all.
-                features, fallback = default_features(self.stat_names, user_id, item_ids), "default_features"
-            rows.append(ranking_rows(features, request_ts_ms))
+                user = UserFeatures.default(self.stat_names, user_id)
+                cand, fallback = default_candidates(self.stat_names, item_ids), "default_features"
+            users.append(user)
+            cands.append(cand)
             fallbacks.append(fallback)
+        rows = batch_rows(users, cands, [r[2] for r in requests])
         t1 = time.perf_counter()
-        probs = model.score(pa.concat_tables(rows))
+        probs = model.score(rows)
         t2 = time.perf_counter()
         timings = {"ranking_features": round((t1 - t0) * 1000, 3), "ranking_model": round((t2 - t1) * 1000, 3),
                    "ranking_batch": len(requests)}
@@ -164,11 +175,17 @@ class Ranker:
                 for p, fallback in zip(probs, fallbacks)]
 
     async def check(self) -> list[str]:
-        problems = [] if self.model is not None and self.error is None else [f"ranker: {self.error}"]
+        if self.board is not None:  # the Ingress replicas report the models they load
+            return []
+        problems = self.slot.problems()
         if self.client is None:
             problems.append(f"ranker: feature store unavailable ({self.store_error})")
         return problems
 
+    async def settings_behind(self) -> list[str]:
+        """Cascade mode: the Ingress replicas that have not applied this user_config yet (SettingsBoard.behind)."""
+        return self.board.behind() if self.board is not None else []
+
     async def loaded(self) -> dict[str, str | None]:
         """The version of the model answering now (a failed reload leaves the old one)."""
-        return {"version": self.model.version if self.model else None}
+        return {"version": self.slot.version}

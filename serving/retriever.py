@@ -4,7 +4,7 @@
 - a model with `retrieve(history, lengths, k, decoder=, exclude=)` (the NEZHA generative retriever) is asked
   directly, with its decoder;
 - otherwise (HSTURetrieval, SASRec: `score_all`-style dot-product retrievers) the history gets a target slot at
-  the request time, as in training (training/retrieval.py `score_next_items`: the slot lends its time as the
+  the request time, as in training (training/retrieval/dense.py `score_next_items`: the slot lends its time as the
   last token's query time), every catalogue item is scored at the last history state, seen items are masked
   and the top k taken.
 Dense ids map to raw ids through metadata `item_ids` (NEZHA: dense id i at index i-1) or `item_vocab`
@@ -16,18 +16,14 @@ history; a history with nothing left raises `StageUnavailable` (the ingress then
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from typing import Any
 
 import numpy as np
 import torch
 from ray import serve
 
-from serving.common import BusyBatchWait, StageUnavailable, load_failed, resolve
+from serving.common import BusyBatchWait, ModelSlot, SettingsBoard, StageUnavailable, platform_config, resolve
 from training.artifact import load_artifact
-
-log = logging.getLogger("ray.serve")
 
 
 class RetrieverModel:
@@ -96,54 +92,55 @@ class Retriever:
 
     user_config: artifact (path), decoder, batch_size, batch_wait_timeout_s (the wait while a batch runs, see
     serving.common.BusyBatchWait), torch_threads. A new artifact is
-    loaded in a thread while the old one keeps answering, then swapped in (no failed request)."""
+    loaded in a thread while the old one keeps answering, then swapped in (no failed request). In cascade mode
+    (serving.mode) it loads nothing: the Ingress replicas follow its user_config and retrieve in process."""
 
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = args or {}
-        self.model: RetrieverModel | None = None
-        self.artifact: str | None = None
-        self.error: str | None = "no artifact configured"
+        self.board = SettingsBoard() if platform_config(self.args).serving.mode == "cascade" else None
+        self.slot = ModelSlot("retriever")
         self.batch_wait = BusyBatchWait(self._batched)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = user_config or {}
+        if self.board is not None:
+            return self.board.publish(uc)
         if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
             torch.set_num_threads(int(uc["torch_threads"]))
         self.batch_wait.configure(uc, default_size=16)
-        artifact = resolve(uc.get("artifact"), self.args)
-        if artifact is None:  # explicitly none: answer StageUnavailable (the ingress serves trending items)
-            self.model, self.artifact, self.error = None, None, "no retriever artifact configured"
-            return
-        if artifact == self.artifact and self.model is not None:
-            self.error = None  # back to the artifact it serves (a rollback after a failed load)
-            return
-        try:
-            model = await asyncio.to_thread(RetrieverModel, artifact, uc.get("decoder", "nezha"))
-        except Exception as err:  # keep serving what is loaded (or nothing): /healthz says so, the log says why
-            self.error = load_failed(err)
-            log.error("retriever artifact %s: %s", artifact, err)
-            return
-        self.model, self.artifact, self.error = model, artifact, None
+        decoder = uc.get("decoder", "nezha")
+        # Explicitly none: answer StageUnavailable (the ingress serves trending items).
+        await self.slot.load(resolve(uc.get("artifact"), self.args), lambda path: RetrieverModel(path, decoder))
+
+    async def follow(self, follower: str, applied: str) -> tuple[str, dict]:
+        """Cascade mode: this deployment's user_config, once it differs from `applied` (SettingsBoard.follow)."""
+        if self.board is None:
+            raise StageUnavailable("split mode: the Retriever retrieves itself")
+        return await self.board.follow(follower, applied)
 
     async def retrieve(self, history: list[tuple[int, int]], now_ms: int, k: int,
                        exclude: list[int]) -> dict[str, Any]:
-        if self.model is None:
-            raise StageUnavailable(self.error)
+        if self.slot.model is None:
+            raise StageUnavailable(self.slot.error)
         self.batch_wait.before_request()
         return await self._batched((history, now_ms, k, set(exclude)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, requests: list[tuple]) -> list[dict[str, Any]]:
         """The batch runs in a thread, so the event loop keeps taking requests meanwhile (the next batch)."""
-        model = self.model  # one model for the whole batch, even if a new one is swapped in meanwhile
+        model = self.slot.model  # one model for the whole batch, even if a new one is swapped in meanwhile
         got = await self.batch_wait.run(model.retrieve, [r[0] for r in requests], [r[1] for r in requests],
                                         [r[2] for r in requests], [r[3] for r in requests])
         return [{"items": items, "scores": scores, "version": model.version, "batch": len(requests)}
                 for items, scores in got]
 
+    async def settings_behind(self) -> list[str]:
+        """Cascade mode: the Ingress replicas that have not applied this user_config yet (SettingsBoard.behind)."""
+        return self.board.behind() if self.board is not None else []
+
     async def loaded(self) -> dict[str, str | None]:
         """The version of the model answering now (a failed reload leaves the old one)."""
-        return {"version": self.model.version if self.model else None}
+        return {"version": self.slot.version}
 
     async def check(self) -> list[str]:
-        return [] if self.model is not None and self.error is None else [f"retriever: {self.error}"]
+        return [] if self.board is not None else self.slot.problems()

@@ -1,5 +1,6 @@
-"""One Serve instance for the serving tests (package scope): the features tests' small lake, materialised into
-its own SQLite online store, two toy rankers (to roll one into the other) and a toy retriever over items 1..30."""
+"""One Serve instance per serving mode for the serving tests (package scope, cascade then split): the features
+tests' small lake, materialised into its own SQLite online store, two toy rankers (to roll one into the other)
+and a toy retriever over items 1..30."""
 
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving_app(feature_lake, root: Path) -> Iterator[Served]:  # noqa: F811 (the imported fixture's name)
-    """The whole Serve application over `feature_lake`, shut down on exit (its replicas hold the test Ray's
-    CPUs: no Ray Data job of a later test would get one)."""
+def serving_app(feature_lake, root: Path, mode: str = "cascade") -> Iterator[Served]:  # noqa: F811 (the fixture's name)
+    """The whole Serve application over `feature_lake` in serving `mode`, shut down on exit (its replicas hold the
+    test Ray's CPUs: no Ray Data job of a later test would get one)."""
     cfg = online_config(feature_lake.cfg, root / "feast", "sqlite")
+    cfg.serving.mode = mode
     cfg.ingest.landing_dir = str(root / "landing")
     cfg.serving.api_key_env = KEY_ENV
     cfg.serving.num_candidates = 20
@@ -67,7 +69,7 @@ def serving_app(feature_lake, root: Path) -> Iterator[Served]:  # noqa: F811 (th
         shutdown()
 
 
-@pytest.fixture(scope="package")
-def served(feature_lake, tmp_path_factory) -> Iterator[Served]:  # noqa: F811 (the imported fixture)
-    with serving_app(feature_lake, tmp_path_factory.mktemp("serving")) as app:
+@pytest.fixture(scope="package", params=["cascade", "split"])
+def served(request, feature_lake, tmp_path_factory) -> Iterator[Served]:  # noqa: F811 (the imported fixture)
+    with serving_app(feature_lake, tmp_path_factory.mktemp(f"serving-{request.param}"), request.param) as app:
         yield app

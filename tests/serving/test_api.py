@@ -13,6 +13,7 @@ import torch
 from features.online import OnlineFeatureClient
 from serving.deploy import set_user_config
 from serving.lookup import ranking_rows
+from serving.schemas import RankResponse, RecommendResponse
 from tests.features.events import START_MS
 from training.artifact import load_artifact
 from training.ranking_batch import RankingFeatures, encode
@@ -31,6 +32,7 @@ def test_recommend_returns_k_distinct_unseen_items_sorted_by_score(served):
         r = served.post("/recommend", {"user_id": user, "k": 8})
         assert r.status_code == 200, r.text
         body = r.json()
+        RecommendResponse.model_validate(body)  # the ingress encodes answers without validating them again
         items = [it["item_id"] for it in body["items"]]
         scores = [it["score"] for it in body["items"]]
         assert len(items) == 8 and len(set(items)) == 8 and not seen & set(items)
@@ -50,6 +52,7 @@ def test_rank_equals_the_offline_model_on_the_same_features(served):
     r = served.post("/rank", {"user_id": 2, "item_ids": items})
     assert r.status_code == 200, r.text
     body = r.json()
+    RankResponse.model_validate(body)
     assert [it["item_id"] for it in body["items"]] == items and body["fallback"] is None
     model, manifest = load_artifact(served.ranker)
     assert body["model_versions"]["ranker"] == manifest.version
