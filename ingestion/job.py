@@ -330,12 +330,16 @@ class IngestJob:
         with self.lease:
             return self._run_pending()
 
-    def _run_pending(self) -> RunReport:
+    def _run_pending(self, on_batch=None) -> RunReport:
+        """Ingest the pending files; `on_batch(batch)` runs as soon as each batch is committed, before the Data
+        Docs of the run are awaited (a follower pushing features must not wait for HTML rendering)."""
         self._open_lake()
         report = RunReport()
         redone = self.recover()
         if redone is not None:
             report.batches.append(redone)
+            if on_batch is not None:
+                on_batch(redone)
         plans = self._plans()
         pending = self.pending_files(plans)
         next_no = max([p.batch_no for p in plans], default=0) + 1
@@ -345,6 +349,8 @@ class IngestJob:
             report.batches.append(batch)
             log.info("batch %d: %d files, %d lines -> %d valid, %d quarantined (%.2fs)", batch.batch_no,
                      batch.files, batch.lines, batch.valid, batch.quarantined, batch.seconds)
+            if on_batch is not None:
+                on_batch(batch)
             taken = {name for name, _ in plan.files}
             pending = [f for f in pending if f[0] not in taken]
             next_no += 1
@@ -365,12 +371,9 @@ class IngestJob:
             try:
                 while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                     self.lease.renew()
-                    step = self._run_pending()
+                    step = self._run_pending(on_batch)
                     report.batches += step.batches
                     report.docs_path = step.docs_path
-                    for batch in step.batches:
-                        if on_batch is not None:
-                            on_batch(batch)
                     stop.wait(self.cfg.ingest.poll_interval_s)
             except KeyboardInterrupt:
                 log.info("follow mode stopped")

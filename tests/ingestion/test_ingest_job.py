@@ -109,16 +109,17 @@ def test_follow_mode_picks_up_files_as_they_arrive(lake):
     tmp, cfg = lake
     cfg.ingest.poll_interval_s = 0.2
     write_lines(tmp / "landing", "a-001.jsonl", [good_event(i) for i in range(10)])
-    # A producer publishes the second file while the job is polling (temp name, then rename).
-    def publish() -> None:
-        write_lines(tmp / "landing", ".a-002.jsonl.tmp", [good_event(i) for i in range(10, 25)])
-        (tmp / "landing" / ".a-002.jsonl.tmp").rename(tmp / "landing" / "a-002.jsonl")
+    batches, done = [], threading.Event()
 
-    timer = threading.Timer(2.0, publish)
-    timer.start()
-    batches = []
-    report = IngestJob(cfg).follow(max_seconds=6.0, on_batch=batches.append)
-    timer.join()
+    def on_batch(batch) -> None:  # called as each batch commits, before the next poll
+        batches.append(batch)
+        if len(batches) == 1:  # a producer publishes the second file while the job runs (temp name, rename)
+            write_lines(tmp / "landing", ".a-002.jsonl.tmp", [good_event(i) for i in range(10, 25)])
+            (tmp / "landing" / ".a-002.jsonl.tmp").rename(tmp / "landing" / "a-002.jsonl")
+        else:
+            done.set()
+
+    report = IngestJob(cfg).follow(max_seconds=120.0, on_batch=on_batch, stop=done)
     events, _ = lake_rows(cfg)
     assert sorted(e["event_id"] for e in events) == sorted(f"e{i}" for i in range(25))
     assert [b.files for b in report.batches] == [1, 1] and len(batches) == 2
