@@ -167,7 +167,7 @@ def plot(lats: dict[str, dict], path: Path) -> None:
                 if lat:
                     x = np.sort(lat)
                     name = f"c={level}" if shape == "closed" else f"{float(level):.0%}"
-                    ax.plot(x, np.arange(1, len(x) + 1) / len(x), styles[variant], color=f"C{i}",
+                    ax.plot(x, np.arange(1, len(x) + 1) / len(x), linestyle=styles[variant], color=f"C{i}",
                             label=f"{variant} {name}")
     closed.set_title("closed loop, 200s (200 candidates, top 10)")
     opened.set_title("open loop, all responses, from scheduled send (% of saturation rate)")
