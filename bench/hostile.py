@@ -87,7 +87,7 @@ class Stages:
     # Retriever
     def retrieve(self, history, now_ms: int, n: int, exclude: list[int]) -> dict[str, Any]:
         items = [i for i in ITEMS if i not in set(exclude)][:n]
-        return {"items": items, "scores": [1.0 / i for i in items], "version": "stub-retriever"}
+        return {"channels": {"generative": (items, [1.0 / i for i in items])}, "version": "stub-retriever"}
 
     # Ranker
     def rank(self, user_id: int, items: list[int], now_ms: int, user=None) -> dict[str, Any]:
@@ -143,7 +143,8 @@ def in_process_app(landing_dir: str, api_key: str = API_KEY) -> Iterator[tuple[A
     ingress = object.__new__(serving_app.Ingress.func_or_class.__mro__[1])  # the class under Serve's wrapper
     handle = _Handle(stages)
     ingress.features = ingress.retriever = ingress.ranker = ingress.events = handle
-    ingress.args, ingress.cfg = {}, platform_config({}).serving
+    cfg = platform_config({})
+    ingress.args, ingress.cfg, ingress.channel_quotas = {}, cfg.serving, dict(cfg.retrieval.channels)
     ingress.trending, ingress.trending_at = [], -1e9
     ingress.client, ingress.store_error, ingress.cascade = _Store(), None, None  # split mode, over the stubs
     saved_limits, saved_context = dict(common.INGRESS_LIMITS), ray.serve.get_replica_context

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import config
-from bench.retrieval_channels import channel_recall
+from bench.retrieval_channels import channel_latency, channel_recall
 from config.schema import RetrievalConfig
 from training.retrieval.data import SequenceBatch, eval_histories
 from training.retrieval.dense import evaluate
@@ -95,6 +95,8 @@ def bench_dataset(cfg: RetrievalConfig, opts: RunOptions, requests: int, channel
     data = out["data"]
     if dense is not None and channel_users:
         rows["channels"] = channel_recall(model, dense, split, dict(cfg.channels), channel_users, seed=opts.seed)
+        rows["channels"]["latency_ms_b1"] = channel_latency(model, dense, split, dict(cfg.channels),
+                                                            max(requests // 5, 5), seed=opts.seed)
         logging.info("%s channels: %s", opts.dataset, rows["channels"])
     entry = {**rows,
              "nezha_speedup_vs_beam": rows["beam"]["latency_ms_b1"] / rows["nezha"]["latency_ms_b1"],

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from models.hstu import NUM_TIME_BUCKETS, HSTUConfig, HSTUEncoder, log_time_bucket, next_event_times
 
-
 SIMILARITIES = ("cosine", "dot")
 
 

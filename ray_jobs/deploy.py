@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     config.add_config_args(parser)
     parser.add_argument("--ranker", help="ranking artifact folder (default: serving/config.yaml's)")
     parser.add_argument("--retriever", help="retrieval artifact folder (default: serving/config.yaml's)")
+    parser.add_argument("--dense-retriever", help="a dense retriever artifact: the dense retrieval channel")
     parser.add_argument("--serve-config", default=None, help="Serve config file (default serving/config.yaml)")
     parser.add_argument("--blocking", action="store_true", help="keep serving until interrupted")
     parser.add_argument("--roll-ranker", help="after deploying, roll this ranker artifact in (user_config)")
@@ -56,16 +57,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.artifact import artifact_version
 
-    ranker, retriever = local(args.ranker), local(args.retriever)
+    ranker, retriever, dense = local(args.ranker), local(args.retriever), local(args.dense_retriever)
+    if dense and not retriever:
+        parser.error("--dense-retriever needs --retriever (the generative channel) beside it")
     try:  # before touching Serve: a missing or unreadable manifest changes nothing
         expected = {name: artifact_version(path) for name, path in (("ranker", ranker), ("retriever", retriever))
                     if path}
+        if dense:  # the retriever stage then serves both models (serving.retriever.RetrievalChannels)
+            expected["retriever"] = f"{expected['retriever']}+{artifact_version(dense)}"
     except (OSError, ValueError, KeyError) as err:
         print(f"deploy failed: cannot read an artifact's manifest: {err}", file=sys.stderr)
         return 1
     init_ray(cfg.ray)
     sc = serve_config(args.serve_config or CONFIG_PATH, config=args.config or "embedded", overrides=args.overrides,
-                      ranker=ranker, retriever=retriever, host=cfg.serving.host,
+                      ranker=ranker, retriever=retriever, dense_retriever=dense, host=cfg.serving.host,
                       port=cfg.serving.port, base_dir=str(Path.cwd()))
     t = time.perf_counter()
     previous = deployed_app()

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, HTTPException, Request, Security
@@ -90,6 +91,7 @@ class Ingress:
         self.args = args or {}
         cfg = platform_config(self.args)
         self.cfg = cfg.serving
+        self.channel_quotas = dict(cfg.retrieval.channels)
         key = os.environ.get(self.cfg.api_key_env)
         common.INGRESS_LIMITS.update(max_body_bytes=self.cfg.max_body_bytes, api_key=key)
         self.trending: list = []
@@ -194,6 +196,7 @@ class Ingress:
         cands, items = await stages(job, req.k, timer, fallbacks, versions)
         timer.total()
         body = {"user_id": req.user_id, "items": items, "candidates_retrieved": len(cands),
+                "candidates_by_channel": dict(Counter(job.channels)),
                 "fallback": ",".join(dict.fromkeys(fallbacks)) or None, "model_versions": versions,
                 "timings_ms": timer.ms, "history_items": history[::-1][:10] if req.debug else None,
                 "request_ts_ms": now_ms}
@@ -234,8 +237,10 @@ class Ingress:
                 try:
                     got = await self._call(self.retriever.retrieve.remote(history, job.now_ms, job.n,
                                                                           sorted(job.exclude)))
-                    job.cands, job.cand_scores, versions["retriever"] = got["items"], got["scores"], got["version"]
-                    if not job.cands:
+                    versions["retriever"] = got["version"]
+                    if any(items for items, _ in got["channels"].values()):
+                        job.use_channels(got["channels"], self.channel_quotas)
+                    else:
                         fallbacks.append("trending:no_known_history")
                 except Exception:
                     fallbacks.append("trending:retriever_unavailable")

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from features.online import FeatureStoreUnavailable
-from serving.common import ModelSlot, StageUnavailable, resolve, setting
+from serving.channels import merge_candidates
+from serving.common import ModelSlot, StageUnavailable, platform_config, resolve, setting
 from serving.lookup import CandidateCache, UserFeatures, batch_rows, default_candidates
 from serving.ranker import RankerModel, load_ranker
-from serving.retriever import RetrieverModel
+from serving.retriever import RetrievalChannels, channels_key
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Job:
     trending: list[tuple[int, float]] = field(default_factory=list)
     cands: list[int] = field(default_factory=list)
     cand_scores: list[float] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)  # the retrieval channel of each candidate
     retrieval_late: bool = False
     retrieved: asyncio.Future | None = None  # -> (candidates, scores, retriever version, fallback reason or None)
     ranked: asyncio.Future | None = None  # -> {"probs", "score", "tasks", "version", "fallback", "timings_ms"}
@@ -54,6 +56,12 @@ class Job:
     def use_trending(self) -> None:
         trend = [(i, s) for i, s in self.trending if i not in self.exclude][: self.n]
         self.cands, self.cand_scores = [i for i, _ in trend], [s for _, s in trend]
+        self.channels = ["trending"] * len(self.cands)
+
+    def use_channels(self, lists: dict[str, tuple[list[int], list[float]]], quotas: dict[str, int]) -> None:
+        """The candidates of the retrieved channel lists merged with this request's trending items."""
+        self.cands, self.cand_scores, self.channels = merge_candidates(lists, self.trending, self.exclude, quotas,
+                                                                       self.n)
 
 
 def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -67,6 +75,7 @@ def _settle(future: asyncio.Future, result: Any = None, error: BaseException | N
 class Cascade:
     def __init__(self, args: dict[str, Any], stat_names: tuple[str, ...]):
         self.args, self.stat_names = args, stat_names
+        self.quotas = dict(platform_config(args).retrieval.channels)
         self.retriever, self.ranker = ModelSlot("retriever"), ModelSlot("ranker")
         self.batch_size = 8
         self.candidates: CandidateCache | None = None
@@ -89,11 +98,11 @@ class Cascade:
                              " want batch_size >= 1 and the others >= 0")
         if threads:
             torch.set_num_threads(threads)
-        artifact = resolve(uc.get("artifact"), self.args)
         if stage == "retriever":
             decoder = uc.get("decoder", "nezha")
-            await self.retriever.load(artifact, lambda path: RetrieverModel(path, decoder))
+            await self.retriever.load(channels_key(uc, self.args), lambda key: RetrievalChannels(*key, decoder))
             return
+        artifact = resolve(uc.get("artifact"), self.args)
         self.batch_size = batch_size
         if ttl != self.item_ttl_s or self.candidates is None:
             self.item_ttl_s = ttl
@@ -137,9 +146,10 @@ class Cascade:
             except Exception:
                 got = [None] * len(asking)
             for job, answer in zip(asking, got):
-                if answer:
-                    job.cands, job.cand_scores = answer
-                reason = "retriever_unavailable" if answer is None else None if answer else "no_known_history"
+                known = answer is not None and any(items for items, _ in answer.values())
+                if known:
+                    job.use_channels(answer, self.quotas)
+                reason = "retriever_unavailable" if answer is None else None if known else "no_known_history"
                 _settle(job.retrieved, (job.cands, job.cand_scores, retriever and retriever.version, reason))
         retrieval_ms = round((time.perf_counter() - t0) * 1000, 3)
         if ranker is None:
@@ -157,13 +167,13 @@ class Cascade:
             _settle(job.ranked, result)
 
     @staticmethod
-    def _retrieve(model: RetrieverModel | None, jobs: list[Job]) -> list[tuple[list[int], list[float]] | None]:
-        """Per job: (candidates, scores), empty when it knows none of the history; None without a model."""
+    def _retrieve(model: RetrievalChannels | None, jobs: list[Job]) -> list[dict[str, tuple] | None]:
+        """Per job: each channel's (candidates, scores), empty when it knows none of the history; None without
+        a model."""
         if model is None:
             return [None] * len(jobs)
         histories = [list(zip(j.user.sequence["item_ids"].tolist(), j.user.sequence["ts"].tolist())) for j in jobs]
-        got = model.retrieve(histories, [j.now_ms for j in jobs], [j.n for j in jobs], [j.exclude for j in jobs])
-        return [(items, scores) if items else ([], []) for items, scores in got]
+        return model.retrieve(histories, [j.now_ms for j in jobs], [j.n for j in jobs], [j.exclude for j in jobs])
 
     def _rank(self, model: RankerModel, batch: list[Job]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()

@@ -54,3 +54,23 @@ def merge_channels(lists: Mapping[str, Sequence[int]], quotas: Mapping[str, int]
     for name in quotas:  # the fill: shares left by duplicates and short or missing lists
         take(name, k)
     return list(taken.items())
+
+
+def merge_candidates(channel_lists: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+                     trending: Sequence[tuple[int, float]], exclude: set[int], quotas: Mapping[str, int],
+                     n: int) -> tuple[list[int], list[float], list[str]]:
+    """The request's n candidates: retrieved channel lists ({name: (items, scores)}) plus the trending list
+    (seen items left out), merged by `merge_channels`. Returns items, each item's score in its own channel
+    (channels' scores are not comparable: the ranker orders them) and the channel of each.
+
+    >>> merge_candidates({"generative": ([4, 5], [-0.1, -0.2])}, [(9, 3.0), (4, 2.0)], {9},
+    ...                  {"generative": 1, "trending": 1}, n=3)
+    ([4, 5], [-0.1, -0.2], ['generative', 'generative'])
+    """
+    lists = {name: list(items) for name, (items, _) in channel_lists.items()}
+    lists["trending"] = [i for i, _ in trending if i not in exclude]
+    score = {(name, int(i)): float(s) for name, (items, scores) in channel_lists.items()
+             for i, s in zip(items, scores)}
+    score.update({("trending", int(i)): float(s) for i, s in trending})
+    merged = merge_channels(lists, quotas, n)
+    return [i for i, _ in merged], [score[(c, i)] for i, c in merged], [c for _, c in merged]

@@ -25,7 +25,8 @@ STAGES = ("Retriever", "Ranker")  # in cascade mode the Ingress replicas follow 
 
 
 def serve_config(path: str | Path = CONFIG_PATH, *, config: str | None = None, overrides: list[str] | None = None,
-                 ranker: str | None = None, retriever: str | None = None, host: str | None = None,
+                 ranker: str | None = None, retriever: str | None = None, dense_retriever: str | None = None,
+                 host: str | None = None,
                  port: int | None = None, base_dir: str | None = None,
                  deployments: dict[str, dict[str, Any]] | None = None, defaults: bool = False) -> dict[str, Any]:
     """serving/config.yaml with the given changes. `deployments` merges per-deployment options (user_config
@@ -56,6 +57,8 @@ def serve_config(path: str | Path = CONFIG_PATH, *, config: str | None = None, o
         by_name["Ranker"]["user_config"]["artifact"] = str(ranker)
     if retriever is not None:
         by_name["Retriever"]["user_config"]["artifact"] = str(retriever)
+    if dense_retriever is not None:
+        by_name["Retriever"]["user_config"]["dense_artifact"] = str(dense_retriever)
     for name, options in (deployments or {}).items():
         options = dict(options)
         target = by_name.setdefault(name, {"name": name})

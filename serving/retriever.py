@@ -86,12 +86,47 @@ class RetrieverModel:
         return out
 
 
+class RetrievalChannels:
+    """The retrieval channels one replica runs: user_config `artifact` (the NEZHA retriever: the "generative"
+    channel; a dense model there is the "dense" channel) and, when `dense_artifact` is set, "dense" (a
+    SASRec-class model: exact top-k over its item table). Answers each channel's own list; the Ingress merges
+    them with the trending list (serving.channels.merge_candidates).
+
+    `version` names both models ("<generative>+<dense>") when there are two."""
+
+    def __init__(self, artifact: str, dense_artifact: str | None = None, decoder: str = "nezha"):
+        main = RetrieverModel(artifact, decoder)
+        self.models = {"generative" if main.generative else "dense": main}
+        if dense_artifact:
+            if not main.generative:
+                raise ValueError(f"dense_artifact is set but artifact {artifact} is a dense retriever too: "
+                                 "artifact names the generative channel")
+            dense = RetrieverModel(dense_artifact)
+            if dense.generative:
+                raise ValueError(f"dense_artifact {dense_artifact} holds a generative retriever, not a dense one")
+            self.models["dense"] = dense
+        self.version = "+".join(m.version for m in self.models.values())
+
+    def retrieve(self, histories: list[list[tuple[int, int]]], now_ms: list[int], ks: list[int],
+                 excludes: list[set[int]]) -> list[dict[str, tuple[list[int], list[float]]]]:
+        """Per request: {channel: (raw items, scores)}, each list best first and without excluded items."""
+        answers = {name: model.retrieve(histories, now_ms, ks, excludes) for name, model in self.models.items()}
+        return [{name: got[r] for name, got in answers.items()} for r in range(len(histories))]
+
+
+def channels_key(uc: dict[str, Any], args: dict[str, Any]) -> tuple[str, str | None] | None:
+    """What a Retriever user_config asks to serve: (generative artifact, dense artifact or None), resolved."""
+    artifact = resolve(uc.get("artifact"), args)
+    return None if artifact is None else (artifact, resolve(uc.get("dense_artifact"), args))
+
+
 @serve.deployment
 class Retriever:
     """Requests are batched with `@serve.batch`: one model call for up to batch_size concurrent users.
 
-    user_config: artifact (path), decoder, batch_size, batch_wait_timeout_s (the wait while a batch runs, see
-    serving.common.BusyBatchWait), torch_threads. A new artifact is
+    user_config: artifact (path: the generative retriever), dense_artifact (optional: the dense channel), decoder,
+    batch_size, batch_wait_timeout_s (the wait while a batch runs, see serving.common.BusyBatchWait),
+    torch_threads. A new artifact is
     loaded in a thread while the old one keeps answering, then swapped in (no failed request). In cascade mode
     (serving.mode) it loads nothing: the Ingress replicas follow its user_config and retrieve in process."""
 
@@ -110,7 +145,7 @@ class Retriever:
         self.batch_wait.configure(uc, default_size=16)
         decoder = uc.get("decoder", "nezha")
         # Explicitly none: answer StageUnavailable (the ingress serves trending items).
-        await self.slot.load(resolve(uc.get("artifact"), self.args), lambda path: RetrieverModel(path, decoder))
+        await self.slot.load(channels_key(uc, self.args), lambda key: RetrievalChannels(*key, decoder))
 
     async def follow(self, follower: str, applied: str) -> tuple[str, dict]:
         """Cascade mode: this deployment's user_config, once it differs from `applied` (SettingsBoard.follow)."""
@@ -131,8 +166,7 @@ class Retriever:
         model = self.slot.model  # one model for the whole batch, even if a new one is swapped in meanwhile
         got = await self.batch_wait.run(model.retrieve, [r[0] for r in requests], [r[1] for r in requests],
                                         [r[2] for r in requests], [r[3] for r in requests])
-        return [{"items": items, "scores": scores, "version": model.version, "batch": len(requests)}
-                for items, scores in got]
+        return [{"channels": channels, "version": model.version, "batch": len(requests)} for channels in got]
 
     async def settings_behind(self) -> list[str]:
         """Cascade mode: the Ingress replicas that have not applied this user_config yet (SettingsBoard.behind)."""

@@ -80,6 +80,8 @@ class RecommendResponse(BaseModel):
     user_id: int
     items: list[ScoredItem]
     candidates_retrieved: int
+    candidates_by_channel: dict[str, int] = Field(
+        default_factory=dict, description="candidates each retrieval channel (generative, dense, trending) gave")
     fallback: str | None = Field(None, description="which fallback served this request, None when none did")
     model_versions: dict[str, str | None]
     timings_ms: dict[str, float]

@@ -26,4 +26,6 @@ def test_retrieval_benchmark_writes_every_row_and_the_channels(tmp_path):
     assert set(channels["recall"]) == {"generative", "dense", "trending", "merged"}
     # 17 items and k = 200: every channel that lists the whole catalogue finds every target
     assert channels["recall"]["dense"] == channels["recall"]["trending"] == channels["recall"]["merged"] == 1.0
+    assert set(channels["latency_ms_b1"]) == {"generative", "dense", "all_channels"}
+    assert channels["latency_ms_b1"]["all_channels"] >= channels["latency_ms_b1"]["generative"] > 0
     assert entry["config"]["dense"]["max_epochs"] == 2 and entry["dense_train"]["epochs"] == 2

@@ -38,6 +38,8 @@ def test_recommend_returns_k_distinct_unseen_items_sorted_by_score(served):
         assert len(items) == 8 and len(set(items)) == 8 and not seen & set(items)
         assert scores == sorted(scores, reverse=True)
         assert body["fallback"] is None and body["candidates_retrieved"] == min(20, 30 - len(seen))
+        # the toy retriever is a dense model: the dense channel fills the 20 slots before trending's share
+        assert body["candidates_by_channel"] == {"dense": body["candidates_retrieved"]}
         assert set(body["items"][0]["scores"]) == {"click", "long_view", "like", "follow", "gift"}
         assert body["model_versions"]["ranker"].startswith("toy-genrank")
         assert body["model_versions"]["retriever"].startswith("toy-hstu")
