@@ -187,7 +187,7 @@ class Ingress:
         n = self.cfg.num_candidates if user is not None and history and not user.unknown else 0
         if user is not None and not n:
             fallbacks.append("trending:unknown_user" if user.unknown else "trending:cold_user")
-        job = Job(user, req.user_id, now_ms, n, exclude, await self._trending())
+        job = Job(user, req.user_id, now_ms, n, exclude, await self._trending(), self.channel_quotas)
         if not n:
             job.n = self.cfg.num_candidates
             job.use_trending()
@@ -238,9 +238,7 @@ class Ingress:
                     got = await self._call(self.retriever.retrieve.remote(history, job.now_ms, job.n,
                                                                           sorted(job.exclude)))
                     versions["retriever"] = got["version"]
-                    if any(items for items, _ in got["channels"].values()):
-                        job.use_channels(got["channels"], self.channel_quotas)
-                    else:
+                    if not job.use_channels(got["channels"]):
                         fallbacks.append("trending:no_known_history")
                 except Exception:
                     fallbacks.append("trending:retriever_unavailable")

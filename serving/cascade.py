@@ -29,7 +29,7 @@ import torch
 
 from features.online import FeatureStoreUnavailable
 from serving.channels import merge_candidates
-from serving.common import ModelSlot, StageUnavailable, platform_config, resolve, setting
+from serving.common import ModelSlot, StageUnavailable, resolve, setting
 from serving.lookup import CandidateCache, UserFeatures, batch_rows, default_candidates
 from serving.ranker import RankerModel, load_ranker
 from serving.retriever import RetrievalChannels, channels_key
@@ -46,6 +46,7 @@ class Job:
     n: int = 0
     exclude: set[int] = field(default_factory=set)
     trending: list[tuple[int, float]] = field(default_factory=list)
+    quotas: dict[str, int] = field(default_factory=dict)  # retrieval.channels: each channel's share
     cands: list[int] = field(default_factory=list)
     cand_scores: list[float] = field(default_factory=list)
     channels: list[str] = field(default_factory=list)  # the retrieval channel of each candidate
@@ -58,10 +59,14 @@ class Job:
         self.cands, self.cand_scores = [i for i, _ in trend], [s for _, s in trend]
         self.channels = ["trending"] * len(self.cands)
 
-    def use_channels(self, lists: dict[str, tuple[list[int], list[float]]], quotas: dict[str, int]) -> None:
-        """The candidates of the retrieved channel lists merged with this request's trending items."""
-        self.cands, self.cand_scores, self.channels = merge_candidates(lists, self.trending, self.exclude, quotas,
-                                                                       self.n)
+    def use_channels(self, lists: dict[str, tuple[list[int], list[float]]]) -> bool:
+        """The retrieved channel lists merged with this request's trending items as its candidates; False (and
+        nothing changed) when no channel knew the history."""
+        if not any(items for items, _ in lists.values()):
+            return False
+        self.cands, self.cand_scores, self.channels = merge_candidates(lists, self.trending, self.exclude,
+                                                                       self.quotas, self.n)
+        return True
 
 
 def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -75,7 +80,6 @@ def _settle(future: asyncio.Future, result: Any = None, error: BaseException | N
 class Cascade:
     def __init__(self, args: dict[str, Any], stat_names: tuple[str, ...]):
         self.args, self.stat_names = args, stat_names
-        self.quotas = dict(platform_config(args).retrieval.channels)
         self.retriever, self.ranker = ModelSlot("retriever"), ModelSlot("ranker")
         self.batch_size = 8
         self.candidates: CandidateCache | None = None
@@ -146,9 +150,7 @@ class Cascade:
             except Exception:
                 got = [None] * len(asking)
             for job, answer in zip(asking, got):
-                known = answer is not None and any(items for items, _ in answer.values())
-                if known:
-                    job.use_channels(answer, self.quotas)
+                known = answer is not None and job.use_channels(answer)
                 reason = "retriever_unavailable" if answer is None else None if known else "no_known_history"
                 _settle(job.retrieved, (job.cands, job.cand_scores, retriever and retriever.version, reason))
         retrieval_ms = round((time.perf_counter() - t0) * 1000, 3)

@@ -77,9 +77,10 @@ def test_retrieval_channels_answer_each_channel_without_excluded_items(tmp_path)
 def test_a_request_merges_its_channels_with_its_own_trending_items():
     from serving.cascade import Job
 
-    job = Job(user=None, user_id=7, now_ms=0, n=6, exclude={9}, trending=[(9, 5.0), (1, 4.0), (2, 3.0), (3, 2.0)])
-    job.use_channels({"generative": ([4, 5, 6], [-1.0, -2.0, -3.0]), "dense": ([5, 7], [0.9, 0.8])},
-                     {"generative": 2, "dense": 2, "trending": 2})
+    job = Job(user=None, user_id=7, now_ms=0, n=6, exclude={9}, trending=[(9, 5.0), (1, 4.0), (2, 3.0), (3, 2.0)],
+              quotas={"generative": 2, "dense": 2, "trending": 2})
+    assert not job.use_channels({"generative": ([], [])}) and job.cands == []  # nobody knew the history
+    assert job.use_channels({"generative": ([4, 5, 6], [-1.0, -2.0, -3.0]), "dense": ([5, 7], [0.9, 0.8])})
     assert job.cands == [4, 5, 7, 1, 2, 6]  # dense's 5 is taken already; seen 9 is not trending here
     assert job.channels == ["generative", "generative", "dense", "trending", "trending", "generative"]
     assert job.cand_scores == [-1.0, -2.0, 0.8, 4.0, 3.0, -3.0]

@@ -135,7 +135,7 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
     cfg = cfg or RetrievalTrainConfig()
     device = torch.device(cfg.device)
     model.to(device)
-    initial = copy.deepcopy(model.state_dict())
+    initial = copy.deepcopy(model.state_dict()) if cfg.refit_with_validation else None
     result = _fit(model, split.train, cfg, name, lambda: evaluate(model, split.valid, batch_size=cfg.eval_batch_size))
     t0 = time.perf_counter()
     result.test = evaluate(model, split.test, batch_size=cfg.eval_batch_size)
