@@ -62,24 +62,42 @@ def build_lake(root: Path, events: int) -> tuple[PlatformConfig, dict]:
     return cfg, setup
 
 
-def read_latency(cfg: PlatformConfig, store, ids: dict, n_items: int, reads: int, feast_reads: int) -> dict:
-    from features.online import OnlineFeatureClient
+def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1) -> list[float]:
+    """Seconds per `client.get` of 1 user + `n_items` random candidates: `reads` timed reads in all, spread over
+    `threads` threads that share one client (as a serving replica's thread pool does) and start together,
+    after 10 untimed warm-up reads per thread (connections, registry, first-use imports)."""
+    import threading
 
-    rng = np.random.default_rng(0)
-    clients = {"client": (OnlineFeatureClient(cfg, store=store), reads),
-               "feast": (OnlineFeatureClient(cfg, fast=False, store=store), feast_reads)}
-    out = {}
-    for name, (client, n) in clients.items():
-        times = []
-        for i in range(n + 10):
-            user = int(rng.choice(ids["users"]))
-            items = rng.choice(ids["items"], n_items, replace=False).tolist()
-            started = time.perf_counter()
-            client.get(user, items)
-            if i >= 10:  # warm-up: connections, registry, first-use imports
-                times.append(time.perf_counter() - started)
-        out[name] = percentiles(times)
-    return out
+    barrier, times, errors, lock = threading.Barrier(threads), [], [], threading.Lock()
+
+    def reader(seed: int, n: int) -> None:
+        rng = np.random.default_rng(seed)
+        mine = []
+        try:
+            for i in range(n + 10):
+                if i == 10:
+                    barrier.wait()
+                user = int(rng.choice(ids["users"]))
+                items = rng.choice(ids["items"], n_items, replace=False).tolist()
+                started = time.perf_counter()
+                client.get(user, items)
+                if i >= 10:
+                    mine.append(time.perf_counter() - started)
+        except BaseException as err:  # re-raised below: a failed read must not leave a flattering sample
+            barrier.abort()
+            errors.append(err)
+        with lock:
+            times.extend(mine)
+
+    workers = [threading.Thread(target=reader, args=(t, reads // threads + (t < reads % threads)))
+               for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return times
 
 
 def freshness(cfg: PlatformConfig, store, ids: dict, events: int) -> dict:
@@ -108,18 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--reads", type=int, default=1000, help="timed reads per path through the client")
     parser.add_argument("--feast-reads", type=int, default=200, help="timed reads through Feast's SDK")
+    parser.add_argument("--concurrency", type=int, default=16, help="readers sharing one client, the second run")
     parser.add_argument("--fresh-events", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep the temp lake")
     args = parser.parse_args(argv)
 
     from features.job import FeatureJob
+    from features.online import OnlineFeatureClient
     from features.repo import apply_definitions
     from tests.redis_server import RedisServer
 
     root = Path(tempfile.mkdtemp(prefix="bench-features-"))
     given = sys.argv[1:] if argv is None else argv
     results: dict = {"command": " ".join(["python -m bench.features", *given]), "events": args.events,
-                     "items_per_read": args.items, "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+                     "items_per_read": args.items, "concurrency": args.concurrency,
+                     "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     try:
         cfg, results["setup"] = build_lake(root, args.events)
         events = DeltaTable(cfg.lake.events)
@@ -149,15 +170,22 @@ def main(argv: list[str] | None = None) -> int:
                 t = time.perf_counter()
                 job.materialize(report, store)
                 results[f"materialize_s_{name}"] = round(time.perf_counter() - t, 2)
-                latency = read_latency(backend, store, ids, args.items, args.reads, args.feast_reads)
-                results[f"client_p50_ms_{name}"], results[f"client_p99_ms_{name}"] = latency["client"]
-                results[f"feast_p50_ms_{name}"], results[f"feast_p99_ms_{name}"] = latency["feast"]
+                clients = {"client": (OnlineFeatureClient(backend, store=store), args.reads),
+                           "feast": (OnlineFeatureClient(backend, fast=False, store=store), args.feast_reads)}
+                for path, (client, reads) in clients.items():
+                    for threads, suffix in ((1, ""), (args.concurrency, f"_c{args.concurrency}")):
+                        times = read_latency(client, ids, args.items, reads, threads)
+                        p50_p99 = percentiles(times)
+                        results[f"{path}_p50_ms{suffix}_{name}"], results[f"{path}_p99_ms{suffix}_{name}"] = p50_p99
+                        results[f"{path}_reads{suffix}_{name}"] = len(times)
                 fresh = freshness(backend, store, ids, args.fresh_events)
                 results[f"freshness_p50_ms_{name}"], results[f"freshness_p99_ms_{name}"] = fresh["p50_p99_ms"]
                 results[f"realtime_bootstrap_s_{name}"] = fresh["bootstrap_s"]
         results["freshness_p99_ms"] = max(results["freshness_p99_ms_sqlite"], results["freshness_p99_ms_redis"])
-        results["client_vs_feast_speedup_sqlite"] = round(results["feast_p99_ms_sqlite"]
-                                                          / results["client_p99_ms_sqlite"], 1)
+        for name in ("sqlite", "redis"):
+            for suffix in ("", f"_c{args.concurrency}"):
+                results[f"client_vs_feast_speedup{suffix}_{name}"] = round(
+                    results[f"feast_p99_ms{suffix}_{name}"] / results[f"client_p99_ms{suffix}_{name}"], 1)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -171,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(r: dict) -> None:
     print(f"\nfeatures benchmark: {r['events']:,} events, 1 user + {r['items_per_read']} items per read")
     print(f"machine: {r['machine']}")
-    print(f"{'online read (ms)':<34}{'p50':>10}{'p99':>10}")
+    print(f"{'online read (ms)':<46}{'p50':>10}{'p99':>10}")
+    c = f"_c{r['concurrency']}"
     for store in ("sqlite", "redis"):
         for path, label in (("feast", "Feast get_online_features"), ("client", "serving client (fast path)")):
-            print(f"  {store:<7}{label:<27}{r[f'{path}_p50_ms_{store}']:>10.2f}{r[f'{path}_p99_ms_{store}']:>10.2f}")
+            for suffix, readers in (("", "1 reader"), (c, f"{r['concurrency']} readers")):
+                print(f"  {store:<7}{label:<27}{readers:<12}{r[f'{path}_p50_ms{suffix}_{store}']:>10.2f}"
+                      f"{r[f'{path}_p99_ms{suffix}_{store}']:>10.2f}")
     for store in ("sqlite", "redis"):
         print(f"  {store:<7}{'freshness (event -> visible)':<27}{r[f'freshness_p50_ms_{store}']:>10.2f}"
               f"{r[f'freshness_p99_ms_{store}']:>10.2f}")

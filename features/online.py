@@ -98,22 +98,34 @@ class OnlineFeatureClient:
         """(view, entity, features, ids) -> per request, per id, the values (None: entity missing); serialized
         on the fast path, Python values through Feast: `_decode` and `PackedDoubles` take either."""
         if self._reader is None:
-            return [self._read_feast(view, entity, features, ids) for view, entity, features, ids in requests]
+            return self._read_feast(requests)
         raw = self._reader.read([(view, features, [self._keys[entity].key(int(i)) for i in ids])
                                  for view, entity, features, ids in requests])
         return [[None if all(v is None for v in row) else row for row in rows] for rows in raw]
 
-    def _read_feast(self, view: str, entity: str, features: list[str], ids: list[int]) -> list[list | None]:
-        if not ids:
-            return []
-        key = ENTITY_KEYS[entity]
-        try:
-            got = self.store.get_online_features(features=[f"{view}:{f}" for f in features],
-                                                 entity_rows=[{key: int(i)} for i in ids]).to_dict()
-        except Exception as err:  # any failure of the store is the same signal to serving
-            raise FeatureStoreUnavailable(f"Feast online read failed: {err}") from err
-        rows = list(zip(*(got[f] for f in features)))
-        return [None if all(v is None for v in row) else list(row) for row in rows]
+    def _read_feast(self, requests: list[tuple[str, str, list[str], list[int]]]) -> list[list[list | None]]:
+        """Feast's path with its calls combined where Feast allows it without waste (the fair baseline): the
+        requests for the same entities share one `get_online_features` call (the user's stats and sequence: one
+        call; the candidates: one; their authors: one). Putting the user's id on every candidate row would make
+        it one call fewer, but Feast then returns the user's sequence once per candidate: 2x slower here."""
+        calls: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for n, (_, entity, _, ids) in enumerate(requests):
+            if ids:
+                calls.setdefault((entity, tuple(ids)), []).append(n)
+        out: list[list[list | None]] = [[] for _ in requests]
+        for (entity, ids), members in calls.items():
+            names = [f"{requests[n][0]}:{f}" for n in members for f in requests[n][2]]
+            try:
+                got = self.store.get_online_features(features=names, entity_rows=[{ENTITY_KEYS[entity]: int(i)}
+                                                                                  for i in ids],
+                                                     full_feature_names=True).to_dict()
+            except Exception as err:  # any failure of the store is the same signal to serving
+                raise FeatureStoreUnavailable(f"Feast online read failed: {err}") from err
+            for n in members:
+                view, _, features, _ = requests[n]
+                out[n] = [None if all(v is None for v in row) else list(row)
+                          for row in zip(*(got[f"{view}__{f}"] for f in features))]
+        return out
 
     def _stats(self, rows: list[list | None]) -> tuple[np.ndarray, np.ndarray]:
         return self._packed.matrix([row[0] if row else None for row in rows], self.empty_stats)

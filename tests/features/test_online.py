@@ -50,6 +50,21 @@ def test_fast_path_returns_exactly_what_feast_returns(online, feature_lake):
         assert got.author_stats[i].shape == got.item_stats[i].shape
 
 
+def test_concurrent_readers_of_one_client_get_what_a_lone_reader_gets(online):
+    """Serving's thread pool shares one client: 8 threads reading at once (SQLite: a connection each) get the
+    same answers as the reads made one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, store = online
+    client = OnlineFeatureClient(cfg, store=store)
+    asks = [(user, [*range(user, user + 40), 999]) for user in (1, 2, 3, 5, 7, 11, 999) * 4]
+    alone = [client.get(user, items) for user, items in asks]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda ask: client.get(*ask), asks))
+    for a, b in zip(alone, together):
+        assert_same(a, b)
+
+
 def test_unknown_entities_get_defaults_flagged_missing(online):
     cfg, store = online
     got = OnlineFeatureClient(cfg, store=store).get(123456, [1, 654321])
