@@ -67,13 +67,13 @@ def test_kill_at_random_points_then_rerun(tmp_path):
     duration = min(durations)
     rng = random.Random(11)
     kills = 0
-    for trial in range(6):
+    for trial in range(4):  # a smoke run of the idea: `python -m bench.crash --trials 20` is the full trial
         lake = f"lake{trial}"
         if run_ingest(overrides(lake), kill_after=rng.uniform(0.15, 0.85) * duration) is None:
             kills += 1
         assert run_ingest(overrides(lake)) == 0
         assert_exactly_once(tmp_path, overrides(lake), valid_ids, total)
-    assert kills >= 5, f"only {kills} of 6 runs were killed before finishing"
+    assert kills >= 3, f"only {kills} of 4 runs were killed before finishing"
     # A further run finds nothing to do and changes nothing.
     assert run_ingest(overrides("lake0")) == 0
     assert_exactly_once(tmp_path, overrides("lake0"), valid_ids, total)
