@@ -1,8 +1,9 @@
 """Next-item retrieval training for HSTU and the SASRec baseline (MODELS.md §1, public protocol).
 
 Multi-epoch training over the leave-one-out training sequences (`training.retrieval.data`): every
-position predicts the next item, by default with a softmax over the whole catalogue (cosine / temperature
-0.05; sampled softmaxes remain as options, `training.retrieval.losses`), in the shared epoch loop
+position predicts the next item, by default with a softmax over the whole catalogue (scored by the model's
+similarity: dot product or cosine / temperature 0.05; sampled softmaxes remain as options,
+`training.retrieval.losses`), in the shared epoch loop
 (`training.retrieval.loop`: Adam, validation HR@10 with NDCG@10 breaking ties picks the best epoch, early
 stopping); that epoch's weights are tested on the last item with full-catalogue ranking. Plain PyTorch,
 deterministic by seed for a fixed thread count on the CPU.
@@ -101,7 +102,8 @@ def _tensors(data: SequenceBatch, rows: np.ndarray,
 @torch.no_grad()
 def score_next_items(model: SequentialRetriever, items: torch.Tensor, times: torch.Tensor,
                      lengths: torch.Tensor) -> torch.Tensor:
-    """Cosine scores [B, num_items + 1] of every item as the next one, read at the last history token.
+    """Scores [B, num_items + 1] of every item as the next one (the model's similarity), read at the last
+    history token.
 
     Position `lengths - 1` is the target slot (`SequenceBatch`): it only lends its time to the token
     before it (as that token's query time), and causal attention keeps its item id out of the state.

@@ -111,7 +111,9 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
                         g.d_model, g.sid_method, g.item_source)
     if g.history_item_embeddings:
         if table is not None and table.shape[1] == g.d_model:
-            model.init_from_item_table(table)
+            # Unit rows, as the tokeniser saw them: the code embeddings start at its centroids, so the residual
+            # is taken at their scale whatever the dense model's similarity (a dot table's norms are not 1).
+            model.init_from_item_table(torch.nn.functional.normalize(table, dim=1))
         else:
             log.warning("history item embeddings start at zero: no %d-wide dense item table to start from", g.d_model)
     train_cfg = RetrieverTrainConfig(batch_size=g.batch_size, lr=g.lr, max_epochs=g.max_epochs, patience=g.patience,
