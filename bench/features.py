@@ -66,15 +66,19 @@ def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1) 
     """Seconds per `client.get` of 1 user + `n_items` random candidates: `reads` timed reads in all, spread over
     `threads` threads that share one client (as a serving replica's thread pool does) and start together,
     after 10 untimed warm-up reads per thread (connections, registry, first-use imports)."""
+    import itertools
     import threading
 
-    barrier, times, errors, lock = threading.Barrier(threads), [], [], threading.Lock()
+    from tests.threads import run_together
 
-    def reader(seed: int, n: int) -> None:
-        rng = np.random.default_rng(seed)
-        mine = []
+    barrier, times, lock, numbers = threading.Barrier(threads), [], threading.Lock(), itertools.count()
+
+    def reader() -> None:
+        with lock:
+            seed = next(numbers)
+        rng, mine = np.random.default_rng(seed), []
         try:
-            for i in range(n + 10):
+            for i in range(reads // threads + (seed < reads % threads) + 10):
                 if i == 10:
                     barrier.wait()
                 user = int(rng.choice(ids["users"]))
@@ -83,20 +87,13 @@ def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1) 
                 client.get(user, items)
                 if i >= 10:
                     mine.append(time.perf_counter() - started)
-        except BaseException as err:  # re-raised below: a failed read must not leave a flattering sample
-            barrier.abort()
-            errors.append(err)
+        except BaseException:
+            barrier.abort()  # the others stop waiting; run_together re-raises this failure
+            raise
         with lock:
             times.extend(mine)
 
-    workers = [threading.Thread(target=reader, args=(t, reads // threads + (t < reads % threads)))
-               for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
+    run_together(reader, threads)
     return times
 
 
