@@ -26,8 +26,8 @@
 
 from __future__ import annotations
 
+import heapq
 import io
-import itertools
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -73,10 +73,11 @@ class SampleStream:
             raise ValueError(f"{path}: a file has no {SAMPLE_NO} statistics in the Delta log; rebuild the samples "
                              "with ray_jobs.samples")
         order = sorted(range(len(lo)), key=lambda i: lo[i])
-        for a, b in itertools.pairwise(order):
-            if hi[a] >= lo[b]:
-                raise ValueError(f"{path}: files overlap in {SAMPLE_NO} ({adds['path'][a]}, {adds['path'][b]}); "
-                                 "rebuild the samples (they must be written in time order)")
+        # Files may overlap in sample_no (delta-rs can write one partition's rows to two files at once); the
+        # reader merges them. What must hold is that the rows are exactly 0..N-1, each once.
+        if order and (lo[order[0]] != 0 or max(hi) + 1 != sum(rows)):
+            raise ValueError(f"{path}: {SAMPLE_NO} runs {min(lo)}..{max(hi)} over {int(sum(rows))} rows, not 0..N-1 "
+                             "each once; rebuild the samples with ray_jobs.samples")
         kept = [i for i in order if max_requests is None or lo[i] < max_requests]
         root = table.table_uri.rstrip("/")
         total = int(sum(rows))
@@ -189,19 +190,19 @@ class PredictionLog:
 class _RangeReader:
     """Reads rising `sample_no` ranges of a stream's files, decoding each Parquet row group at most once.
 
-    Files never overlap (SampleStream.open checks), but rows inside a file need not be in order: delta-rs may
-    write a later chunk of the builder's stream before an earlier one, so a row group can hold the end of one
-    chunk and the start of the next. Row groups are therefore taken by their `sample_no` statistics: every
-    group that may hold rows below a range's end is decoded (sorted) into a pool, the range is cut from each
-    pooled group, and a group leaves the pool once a range passes its last row. Groups and files that end
-    before a range are skipped unread."""
+    Neither files nor the rows inside a file need be in order: delta-rs may write a later chunk of the builder's
+    stream before an earlier one, and may write one partition's rows to two files at once, so a row group can
+    hold the end of one chunk and the start of the next, and two files can cover the same span. Row groups are
+    therefore taken by their `sample_no` statistics, across every file that may hold rows below a range's end:
+    each such group is decoded (sorted) into a pool, the range is cut from each pooled group, and a group leaves
+    the pool once a range passes its last row. Groups and files that end before a range are skipped unread."""
 
     def __init__(self, stream: SampleStream, columns: list[str]):
-        self.files = deque(zip(stream.files, stream.first, stream.last, strict=True))
+        self.files = deque(zip(stream.files, stream.first, stream.last, strict=True))  # unopened, by first row
         self.columns = columns
         self.fs = filesystem(stream.files[0])[0] if stream.files else None
-        self.groups: deque[tuple[int, int, int]] = deque()  # (min, max, index) of the open file's unread groups
-        self.path, self.parquet = "", None
+        self.groups: list[tuple[int, int, int, int]] = []  # heap of unread groups: (min, max, file, group index)
+        self.opened: list[tuple[str, pq.ParquetFile]] = []
         self.pool: list[tuple[np.ndarray, pa.Table]] = []  # decoded groups' rows not handed out yet, each sorted
 
     def read(self, lo: int, hi: int) -> pa.Table:
@@ -218,29 +219,26 @@ class _RangeReader:
         if not parts:
             return pa.table({SAMPLE_NO: pa.array([], pa.int64())})
         out = pa.concat_tables(parts, promote_options="default").combine_chunks()
-        return _in_order(out, f"{self.path} (rows {lo}..{hi - 1})")
+        return _in_order(out, f"{self.opened[-1][0]} (rows {lo}..{hi - 1})")
 
     def _decode_below(self, lo: int, hi: int) -> None:
         """Decode into the pool every unread row group that may hold rows in [lo, hi)."""
-        while True:
-            if not self.groups:
-                if not self.files or self.files[0][1] >= hi:
-                    return
-                self.path, first, last = self.files.popleft()
-                if last < lo:
-                    continue
-                self.parquet = pq.ParquetFile(self.fs.open_input_file(filesystem(self.path)[1]))
-                self.groups = deque(sorted(_group_bounds(self.parquet, first, last)))
+        while self.files and self.files[0][1] < hi:  # open every file that may hold rows below hi
+            path, first, last = self.files.popleft()
+            if last < lo:
                 continue
-            low, top, group = self.groups[0]
-            if low >= hi:  # later groups and files start later still
-                return
-            self.groups.popleft()
+            parquet = pq.ParquetFile(self.fs.open_input_file(filesystem(path)[1]))
+            self.opened.append((path, parquet))
+            for low, top, group in _group_bounds(parquet, first, last):
+                heapq.heappush(self.groups, (low, top, len(self.opened) - 1, group))
+        while self.groups and self.groups[0][0] < hi:  # later groups start later still
+            _, top, file, group = heapq.heappop(self.groups)
             if top < lo:
                 continue
-            names = self.parquet.schema_arrow.names
+            path, parquet = self.opened[file]
+            names = parquet.schema_arrow.names
             wanted = [SAMPLE_NO, *(c for c in self.columns if c in names and c != SAMPLE_NO)]  # older tables lack
-            table = _in_order(self.parquet.read_row_group(group, columns=wanted), f"{self.path} group {group}")
+            table = _in_order(parquet.read_row_group(group, columns=wanted), f"{path} group {group}")
             nos = table[SAMPLE_NO].to_numpy()
             start = np.searchsorted(nos, lo)  # rows below `lo` belong to earlier ranges (other workers, or trained)
             if start < len(nos):

@@ -36,10 +36,25 @@ def test_files_come_in_sample_order_and_max_requests_limits(tmp_path):
     assert limited.num_samples == 12 and len(limited.files) == 2 and limited.rows_in_files == 20
 
 
-def test_overlapping_files_are_refused(tmp_path):
-    write_samples(tmp_path / "s", [range(0, 10), range(5, 15)])
-    with pytest.raises(ValueError, match="overlap"):
-        SampleStream.open(str(tmp_path / "s"))
+def test_rows_that_are_not_0_to_n_each_once_are_refused(tmp_path):
+    write_samples(tmp_path / "dup", [range(0, 10), range(5, 15)])
+    with pytest.raises(ValueError, match=r"0\.\.14 over 20 rows, not 0\.\.N-1 each once"):
+        SampleStream.open(str(tmp_path / "dup"))
+    write_samples(tmp_path / "late", [range(3, 10)])
+    with pytest.raises(ValueError, match="not 0..N-1"):
+        SampleStream.open(str(tmp_path / "late"))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_files_that_overlap_in_sample_no_are_merged(tmp_path, world):
+    """delta-rs can write one partition's rows to two files at once: the files' ranges then overlap (2M-event
+    simulator: 104,524..172,287 and 140,000..196,383)."""
+    write_samples(tmp_path / "s", [[*range(0, 30), *range(50, 60)], range(30, 50), range(60, 70)], row_group_rows=8)
+    stream, rows, b = SampleStream.open(str(tmp_path / "s")), plain_read(tmp_path / "s"), 6
+    assert stream.num_samples == 70
+    for r in range(world):
+        got = [t.select(rows.column_names).to_pylist() for t in stream.shard(["user_id", "ts"], b, r, world)]
+        assert got == [rows.slice(i * b, b).to_pylist() for i in range(r, -(-70 // b), world)]
 
 
 def test_a_table_without_builder_metadata_is_refused(tmp_path):
@@ -102,7 +117,8 @@ def test_rows_out_of_order_inside_a_file_come_out_in_order(tmp_path):
 
 
 def test_a_sample_written_twice_is_refused(tmp_path):
-    write_samples(tmp_path / "s", [[0, 2, 1, 2, 3]])
+    # five rows that end at 4 pass the count check; 1 is missing and 2 is there twice
+    write_samples(tmp_path / "s", [[0, 2, 4, 2, 3]])
     with pytest.raises(ValueError, match="appears twice"):
         list(SampleStream.open(str(tmp_path / "s")).shard(["user_id"], 2, rank=0, world=1))
 
