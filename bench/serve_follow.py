@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/demo", help="folder with lake/ and feast/ (make demo writes it)")
     parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--job-log", help="also keep the ingest job's log here (its per-batch phase times)")
     args = parser.parse_args(argv)
     from bench.serve import lake_facts
 
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         got = follow_freshness(root, work, facts["items"], facts["users"], args.files)
     finally:
+        if args.job_log and (work / "ingest.log").exists():
+            shutil.copy(work / "ingest.log", args.job_log)
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(got, indent=1))
     return 0

@@ -94,7 +94,9 @@ class IngestConfig(Section):
     landing_dir: str = "data/landing"
     file_patterns: list[str] = Field(default_factory=lambda: ["*.jsonl", "*.jsonl.gz"])
     max_batch_bytes: int = Field(256 << 20, description="landing bytes per ingestion batch")
-    poll_interval_s: float = 1.0
+    # A file waits up to one interval before --follow sees it (issue 18: landing -> online p99 within 2 s); an idle
+    # poll lists the landing folder and checks the batches table's version (~2 ms here, a LIST or two on S3).
+    poll_interval_s: float = Field(0.5, gt=0, description="--follow: seconds between looks at the landing folder")
     min_event_time: str = "2000-01-01T00:00:00Z"
     max_future_s: int = Field(300, ge=0, description="event times further ahead of the clock are quarantined")
     # Caps on one landing file: a file over either is quarantined (the lines read before the decompressed cap
@@ -238,6 +240,13 @@ class TrainingConfig(Section):
     num_heads: int = Field(2, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     max_hist_len: int = Field(128, ge=1, description="newest history events a model sees")
+    sequence_side_features: bool = Field(True, description=(
+        "hstu / genrank candidate tokens also carry what dlrm and zenith see: the user id and windowed stats, hour "
+        "of day, history length and recency, the candidate's share of the history (models/heads.py RankerConfig); "
+        "false: the history and the candidate's stats only"))
+    sequence_head_dense: bool = Field(False, description=(
+        "hstu / genrank task heads also read the candidate's stats and the side features beside the candidate "
+        "state (models/heads.py RankerConfig.head_dense)"))
     position_bias_slots: int = Field(0, ge=0, description=(
         "learn a logit offset per display slot and task next to the ranker (models/position.py; kept out of the "
         "artifact); live-stream samples only, their candidates are in display order; 0 = off"))

@@ -109,6 +109,9 @@ class BatchReport:
     failed_expectations: list[str] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per step, for tuning
+    # The rows this batch committed to `events` (None for a batch recovered from an earlier run): what --follow
+    # pushes to the online store without reading them back from the lake.
+    events: pa.Table | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -157,6 +160,7 @@ class IngestJob:
         self.batches = open_or_create(self.cfg.lake.ingest_batches, BATCHES_SCHEMA, None, opts)
         self.gate = ExpectationGate(self.cfg.lake.gx_root, self.cfg.ingest)
         self.key_index = EventKeyIndex(self.events)
+        self._known_plans: tuple[int, list[BatchPlan]] | None = None  # (batches table version, its plans)
         self._opened = True
 
     # -- attempts -------------------------------------------------------------------------
@@ -168,9 +172,15 @@ class IngestJob:
 
     # -- planning ---------------------------------------------------------------------------
     def _plans(self) -> list[BatchPlan]:
+        """Every recorded batch plan. The table is read again only when its version moved past what this job
+        knows (a --follow job polls every fraction of a second, and the table grows by a file per batch)."""
         self.batches.update_incremental()
-        rows = self.batches.to_pyarrow_table().sort_by("batch").to_pylist()
-        return [BatchPlan(r["batch"], [tuple(f) for f in json.loads(r["files"])], r["now_ms"]) for r in rows]
+        version = self.batches.version()
+        if self._known_plans is None or self._known_plans[0] != version:
+            rows = self.batches.to_pyarrow_table().sort_by("batch").to_pylist()
+            self._known_plans = (version, [BatchPlan(r["batch"], [tuple(f) for f in json.loads(r["files"])],
+                                                     r["now_ms"]) for r in rows])
+        return list(self._known_plans[1])
 
     def pending_files(self, plans: list[BatchPlan]) -> list[tuple[str, int]]:
         """Landing files that no batch plan names yet, in name order."""
@@ -195,10 +205,15 @@ class IngestJob:
         plan = BatchPlan(batch_no, chosen, int(time.time() * 1000))
         row = pa.table({"batch": [batch_no], "files": [json.dumps(chosen)], "now_ms": [plan.now_ms],
                         "planned_at": pa.array([plan.now_ms * 1000], TS_TYPE)}, schema=BATCHES_SCHEMA)
+        known = self._known_plans
         if not append_once(self.batches, row, BATCHES_SCHEMA, batch_no):
             # Running our plan now would read other files than the recorded one under the same number.
             raise PlanConflictError(f"batch {batch_no} was planned by another writer while this run held the "
                                     "lease: two ingestion runs are working on one lake; this run stops")
+        self.batches.update_incremental()
+        # Our own commit, right after the version we had read: the known plans plus this one (else: read again).
+        self._known_plans = ((self.batches.version(), [*known[1], plan])
+                             if known is not None and self.batches.version() == known[0] + 1 else None)
         return plan
 
     # -- one batch --------------------------------------------------------------------------
@@ -264,8 +279,8 @@ class IngestJob:
             valid, keys = valid.slice(0, 0), keys[:0]
         self.gate.start_docs()
         lap("expectations", "commit_events")
-        append_once(self.events, self._to_events(valid, plan.batch_no), EVENTS_SCHEMA, plan.batch_no,
-                    EVENTS_PARTITION_BY)
+        events = self._to_events(valid, plan.batch_no)
+        append_once(self.events, events, EVENTS_SCHEMA, plan.batch_no, EVENTS_PARTITION_BY)
         self.key_index.committed(keys, plan.batch_no)  # also when an earlier try committed them
         lap("write_events", "commit_quarantine")
         append_once(self.quarantine, self._to_quarantine(rejects, plan), QUARANTINE_SCHEMA, plan.batch_no)
@@ -275,7 +290,7 @@ class IngestJob:
             key = r.split(":", 1)[0] if r.startswith(_DETAILED_REASONS) else r
             reasons[key] = reasons.get(key, 0) + 1
         return BatchReport(plan.batch_no, len(plan.files), lines, valid.num_rows, rejects.num_rows, reasons,
-                           gate.failed, sum(phases.values()), phases)
+                           gate.failed, sum(phases.values()), phases, events)
 
     def _as_rejects(self, rows: pa.Table, reason: str) -> pa.Table:
         """Valid rows -> `REJECT_FILE_SCHEMA` rows with their original bytes and `reason`."""
@@ -330,9 +345,10 @@ class IngestJob:
         with self.lease:
             return self._run_pending()
 
-    def _run_pending(self, on_batch=None) -> RunReport:
+    def _run_pending(self, on_batch=None, await_docs: bool = True) -> RunReport:
         """Ingest the pending files; `on_batch(batch)` runs as soon as each batch is committed, before the Data
-        Docs of the run are awaited (a follower pushing features must not wait for HTML rendering)."""
+        Docs of the run are awaited (a follower pushing features must not wait for HTML rendering). Without
+        `await_docs` the rendering may go on after the return (the gate's next validation waits for it)."""
         self._open_lake()
         report = RunReport()
         redone = self.recover()
@@ -354,7 +370,7 @@ class IngestJob:
             taken = {name for name, _ in plan.files}
             pending = [f for f in pending if f[0] not in taken]
             next_no += 1
-        if report.batches:
+        if report.batches and await_docs:
             log.info("phase docs")
             report.docs_path = self.gate.finish_docs()
         return report
@@ -371,10 +387,12 @@ class IngestJob:
             try:
                 while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                     self.lease.renew()
-                    step = self._run_pending(on_batch)
-                    report.batches += step.batches
-                    report.docs_path = step.docs_path
+                    # Data Docs render while the loop sleeps: a file landing meanwhile waits for the rest of the
+                    # render only if it arrives before the render ends, not for a whole render plus a poll.
+                    report.batches += self._run_pending(on_batch, await_docs=False).batches
                     stop.wait(self.cfg.ingest.poll_interval_s)
             except KeyboardInterrupt:
                 log.info("follow mode stopped")
+            if report.batches:
+                report.docs_path = self.gate.finish_docs()
         return report

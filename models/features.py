@@ -101,6 +101,40 @@ class CandidateFeatures:
         return out
 
 
+def hour_of_day(request_ts: torch.Tensor, num_hours: int = 24) -> torch.Tensor:
+    """(request_ts // 3600) % num_hours: the hour embedding's index (see the module's choice on the epoch)."""
+    return torch.div(request_ts, 3600, rounding_mode="floor") % num_hours
+
+
+def request_recency(inputs: RankingInputs, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, 2]: log1p(history length), log1p(seconds since the last history event) (0 without a history)."""
+    hmask = inputs.history_mask()
+    n_hist = inputs.hist_lengths.clamp(min=0).to(dtype)
+    last_ts = torch.where(hmask, inputs.hist_ts, torch.zeros_like(inputs.hist_ts)).max(1).values
+    gap = (inputs.request_ts - last_ts).clamp(min=0).to(dtype)
+    gap = torch.where(n_hist > 0, gap, torch.zeros_like(gap))  # no history: no recency signal
+    return torch.stack([torch.log1p(n_hist), torch.log1p(gap)], -1)
+
+
+def history_affinity(hist_items: torch.Tensor, hist_authors: torch.Tensor, hist_mask: torch.Tensor,
+                     cand_items: torch.Tensor, cand_authors: torch.Tensor) -> torch.Tensor:
+    """[..., 2]: the share of the history on the candidate's item and on its author.
+
+    The history tensors are [..., L] and broadcast against the candidates' [...] (one row per candidate, or
+    [B, 1, L] against [B, C]). The one cross feature we hand-build: "has this user engaged with this very item /
+    author before" is the strongest live-stream signal and costs one comparison per event.
+
+    >>> h = torch.tensor([[1, 2, 2, 0]])
+    >>> history_affinity(h, h, h > 0, torch.tensor([2]), torch.tensor([5])).tolist()
+    [[0.6666666865348816, 0.0]]
+    """
+    hm = hist_mask.to(torch.float32)
+    denom = hm.sum(-1).clamp(min=1.0)
+    same_item = ((hist_items == cand_items[..., None]).to(hm.dtype) * hm).sum(-1) / denom
+    same_author = ((hist_authors == cand_authors[..., None]).to(hm.dtype) * hm).sum(-1) / denom
+    return torch.stack([same_item, same_author], -1)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over dim 1 of x [B, L, E] where mask [B, L] is True; 0 for an empty history."""
     m = mask.to(x.dtype)[..., None]
@@ -152,22 +186,13 @@ class FeatureEmbedder(nn.Module):
             ],
             dim=-1,
         )
-        n_hist = inputs.hist_lengths.clamp(min=0).to(history.dtype)
-        user_stats = torch.cat([inputs.user_dense.to(history.dtype), torch.log1p(n_hist)[:, None]], -1)
-        last_ts = torch.where(hmask, inputs.hist_ts, torch.zeros_like(inputs.hist_ts)).max(1).values
-        gap = (inputs.request_ts - last_ts).clamp(min=0).to(history.dtype)
-        gap = torch.where(n_hist > 0, gap, torch.zeros_like(gap))  # no history: no recency signal
-        hour = torch.div(inputs.request_ts, 3600, rounding_mode="floor") % s.num_hours
-        context = torch.cat([self.hour_emb(hour), torch.log1p(gap)[:, None]], -1)
+        recency = request_recency(inputs, history.dtype)  # log1p(history length), log1p(gap)
+        user_stats = torch.cat([inputs.user_dense.to(history.dtype), recency[:, :1]], -1)
+        context = torch.cat([self.hour_emb(hour_of_day(inputs.request_ts, s.num_hours)), recency[:, 1:]], -1)
 
         cand_items = fold_ids(inputs.cand_item_ids[req, cand], s.num_items)
         cand_authors = fold_ids(inputs.cand_author_ids[req, cand], s.num_authors)
-        # Affinity is the one cross feature we hand-build: "has this user engaged with this very item /
-        # author before" is the strongest live-stream signal and costs one comparison per event.
-        hm = hmask[req].to(history.dtype)  # [N, L]
-        denom = hm.sum(1).clamp(min=1.0)
-        same_item = ((hist_items[req] == cand_items[:, None]).to(hm.dtype) * hm).sum(1) / denom
-        same_author = ((hist_authors[req] == cand_authors[:, None]).to(hm.dtype) * hm).sum(1) / denom
+        affinity = history_affinity(hist_items[req], hist_authors[req], hmask[req], cand_items, cand_authors)
 
         groups = {
             "user": self.user_emb(fold_ids(inputs.user_ids, s.num_users))[req],
@@ -177,7 +202,7 @@ class FeatureEmbedder(nn.Module):
             "item_stats": inputs.cand_dense[req, cand].to(history.dtype),
             "user_stats": user_stats[req],
             "context": context[req],
-            "affinity": torch.stack([same_item, same_author], -1),
+            "affinity": affinity.to(history.dtype),
         }
         return CandidateFeatures(groups, index, (inputs.batch_size, int(cmask.shape[1])))
 

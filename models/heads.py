@@ -26,8 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.features import fold_ids, history_affinity, hour_of_day, request_recency
 from models.hstu import HSTUConfig, HSTUEncoder, Tokens, append_candidates
 from models.inputs import RankingInputs
+
+NUM_HOURS = 24
 
 
 @dataclass
@@ -47,6 +50,17 @@ class RankerConfig:
     variant: str = "research"  # HSTU block form, see models/hstu.py
     head_hidden: int = 64
     head_item_product: bool = True  # heads also see state ⊙ candidate item embedding
+    # What DLRM and Zenith see beyond the history and the candidate's stats, added to every candidate token
+    # (`SequenceRanker._request_side`): the user id (num_users > 0), the user's windowed stats (user_dense_dim > 0),
+    # and with request_context the hour of day, log1p(history length), log1p(seconds since the last event)
+    # and the candidate's share of the history on its item / author. Defaults: history + candidate stats only.
+    num_users: int = 0
+    user_dense_dim: int = 0
+    request_context: bool = False
+    # The heads also read the candidate's dense features (its stats and the side features above), layer-normalised,
+    # beside the state: the candidate token sums every feature into d dimensions, while DLRM's cross network gets
+    # them side by side (MTGR keeps such a cross-feature path next to its HSTU backbone).
+    head_dense: bool = False
 
     def encoder_config(self, max_len: int, relative_bias: str = "auto") -> HSTUConfig:
         return HSTUConfig(d_model=self.d_model, num_blocks=self.num_blocks, num_heads=self.num_heads,
@@ -71,20 +85,24 @@ class TaskHeads(nn.Module):
     With an item embedding the input is [LN(s), LN(s) ⊙ e]: a cheap explicit user-item interaction.
     """
 
-    def __init__(self, d_model: int, num_tasks: int, hidden: int = 64, item_product: bool = True):
+    def __init__(self, d_model: int, num_tasks: int, hidden: int = 64, item_product: bool = True, dense_dim: int = 0):
         super().__init__()
         self.item_product = item_product
-        d_in = 2 * d_model if item_product else d_model
+        d_in = (2 * d_model if item_product else d_model) + dense_dim
         self.norm = nn.LayerNorm(d_model)
+        self.dense_norm = nn.LayerNorm(dense_dim) if dense_dim else None
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), nn.Linear(hidden, 1)) for _ in range(num_tasks)
         )
 
-    def forward(self, state: torch.Tensor, item_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """state, item_emb [B, C, d] -> logits [B, C, T]."""
+    def forward(self, state: torch.Tensor, item_emb: torch.Tensor | None = None,
+                dense: torch.Tensor | None = None) -> torch.Tensor:
+        """state, item_emb [B, C, d] (and dense [B, C, dense_dim] when built with one) -> logits [B, C, T]."""
         s = self.norm(state)
         if self.item_product:
             s = torch.cat([s, s * item_emb], dim=-1)
+        if self.dense_norm is not None:
+            s = torch.cat([s, self.dense_norm(dense.to(s.dtype))], dim=-1)
         return torch.cat([mlp(s) for mlp in self.mlps], dim=-1)
 
     @torch.no_grad()
@@ -139,10 +157,24 @@ class SequenceRanker(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.items = ItemEmbedding(cfg.num_items, cfg.num_authors, cfg.d_model)
-        self.heads = TaskHeads(cfg.d_model, cfg.num_tasks, cfg.head_hidden, cfg.head_item_product)
+        self.side_dim = cfg.user_dense_dim + (4 if cfg.request_context else 0)
+        self.heads = TaskHeads(cfg.d_model, cfg.num_tasks, cfg.head_hidden, cfg.head_item_product,
+                               dense_dim=cfg.cand_dense_dim + self.side_dim if cfg.head_dense else 0)
         # choice: windowed candidate stats enter through a linear map on the candidate token (§3 says
         # they still add AUC); both rankers do it so their comparison stays fair.
         self.dense = nn.Linear(cfg.cand_dense_dim, cfg.d_model) if cfg.cand_dense_dim else None
+        # choice: the request's side features join the candidate tokens (GenRank adds side information to its
+        # tokens), not a leading context token: the history's keys and values (M-FALCON's prefill, serving's
+        # per-user cache) then stay independent of request-time features, and one request's candidates still
+        # share one history pass. Tables init like the item table, scaled by sqrt(d) like it.
+        self.user = (nn.Embedding(cfg.num_users + 1, cfg.d_model, padding_idx=0) if cfg.num_users else None)
+        self.hour = nn.Embedding(NUM_HOURS, cfg.d_model) if cfg.request_context else None
+        self.side_dense = nn.Linear(self.side_dim, cfg.d_model) if self.side_dim else None
+        for table in (self.user, self.hour):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
+                if table.padding_idx is not None:
+                    table.weight.data[table.padding_idx] = 0
         self.drop = nn.Dropout(cfg.dropout)
         self.pos_std = 1.0 / math.sqrt(cfg.d_model)
 
@@ -160,11 +192,48 @@ class SequenceRanker(nn.Module):
         return self.drop(x) * valid[..., None].to(x.dtype)
 
     def _dense(self, inputs: RankingInputs) -> torch.Tensor | float:
-        return self.dense(inputs.cand_dense) if self.dense is not None else 0.0
+        """What a candidate token adds to its item embedding: its stats, then the request's side features."""
+        out = self.dense(inputs.cand_dense) if self.dense is not None else 0.0
+        return out + self._request_side(inputs)
 
-    def head(self, state: torch.Tensor, cand_item_ids: torch.Tensor, cand_author_ids: torch.Tensor) -> torch.Tensor:
-        """Candidate states [B, C, d] -> logits [B, C, T]."""
-        return self.heads(state, self.items(cand_item_ids, cand_author_ids))
+    def _request_side(self, inputs: RankingInputs) -> torch.Tensor | float:
+        """[B, C, d] side features of each candidate (RankerConfig), or 0.0 when the config asks for none."""
+        cfg = self.cfg
+        out: torch.Tensor | float = 0.0
+        if self.user is not None:
+            out = out + self.user(fold_ids(inputs.user_ids, cfg.num_users))[:, None, :] * self.items.scale
+        if self.hour is not None:
+            out = out + self.hour(hour_of_day(inputs.request_ts, NUM_HOURS))[:, None, :] * self.items.scale
+        if self.side_dense is None:
+            return out
+        return out + self.side_dense(self._side_values(inputs).to(self.side_dense.weight.dtype))
+
+    def _side_values(self, inputs: RankingInputs) -> torch.Tensor:
+        """[B, C, side_dim]: the user's stats, log1p(history length), log1p(gap), the history affinity."""
+        cfg, c = self.cfg, inputs.cand_item_ids.shape[1]
+        parts = []
+        if cfg.user_dense_dim:
+            parts.append(inputs.user_dense.float()[:, None, :].expand(-1, c, -1))
+        if cfg.request_context:
+            parts.append(request_recency(inputs)[:, None, :].expand(-1, c, -1))
+            hmask = inputs.history_mask()[:, None, :]
+            parts.append(history_affinity(inputs.hist_item_ids[:, None, :], inputs.hist_author_ids[:, None, :],
+                                          hmask, inputs.cand_item_ids, inputs.cand_author_ids))
+        return torch.cat(parts, -1)
+
+    def head_dense(self, inputs: RankingInputs) -> torch.Tensor | None:
+        """[B, C, F] what the heads read beside the state (RankerConfig.head_dense), or None."""
+        if not self.cfg.head_dense:
+            return None
+        parts = [inputs.cand_dense.float()] if self.cfg.cand_dense_dim else []
+        if self.side_dim:
+            parts.append(self._side_values(inputs))
+        return torch.cat(parts, -1)
+
+    def head(self, state: torch.Tensor, cand_item_ids: torch.Tensor, cand_author_ids: torch.Tensor,
+             dense: torch.Tensor | None = None) -> torch.Tensor:
+        """Candidate states [B, C, d] (and `head_dense` for those candidates) -> logits [B, C, T]."""
+        return self.heads(state, self.items(cand_item_ids, cand_author_ids), dense)
 
     def forward(self, inputs: RankingInputs) -> torch.Tensor:
         hist = self.history_tokens(inputs)
@@ -174,7 +243,7 @@ class SequenceRanker(nn.Module):
                            position_ids=seq.position_ids, timestamps=seq.timestamps,
                            query_times=seq.query_times)
         state = torch.gather(out, 1, cand_index[..., None].expand(-1, -1, out.shape[-1]))
-        return self.head(state, inputs.cand_item_ids, inputs.cand_author_ids)
+        return self.head(state, inputs.cand_item_ids, inputs.cand_author_ids, self.head_dense(inputs))
 
     def loss(self, inputs: RankingInputs, labels: torch.Tensor, task_weights: torch.Tensor | None = None):
         """Multi-task BCE on real candidates only (loss on history positions costs AUC, §1)."""

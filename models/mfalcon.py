@@ -157,6 +157,7 @@ class MFalconScorer:
         dt = (c_qt - hist.timestamps)[:, None, :]
         cross = [enc.layer_bias(i, rel, dt) for i in range(len(enc.blocks))]
 
+        dense = model.head_dense(inputs)
         logits = []
         for s in range(0, cand.x.shape[1], self.micro_batch):
             sl = slice(s, s + self.micro_batch)
@@ -168,7 +169,8 @@ class MFalconScorer:
                 o = candidate_attention(q, k, v, kv[i][0], kv[i][1], hist_mask, cross[i],
                                         enc.layer_bias(i, self_rel, self_dt), block.attn_scale, enc.inv_n)
                 x = block.output(x, u, o.flatten(2))
-            logits.append(model.head(x, inputs.cand_item_ids[:, sl], inputs.cand_author_ids[:, sl]))
+            logits.append(model.head(x, inputs.cand_item_ids[:, sl], inputs.cand_author_ids[:, sl],
+                                     None if dense is None else dense[:, sl]))
         if not logits:
             return cand.x.new_zeros(inputs.batch_size, 0, model.cfg.num_tasks)
         return torch.cat(logits, dim=1)

@@ -6,8 +6,9 @@ whether DDP must look for parameters a step leaves unused, and what loss the mod
 BCE. A new ranker is a module under models/ plus one line here.
 
 dlrm, zenith and zenith++ read the declared feature groups (models/features.py: ids, history mean,
-windowed stats of user, candidate and author, context); hstu and genrank read the history as a
-sequence plus the candidate's stats. All of them see the same rows in the same order, and every
+windowed stats of user, candidate and author, context, affinity); hstu and genrank read the history as a
+sequence, and their candidate tokens carry the candidate's stats plus the same user, context and affinity
+features (`training.sequence_side_features`). All of them see the same rows in the same order, and every
 one starts its task outputs at the base rates training hands it (`init_task_bias`).
 
 >>> from config.schema import TrainingConfig
@@ -72,10 +73,14 @@ def _zenith(preset: Callable[..., ZenithConfig]):
 def _sequence(cls: type[nn.Module]):
     def build(feats: RankingFeatures, t: TrainingConfig):
         per_head = t.d_model // t.num_heads
+        side = t.sequence_side_features
         config = RankerConfig(num_items=feats.num_items, num_actions=feats.num_actions, num_tasks=len(feats.tasks),
                               num_authors=feats.num_authors, cand_dense_dim=feats.item_dense_dim,
                               max_hist_len=feats.max_hist_len, d_model=t.d_model, num_blocks=t.num_blocks,
-                              num_heads=t.num_heads, d_qk=per_head, d_v=per_head, dropout=t.dropout)
+                              num_heads=t.num_heads, d_qk=per_head, d_v=per_head, dropout=t.dropout,
+                              num_users=feats.num_users if side else 0,
+                              user_dense_dim=feats.user_dense_dim if side else 0, request_context=side,
+                              head_dense=t.sequence_head_dense)
         return cls(config), config
     return build
 

@@ -23,7 +23,7 @@ def make(kind: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
     base = dict(num_items=60, num_actions=9, num_tasks=NUM_TASKS, num_authors=20, cand_dense_dim=6,
                 max_hist_len=12, d_model=16, num_blocks=2, num_heads=2, d_qk=8, d_v=8, dropout=0.0,
-                head_hidden=16)
+                head_hidden=16, num_users=50, user_dense_dim=4, request_context=True)
     base.update(kw)
     if kind == "genrank":
         return GenRank(RankerConfig(**base))
@@ -148,7 +148,7 @@ def test_history_states_are_causal(kind):
 
 
 def test_genrank_candidate_token_uses_mask_action_shared_position_and_request_features():
-    model = make("genrank").eval()
+    model = make("genrank", num_users=0, user_dense_dim=0, request_context=False).eval()
     inp = inputs(b=2, c=4)
     hist = model.history_tokens(inp)
     cand = model.candidate_tokens(inp, hist)
@@ -160,6 +160,42 @@ def test_genrank_candidate_token_uses_mask_action_shared_position_and_request_fe
                 + model.request_gap(gap)[:, None] + model.dense(inp.cand_dense))
     expected = expected * inp.candidate_mask()[..., None]
     torch.testing.assert_close(cand.x, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_candidate_tokens_carry_the_user_context_and_affinity_features(kind):
+    """Feature parity with DLRM / Zenith: user id and stats, hour, history length and recency, and the
+    candidate's share of the history on its item / author, one linear map and two tables, per candidate."""
+    model = make(kind).eval()
+    inp = inputs(b=3, c=5, seed=4)
+    inp.cand_item_ids[0, 0] = inp.hist_item_ids[0, 0]  # one candidate the user has seen
+    side = model._request_side(inp)
+    rows = []
+    for b in range(3):
+        n = int(inp.hist_lengths[b])
+        gap = float(inp.request_ts[b] - inp.hist_ts[b, :n].max())
+        for c in range(5):
+            same_item = float((inp.hist_item_ids[b, :n] == inp.cand_item_ids[b, c]).float().mean())
+            same_author = float((inp.hist_author_ids[b, :n] == inp.cand_author_ids[b, c]).float().mean())
+            rows.append([*inp.user_dense[b].tolist(), math.log1p(n), math.log1p(gap), same_item, same_author])
+    dense = torch.tensor(rows).reshape(3, 5, -1)
+    assert dense[0, 0, -2] > 0
+    hour = torch.div(inp.request_ts, 3600, rounding_mode="floor") % 24
+    expected = (model.user(inp.user_ids)[:, None] * model.items.scale + model.hour(hour)[:, None] * model.items.scale
+                + model.side_dense(dense))
+    torch.testing.assert_close(side, expected, atol=1e-5, rtol=1e-5)
+
+    changed = replace(inp, user_dense=inp.user_dense + 1.0, user_ids=inp.user_ids % 49 + 1)
+    assert not torch.allclose(model(inp), model(changed))
+    plain = make(kind, num_users=0, user_dense_dim=0, request_context=False).eval()
+    assert plain._request_side(inp) == 0.0 and plain.head_dense(inp) is None
+    torch.testing.assert_close(plain(inp), plain(changed))
+
+    # head_dense: the heads read [candidate stats, the dense side values] beside the state
+    wide = make(kind, head_dense=True).eval()
+    torch.testing.assert_close(wide.head_dense(inp), torch.cat([inp.cand_dense, dense], -1), atol=1e-5, rtol=1e-5)
+    assert wide.heads.mlps[0][0].in_features == 2 * 16 + 6 + dense.shape[-1]
+    assert not torch.allclose(wide(inp), wide(replace(inp, cand_dense=inp.cand_dense + 1.0)))
 
 
 @pytest.mark.parametrize("kind", ["genrank", "research"])

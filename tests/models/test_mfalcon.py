@@ -21,7 +21,8 @@ KINDS = ["genrank", "research", "production"]
 def make(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = dict(num_items=60, num_actions=9, num_tasks=2, num_authors=20, cand_dense_dim=6, max_hist_len=12,
-               d_model=16, num_blocks=2, num_heads=2, d_qk=8, d_v=8, dropout=0.1, head_hidden=16)
+               d_model=16, num_blocks=2, num_heads=2, d_qk=8, d_v=8, dropout=0.1, head_hidden=16,
+               num_users=50, user_dense_dim=4, request_context=True, head_dense=True)  # every side feature
     model = GenRank(RankerConfig(**cfg)) if kind == "genrank" else HSTURanking(RankerConfig(**cfg, variant=kind))
     with torch.no_grad():  # make the relative-bias tables matter
         for p in model.encoder.parameters():

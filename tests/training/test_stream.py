@@ -41,7 +41,7 @@ def test_rows_that_are_not_0_to_n_each_once_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"0\.\.14 over 20 rows, not 0\.\.N-1 each once"):
         SampleStream.open(str(tmp_path / "dup"))
     write_samples(tmp_path / "late", [range(3, 10)])
-    with pytest.raises(ValueError, match="not 0..N-1"):
+    with pytest.raises(ValueError, match=r"not 0\.\.N-1"):
         SampleStream.open(str(tmp_path / "late"))
 
 
