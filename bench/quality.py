@@ -292,6 +292,9 @@ def run_dataset(name: str, args) -> dict:
         oracle, oracle_series = ceiling["auc"], ceiling["auc_over_time"]
         out["oracle_auc"], out["oracle_auc_over_time"] = oracle, oracle_series
         out["oracle_matched"], out["oracle_candidates"] = ceiling["matched"], ceiling["candidates"]
+        if "auc_without_hype" in ceiling:
+            out["oracle_auc_without_hype"] = ceiling["auc_without_hype"]
+            out["oracle_auc_over_time_without_hype"] = ceiling["auc_over_time_without_hype"]
         measured = {out[k]["candidates"] for k in MODELS if k in out}
         if measured != {ceiling["matched"]}:
             print(f"   WARNING: the oracle matched {ceiling['matched']:,} candidates, the models were measured on "
@@ -299,6 +302,8 @@ def run_dataset(name: str, args) -> dict:
         best = max(v["auc"] for k, v in out.items() if isinstance(v, dict) and "auc" in v and k in MODELS)
         out["best_gap_to_oracle"] = round(oracle - best, 4)
         print(f"   oracle AUC {oracle:.4f}; best model {best:.4f} (gap {oracle - best:.4f}; goal <= 0.030)")
+        if "auc_without_hype" in ceiling:
+            print(f"   oracle blind to the items' hidden hype: AUC {ceiling['auc_without_hype']:.4f}")
     if "dlrm" in out:
         for kind in MODELS:
             if kind in out and kind != "dlrm":

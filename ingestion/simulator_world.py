@@ -63,7 +63,7 @@ ENGAGEMENTS = ("like", "comment", "share", "follow", "gift")
 ENGAGEMENT_CODES = np.array([ACTION_INDEX[a] for a in ENGAGEMENTS], np.int8)
 GIFT_TIERS = np.array([1.0, 5.0, 10.0, 30.0, 99.0, 199.0, 520.0, 1314.0])
 
-COLUMNS = ("t", "user", "item", "action", "request", "value", "p_click", "clicked", "position")
+COLUMNS = ("t", "user", "item", "action", "request", "value", "p_click", "hype", "clicked", "position")
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -302,7 +302,8 @@ class World:
         impressions = {"t": np.repeat(ts, K), "user": np.repeat(users, K), "item": items.ravel(),
                        "action": np.full(B * K, ACTION_INDEX["impression"], np.int8),
                        "request": np.repeat(req, K), "value": np.full(B * K, np.nan),
-                       "p_click": p_click.ravel().astype(np.float32), "clicked": clicked.ravel(),
+                       "p_click": p_click.ravel().astype(np.float32), "hype": self.hype[items].ravel(),
+                       "clicked": clicked.ravel(),
                        "position": np.tile(np.arange(K, dtype=np.int8), B)}
         b, k = np.nonzero(clicked)
         n = len(b)
@@ -333,7 +334,8 @@ class World:
         outcomes = {"t": np.concatenate([t_click, t_click + watch, t_engaged]), "user": u[src],
                     "item": it[src], "action": action,
                     "request": req[b][src], "value": np.concatenate([np.full(n, np.nan), watch, gift_value]),
-                    "p_click": np.full(m, np.nan, np.float32), "clicked": np.zeros(m, bool),
+                    "p_click": np.full(m, np.nan, np.float32), "hype": np.full(m, np.nan),
+                    "clicked": np.zeros(m, bool),
                     "position": np.full(m, -1, np.int8)}
         return concat_events([impressions, outcomes]), np.bincount(b, weights=watch, minlength=B)
 

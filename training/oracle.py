@@ -30,9 +30,12 @@ def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: in
     """{"auc", "candidates", "matched", "auc_over_time"}: AUC of the true p_click on the samples' click labels
     over the samples `from_sample` <= sample_no < `max_requests` (and request time >= `since_s`), and per 5% of
     that scope in time order as `training.ranking_eval.auc_over_time` slices it. `matched` of `candidates` had
-    an oracle row."""
+    an oracle row. Where the oracle has the hype term, also "auc_without_hype" (and its slices): the ceiling of a
+    model blind to the item's hidden hype, which the simulator's traffic barely reveals."""
     fs, path = storage.filesystem(storage.join(str(oracle_dir), "p_click.parquet"))
-    oracle = pq.read_table(path, filesystem=fs, columns=["request_id", "item_id", "p_click"])
+    names = pq.read_schema(path, filesystem=fs).names
+    oracle = pq.read_table(path, filesystem=fs, columns=["request_id", "item_id", "p_click",
+                                                          *(["hype_logit"] if "hype_logit" in names else [])])
     # An item shown twice in one request is one candidate in the samples (its first impression): keep one row.
     oracle = pa.Table.from_pandas(oracle.to_pandas().drop_duplicates(["request_id", "item_id"]), preserve_index=False)
     samples = DeltaTable(samples_path).to_pyarrow_table(
@@ -60,5 +63,11 @@ def oracle_auc_on_samples(oracle_dir: str | Path, samples_path: str, since_s: in
     # The same equal-count time slices as the models' progressive AUC: the ceiling moves with the hour too.
     scores = pa.table({"sample_no": joined["sample_no"], "request_ts": joined["request_ts"],
                        "y_click": joined["label"], "p_click": joined["p_click"]})
-    return {"auc": auc(y, p) if len(y) else float("nan"), "candidates": int(cands.num_rows),
-            "matched": int(joined.num_rows), "auc_over_time": auc_over_time(scores, "click")}
+    out = {"auc": auc(y, p) if len(y) else float("nan"), "candidates": int(cands.num_rows),
+           "matched": int(joined.num_rows), "auc_over_time": auc_over_time(scores, "click")}
+    if "hype_logit" in joined.column_names and len(y):
+        # The ceiling of a model that knows everything but the item's hidden hype: sigmoid(logit(p) - hype).
+        blind = 1.0 / (1.0 + np.exp(-(np.log(p / (1.0 - p)) - joined["hype_logit"].to_numpy())))
+        out["auc_without_hype"] = auc(y, blind)
+        out["auc_over_time_without_hype"] = auc_over_time(scores.set_column(3, "p_click", pa.array(blind)), "click")
+    return out

@@ -96,6 +96,11 @@ def test_oracle_is_complete_calibrated_and_informative(clean, events):
     assert oracle_auc(clean[1] / "oracle", events) == pytest.approx(best, abs=1e-3)
     later = oracle_auc(clean[1] / "oracle", since_ts_ms=int(oracle["ts"].quantile(0.9)))
     assert later > 0.65
+    # The hidden hype term: live rooms' sd 0.9, videos' 0.5 (simulator_world); removing it costs the ceiling AUC.
+    hype = oracle["hype_logit"].to_numpy()
+    assert np.isfinite(hype).all() and 0.3 < hype.std() < 1.0
+    blind = 1 / (1 + np.exp(-(np.log(oracle["p_click"] / (1 - oracle["p_click"])) - hype)))
+    assert auc(oracle["clicked"].to_numpy(), blind.to_numpy()) < best
 
 
 def _split(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
