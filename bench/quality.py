@@ -214,7 +214,8 @@ def token_similarity_rows(cfg, artifacts: dict[str, str], rows: int = 512) -> di
     return out
 
 
-def plot(name: str, series: dict[str, list[dict]], task: str, oracle: list[dict] | None) -> str:
+def plot(name: str, series: dict[str, list[dict]], task: str, oracle: list[dict] | None,
+         oracle_blind: list[dict] | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,6 +227,9 @@ def plot(name: str, series: dict[str, list[dict]], task: str, oracle: list[dict]
     if oracle:
         ax.plot([datetime.fromtimestamp(p["ts"], UTC) for p in oracle], [p["auc"] for p in oracle],
                 color="black", linestyle="--", label="oracle")
+    if oracle_blind:
+        ax.plot([datetime.fromtimestamp(p["ts"], UTC) for p in oracle_blind], [p["auc"] for p in oracle_blind],
+                color="grey", linestyle=":", label="oracle blind to hype")
     ax.set_title(f"{name}: progressive AUC ({task}) per 5% of the stream")
     ax.set_ylabel("AUC")
     ax.legend()
@@ -312,7 +316,7 @@ def run_dataset(name: str, args) -> dict:
         out["token_similarity"] = token_similarity_rows(cfg, {k: artifacts[k] for k in ("zenith", "zenith-shared")})
         print(f"   token similarity per layer: {out['token_similarity']}")
     series = {k: v["auc_over_time"] for k, v in out.items() if k in MODELS and "auc_over_time" in v}
-    out["plot"] = plot(name, series, task, oracle_series)
+    out["plot"] = plot(name, series, task, oracle_series, out.get("oracle_auc_over_time_without_hype"))
     return out
 
 
