@@ -254,7 +254,6 @@ def run_dataset(name: str, args) -> dict:
         raise SystemExit(f"--models: unknown {unknown}; choose from {list(MODELS)}")
     data, training = data_identity(info), comparable_config(cfg.training)
     out: dict = {"requests": info["requests"], "candidates": info["candidates"], "task": task, "data": data}
-    # Models of an earlier run on the same data and config keep their figures (a run of some models adds to them).
     # Models of an earlier run on the same data and config keep their figures, and a model run again keeps the
     # seeds this run does not train.
     for kind, figures in mergeable(_saved(name), data, training).items():

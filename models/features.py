@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from models.inputs import RankingInputs
 
 ID_FEATURES = ("user", "item", "author")
+HOURS_PER_DAY = 24  # the hour-of-day embedding's rows
 
 
 @dataclass
@@ -49,7 +50,7 @@ class RankingInputSpec:
     item_dense_dim: int = 6
     user_dense_dim: int = 4
     embed_dim: int = 32
-    num_hours: int = 24
+    num_hours: int = HOURS_PER_DAY
 
     def group_dims(self) -> dict[str, int]:
         e = self.embed_dim
@@ -101,7 +102,7 @@ class CandidateFeatures:
         return out
 
 
-def hour_of_day(request_ts: torch.Tensor, num_hours: int = 24) -> torch.Tensor:
+def hour_of_day(request_ts: torch.Tensor, num_hours: int = HOURS_PER_DAY) -> torch.Tensor:
     """(request_ts // 3600) % num_hours: the hour embedding's index (see the module's choice on the epoch)."""
     return torch.div(request_ts, 3600, rounding_mode="floor") % num_hours
 

@@ -26,11 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.features import fold_ids, history_affinity, hour_of_day, request_recency
+from models.features import HOURS_PER_DAY, fold_ids, history_affinity, hour_of_day, request_recency
 from models.hstu import HSTUConfig, HSTUEncoder, Tokens, append_candidates
 from models.inputs import RankingInputs
-
-NUM_HOURS = 24
 
 
 @dataclass
@@ -168,7 +166,7 @@ class SequenceRanker(nn.Module):
         # per-user cache) then stay independent of request-time features, and one request's candidates still
         # share one history pass. Tables init like the item table, scaled by sqrt(d) like it.
         self.user = (nn.Embedding(cfg.num_users + 1, cfg.d_model, padding_idx=0) if cfg.num_users else None)
-        self.hour = nn.Embedding(NUM_HOURS, cfg.d_model) if cfg.request_context else None
+        self.hour = nn.Embedding(HOURS_PER_DAY, cfg.d_model) if cfg.request_context else None
         self.side_dense = nn.Linear(self.side_dim, cfg.d_model) if self.side_dim else None
         for table in (self.user, self.hour):
             if table is not None:
@@ -203,7 +201,7 @@ class SequenceRanker(nn.Module):
         if self.user is not None:
             out = out + self.user(fold_ids(inputs.user_ids, cfg.num_users))[:, None, :] * self.items.scale
         if self.hour is not None:
-            out = out + self.hour(hour_of_day(inputs.request_ts, NUM_HOURS))[:, None, :] * self.items.scale
+            out = out + self.hour(hour_of_day(inputs.request_ts))[:, None, :] * self.items.scale
         if self.side_dense is None:
             return out
         return out + self.side_dense(self._side_values(inputs).to(self.side_dense.weight.dtype))
