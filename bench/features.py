@@ -78,15 +78,17 @@ def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1) 
             seed = next(numbers)
         rng, mine = np.random.default_rng(seed), []
         try:
-            for i in range(reads // threads + (seed < reads % threads) + 10):
-                if i == 10:
-                    barrier.wait()
+            for timed in [False] * 10 + [True] * (reads // threads + (seed < reads % threads)):
+                if timed and not mine:
+                    barrier.wait()  # every thread, even one with no timed read, has warmed up
                 user = int(rng.choice(ids["users"]))
                 items = rng.choice(ids["items"], n_items, replace=False).tolist()
                 started = time.perf_counter()
                 client.get(user, items)
-                if i >= 10:
+                if timed:
                     mine.append(time.perf_counter() - started)
+            if not mine:
+                barrier.wait()
         except BaseException:
             barrier.abort()  # the others stop waiting; run_together re-raises this failure
             raise

@@ -52,6 +52,15 @@ class EntityKeys:
     def key(self, value: int) -> bytes:
         return self.prefix + struct.pack("<q", value)
 
+    def keys(self, values) -> tuple[bytes, int]:
+        """Many keys back to back (what the bulk readers take) and the length of one."""
+        ids = np.asarray(values, "<i8").reshape(-1, 1)
+        width = len(self.prefix) + 8
+        out = np.empty((len(ids), width), np.uint8)
+        out[:, :len(self.prefix)] = np.frombuffer(self.prefix, np.uint8)
+        out[:, len(self.prefix):] = ids.view(np.uint8)
+        return out.tobytes(), width
+
 
 def varint(buf: bytes, pos: int) -> tuple[int, int]:
     value, shift = 0, 0
@@ -125,6 +134,104 @@ class PackedDoubles:
         return out, missing
 
 
+class StoredValues:
+    """One feature of n requested entities as the bulk readers return it: the positions (into the request) of
+    the entities that have a stored value, each value's length, and the values back to back.
+
+    A read of 200 candidates is then a handful of rows from SQLite (a row per feature, not per entity) and a
+    handful of strings from Redis: per fetched row the sqlite3 module gives up and re-takes the GIL, which
+    with 16 reading threads costs more than the read itself. Decoding is numpy over the whole buffer.
+
+    >>> v = StoredValues(3, b"0,2", b"2,3", bytes.fromhex("2005" "208001"))  # int64_val 5 and 128
+    >>> v.present().tolist(), v.int64s().tolist(), v.values()[1]
+    ([True, False, True], [5, 0, 128], None)
+    """
+
+    def __init__(self, n: int, positions: bytes | str = b"", lengths: bytes | str = b"", data: bytes = b""):
+        self.n, self.data = n, data
+        self.positions = _ints(positions)
+        self.offsets = np.concatenate([[0], np.cumsum(_ints(lengths))])
+        if len(self.offsets) != len(self.positions) + 1 or self.offsets[-1] != len(data) or \
+                (len(self.positions) and (self.positions.min() < 0 or self.positions.max() >= n)):
+            raise FeatureStoreUnavailable("the online store returned a malformed bulk read")
+
+    def present(self) -> np.ndarray:
+        mask = np.zeros(self.n, bool)
+        mask[self.positions] = True
+        return mask
+
+    def values(self) -> list:
+        """Per requested entity, its stored (serialized) value, or None."""
+        out: list = [None] * self.n
+        offsets = self.offsets.tolist()
+        for j, pos in enumerate(self.positions.tolist()):
+            out[pos] = self.data[offsets[j]:offsets[j + 1]]
+        return out
+
+    def doubles(self, packed: PackedDoubles, default: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([n, width] float64, missing mask), like `PackedDoubles.matrix`, in one `frombuffer` when every value
+        has the packed layout (it does for the stats this project writes)."""
+        size, head = packed.size, len(packed.header)
+        rows = np.frombuffer(self.data, np.uint8)
+        if len(rows) != size * len(self.positions):
+            return packed.matrix(self.values(), default)
+        rows = rows.reshape(-1, size)
+        if not (rows[:, :head] == np.frombuffer(packed.header, np.uint8)).all():
+            return packed.matrix(self.values(), default)
+        out = np.tile(default, (self.n, 1))
+        out[self.positions] = rows[:, head:].copy().view("<f8")
+        return out, ~self.present()
+
+    def int64s(self, default: int = 0) -> np.ndarray:
+        """[n] int64 of `int64_val` ValueProtos (tag 0x20 + one varint), vectorised; `default` where absent."""
+        out = np.full(self.n, default, np.int64)
+        if not len(self.positions):
+            return out
+        buf = np.frombuffer(self.data, np.uint8)
+        starts, lengths = self.offsets[:-1], np.diff(self.offsets)
+        digits = np.arange(1, max(int(lengths.max()), 2))
+        inside = digits < lengths[:, None]
+        raw = buf[np.minimum(starts[:, None] + digits, len(buf) - 1)]
+        last = raw[np.arange(len(starts)), np.maximum(lengths - 2, 0)]
+        well_formed = ((lengths >= 2) & (lengths <= 11) & (buf[starts] == 0x20) & (last < 0x80)
+                       & ((raw < 0x80) & inside).sum(axis=1) == 1)
+        if not well_formed.all():  # another value type: Feast's own decoding, one value at a time
+            values = self.values()
+            return np.array([default if v is None else (decode_value(v) or default) for v in values], np.int64)
+        shifts = (7 * (digits - 1)).astype(np.uint64)
+        parts = ((raw & 0x7F).astype(np.uint64) << shifts) * inside
+        out[self.positions] = np.bitwise_or.reduce(parts, axis=1).view(np.int64)
+        return out
+
+
+def _ints(text: bytes | str) -> np.ndarray:
+    """b"3,0,17" -> int64 array (the readers' comma-separated positions and lengths)."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    return np.array(text.split(","), np.int64) if text else np.zeros(0, np.int64)
+
+
+class PythonValues(StoredValues):
+    """Feast's `get_online_features` answer for one feature (Python values, None where absent), read through
+    the same methods as the bulk readers' `StoredValues`."""
+
+    def __init__(self, values: list):
+        self._values = values
+        self.n = len(values)
+
+    def present(self) -> np.ndarray:
+        return np.array([v is not None for v in self._values], bool)
+
+    def values(self) -> list:
+        return self._values
+
+    def doubles(self, packed: PackedDoubles, default: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return packed.matrix(self._values, default)
+
+    def int64s(self, default: int = 0) -> np.ndarray:
+        return np.array([default if v is None else v for v in self._values], np.int64)
+
+
 def guard_online_store(cfg: PlatformConfig) -> None:
     """Make the SQLite online store keep the fresher row of every write and let readers run beside writers.
 
@@ -147,9 +254,15 @@ def guard_online_store(cfg: PlatformConfig) -> None:
         con.close()
 
 
+Request = tuple[str, list[str], bytes, int]  # (view, features, n entity keys back to back, key length)
+
+
 class SqliteReader:
-    """One read-only connection per thread: sqlite3 releases the GIL while a query runs, so concurrent readers
-    (serving's thread pool) overlap instead of queueing on one connection's lock."""
+    """Bulk reads of Feast's SQLite tables: per request and feature one aggregated row (`StoredValues`).
+
+    The keys go in as one blob that a recursive CTE splits, so the statement text depends only on the views
+    and features asked for and stays in the connection's statement cache. One read-only connection per thread:
+    sqlite3 releases the GIL while a query runs, so concurrent readers (serving's thread pool) overlap."""
 
     def __init__(self, path: str, project: str, timeout_s: float):
         self.project, self.path, self.timeout_s = project, path, timeout_s
@@ -165,41 +278,69 @@ class SqliteReader:
                 con.execute("PRAGMA mmap_size = 268435456")
             except sqlite3.Error as err:
                 raise FeatureStoreUnavailable(f"cannot open the SQLite online store {self.path}: {err}") from err
+            con.text_factory = bytes  # group_concat of blobs is text to SQLite; take its bytes as they are
             self._local.con = con
         return con
 
-    def read(self, requests: list[tuple[str, list[str], list[bytes]]]) -> list[list[list]]:
-        """(view, features, entity keys) -> per request, per key, the stored bytes of each feature (or None)."""
+    def read(self, requests: list[Request]) -> list[dict[str, StoredValues]]:
+        """(view, features, keys, key length) -> per request, feature -> its `StoredValues`."""
         parts, params = [], []
-        for n, (view, features, keys) in enumerate(requests):
+        for n, (view, features, keys, width) in enumerate(requests):
             if keys:
-                parts.append(f'SELECT {n}, entity_key, feature_name, value FROM "{self.project}_{view}" '
-                             f"WHERE entity_key IN ({','.join('?' * len(keys))}) "
-                             f"AND feature_name IN ({','.join('?' * len(features))})")
-                params += [*keys, *features]
+                # Positions come back beside the values, so the row order inside a group does not matter.
+                parts.append(
+                    f"SELECT * FROM (WITH RECURSIVE wanted(pos, entity_key) AS (SELECT 0, substr(?, 1, {width}) "
+                    f"UNION ALL SELECT pos + 1, substr(?, (pos + 1) * {width} + 1, {width}) FROM wanted "
+                    f"WHERE (pos + 1) * {width} < length(?)) "
+                    f"SELECT {n}, feature_name, group_concat(pos), group_concat(length(coalesce(value, x''))), "
+                    f"group_concat(coalesce(value, x''), '') "
+                    f'FROM wanted CROSS JOIN "{self.project}_{view}" AS stored '
+                    f"ON stored.entity_key = wanted.entity_key "
+                    f"WHERE feature_name IN ({','.join('?' * len(features))}) GROUP BY feature_name)")
+                params += [keys, keys, keys, *features]
         rows = []
         if parts:
             try:
                 rows = self._connection().execute(" UNION ALL ".join(parts), params).fetchall()
             except sqlite3.Error as err:
                 raise FeatureStoreUnavailable(f"SQLite online store read failed: {err}") from err
-        found = {(n, k, f): v for n, k, f, v in rows}
-        return [[[found.get((n, k, f)) for f in features] for k in keys]
-                for n, (_, features, keys) in enumerate(requests)]
+        return _columns(requests, ((n, feature.decode(), pos, lengths, data or b"")
+                                   for n, feature, pos, lengths, data in rows))
 
 
-# One round trip for every (key, fields) request: HMGET each hash, nil for what is absent.
-_HMGET_ALL = """
-local out, nk, group, fields = {}, 0, 1, {}
-for i, key in ipairs(KEYS) do
-  while i > nk do
-    local nf = tonumber(ARGV[group + 1])
-    nk = nk + tonumber(ARGV[group])
-    fields = {unpack(ARGV, group + 2, group + 1 + nf)}
-    group = group + 2 + nf
+def _columns(requests: list[Request], found) -> list[dict[str, StoredValues]]:
+    out = [{f: StoredValues(len(keys) // width) for f in features} for _, features, keys, width in requests]
+    for n, feature, positions, lengths, data in found:
+        out[n][feature] = StoredValues(len(requests[n][2]) // requests[n][3], positions, lengths, data)
+    return out
+
+
+# One round trip for every request: HMGET each entity's hash; per request and field, the positions of the
+# entities that have a value, the values' lengths and the values back to back (3 strings, not one per entity).
+_HMGET_PACKED = """
+local out, k, a = {}, 1, 1
+while a <= #ARGV do
+  local nkeys, nf = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local fields = {unpack(ARGV, a + 2, a + 1 + nf)}
+  a = a + 2 + nf
+  local pos, len, val, count = {}, {}, {}, {}
+  for j = 1, nf do pos[j], len[j], val[j], count[j] = {}, {}, {}, 0 end
+  for i = 0, nkeys - 1 do
+    local got = redis.call('HMGET', KEYS[k + i], unpack(fields))
+    for j = 1, nf do
+      local v = got[j]
+      if v then
+        local m = count[j] + 1
+        count[j], pos[j][m], len[j][m], val[j][m] = m, i, #v, v
+      end
+    end
   end
-  local vals = redis.call('HMGET', key, unpack(fields))
-  for j = 1, #fields do out[#out + 1] = vals[j] or false end
+  k = k + nkeys
+  for j = 1, nf do
+    out[#out + 1] = table.concat(pos[j], ',')
+    out[#out + 1] = table.concat(len[j], ',')
+    out[#out + 1] = table.concat(val[j])
+  end
 end
 return out
 """
@@ -217,23 +358,22 @@ class RedisReader:
                                   password=kwargs.get("password"), socket_timeout=timeout_s,
                                   socket_connect_timeout=timeout_s,
                                   ssl=kwargs.get("ssl", "false").lower() == "true")  # Feast's own `ssl=true` option
-        self.script = self.client.register_script(_HMGET_ALL)
+        self.script = self.client.register_script(_HMGET_PACKED)
         self.project = project.encode()
         self.field = lambda view, feature: _mmh3(f"{view}:{feature}")
         self.errors = (redis.exceptions.RedisError, OSError)
 
-    def read(self, requests: list[tuple[str, list[str], list[bytes]]]) -> list[list[list]]:
-        keys, args = [], []
-        for view, features, entity_keys in requests:
-            keys += [k + self.project for k in entity_keys]
-            args += [len(entity_keys), len(features), *(self.field(view, f) for f in features)]
+    def read(self, requests: list[Request]) -> list[dict[str, StoredValues]]:
+        keys, args, asked = [], [], []
+        for n, (view, features, entity_keys, width) in enumerate(requests):
+            if entity_keys:
+                keys += [entity_keys[i:i + width] + self.project for i in range(0, len(entity_keys), width)]
+                args += [len(entity_keys) // width, len(features), *(self.field(view, f) for f in features)]
+                asked += [(n, f) for f in features]
         try:
             flat = self.script(keys=keys, args=args) if keys else []
         except self.errors as err:
             raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
-        out, pos = [], 0
-        for _, features, entity_keys in requests:
-            nf = len(features)
-            out.append([flat[pos + i * nf: pos + (i + 1) * nf] for i in range(len(entity_keys))])
-            pos += nf * len(entity_keys)
-        return out
+        if len(flat) != 3 * len(asked):
+            raise FeatureStoreUnavailable("the Redis online store returned a malformed bulk read")
+        return _columns(requests, ((n, f, *flat[3 * j: 3 * j + 3]) for j, (n, f) in enumerate(asked)))

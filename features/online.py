@@ -1,8 +1,9 @@
 """The online feature client serving uses: one call, a user's sequence and stats plus up to 500 candidates' stats.
 
 Two ways to read, same answer (a test holds them equal):
-- the fast path reads the online store in bulk, as Feast lays it out (`features.feast_layout`): one query
-  per request on SQLite, one Lua call for all views on Redis;
+- the fast path reads the online store in bulk, as Feast lays it out (`features.feast_layout`): on SQLite
+  two queries per request (the candidates' authors are known after the first), each answering one row per
+  feature; on Redis two Lua calls, each answering three strings per feature; decoding is numpy;
 - `fast=False` goes through Feast's `get_online_features`.
 Both read only the packed values (`stats`, `item_author_id`, the sequence arrays), not the 42 named stats.
 
@@ -13,16 +14,14 @@ Two processes write the store: the batch job (Feast's materialize) and the real-
 a write older than the stored row is a no-op on both backends (`feast_layout.guard_online_store` for SQLite,
 `features.redis_store` for Redis), so a materialisation never rolls back the updater's fresher rows.
 
-`item_ttl_s > 0` keeps item and author rows that long (never the user's: its history must be fresh), so a
-ranker scoring the same popular candidates request after request reads them about once per TTL; their stats
-may then lag the store by up to the TTL (the real-time path itself takes up to a second, BENCHMARKS.md).
+Serving keeps candidates' rows for a configured TTL in `serving.lookup.CandidateCache`; this client reads
+the store on every call.
 
     client = OnlineFeatureClient(config.load()); f = client.get(7, [1, 2, 3]); f.item_stats.shape  # (3, 42)
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,8 +31,10 @@ from features.feast_layout import (
     EntityKeys,
     FeatureStoreUnavailable,
     PackedDoubles,
+    PythonValues,
     RedisReader,
     SqliteReader,
+    StoredValues,
     decode_value,
 )
 from features.repo import absolute_paths
@@ -66,10 +67,8 @@ class OnlineFeatures:
 class OnlineFeatureClient:
     """Reads what serving needs for one request. Thread-safe; create one per process and reuse it."""
 
-    def __init__(self, cfg: PlatformConfig, fast: bool = True, store=None, item_ttl_s: float = 0.0):
+    def __init__(self, cfg: PlatformConfig, fast: bool = True, store=None):
         self.cfg = absolute_paths(cfg)
-        self.item_ttl_s = item_ttl_s
-        self._cached: dict[str, dict[int, tuple[float, list | None]]] = {"item": {}, "author": {}}
         self.spec = FeatureStoreSpec.from_config(self.cfg.features)
         self.stat_names = self.spec.stat_names
         self.empty_stats = self.spec.empty_stats()
@@ -94,107 +93,88 @@ class OnlineFeatureClient:
             self._store = open_store(self.cfg)
         return self._store
 
-    def _read(self, requests: list[tuple[str, str, list[str], list[int]]]) -> list[list[list | None]]:
-        """(view, entity, features, ids) -> per request, per id, the values (None: entity missing); serialized
-        on the fast path, Python values through Feast: `_decode` and `PackedDoubles` take either."""
+    def _read(self, requests: list[tuple[str, str, list[str], np.ndarray]]) -> list[dict[str, StoredValues]]:
+        """(view, entity, features, ids) -> per request, feature -> its values for those ids (`StoredValues`:
+        serialized on the fast path, Python values through Feast; both decode through the same methods)."""
         if self._reader is None:
             return self._read_feast(requests)
-        raw = self._reader.read([(view, features, [self._keys[entity].key(int(i)) for i in ids])
-                                 for view, entity, features, ids in requests])
-        return [[None if all(v is None for v in row) else row for row in rows] for rows in raw]
+        return self._reader.read([(view, features, *self._keys[entity].keys(ids))
+                                  for view, entity, features, ids in requests])
 
-    def _read_feast(self, requests: list[tuple[str, str, list[str], list[int]]]) -> list[list[list | None]]:
+    def _read_feast(self, requests: list[tuple[str, str, list[str], np.ndarray]]) -> list[dict[str, StoredValues]]:
         """Feast's path with its calls combined where Feast allows it without waste (the fair baseline): the
         requests for the same entities share one `get_online_features` call (the user's stats and sequence: one
         call; the candidates: one; their authors: one). Putting the user's id on every candidate row would make
         it one call fewer, but Feast then returns the user's sequence once per candidate: 2x slower here."""
         calls: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for n, (_, entity, _, ids) in enumerate(requests):
-            if ids:
-                calls.setdefault((entity, tuple(ids)), []).append(n)
-        out: list[list[list | None]] = [[] for _ in requests]
+            calls.setdefault((entity, tuple(np.asarray(ids).tolist())), []).append(n)
+        out: list[dict[str, StoredValues]] = [{} for _ in requests]
         for (entity, ids), members in calls.items():
+            if not ids:
+                for n in members:
+                    out[n] = {f: PythonValues([]) for f in requests[n][2]}
+                continue
             names = [f"{requests[n][0]}:{f}" for n in members for f in requests[n][2]]
             try:
-                got = self.store.get_online_features(features=names, entity_rows=[{ENTITY_KEYS[entity]: int(i)}
+                got = self.store.get_online_features(features=names, entity_rows=[{ENTITY_KEYS[entity]: i}
                                                                                   for i in ids],
                                                      full_feature_names=True).to_dict()
             except Exception as err:  # any failure of the store is the same signal to serving
                 raise FeatureStoreUnavailable(f"Feast online read failed: {err}") from err
             for n in members:
                 view, _, features, _ = requests[n]
-                out[n] = [None if all(v is None for v in row) else list(row)
-                          for row in zip(*(got[f"{view}__{f}"] for f in features))]
+                out[n] = {f: PythonValues(list(got[f"{view}__{f}"])) for f in features}
         return out
-
-    def _stats(self, rows: list[list | None]) -> tuple[np.ndarray, np.ndarray]:
-        return self._packed.matrix([row[0] if row else None for row in rows], self.empty_stats)
 
     def get(self, user_id: int, item_ids: list[int] | np.ndarray) -> OnlineFeatures:
         """The user's stats and sequence and the candidates' (and their authors') stats, as of now."""
         items = np.asarray(item_ids, np.int64).reshape(-1)
         if len(items) > MAX_CANDIDATES:
             raise ValueError(f"at most {MAX_CANDIDATES} candidates per call, got {len(items)}")
-        now = time.monotonic()
-        item_ids = items.tolist()
-        item_read = self._stale("item", item_ids, now)
-        user_rows, seq_rows, fetched = self._read([
-            (stats_view("user"), "user", ["stats", "asof_ms"], [user_id]),
-            (SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), [user_id]),
-            (stats_view("item"), "item", ["stats", "item_author_id"], item_read),
+        user = np.array([user_id], np.int64)
+        user_values, seq_values, item_values = self._read([
+            (stats_view("user"), "user", ["stats", "asof_ms"], user),
+            (SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), user),
+            (stats_view("item"), "item", ["stats", "item_author_id"], items),
         ])
-        item_rows = self._merge("item", item_ids, item_read, fetched, now)
-        item_stats, item_missing = self._stats(item_rows)
-        authors = np.array([(decode_value(row[1]) or 0) if row else 0 for row in item_rows], np.int64)
-        unique_authors = sorted(set(authors[authors > 0].tolist()))
-        author_read = self._stale("author", unique_authors, now)
-        (fetched,) = self._read([(stats_view("author"), "author", ["stats"], author_read)])
-        by_author = dict(zip(unique_authors, self._merge("author", unique_authors, author_read, fetched, now)))
-        author_stats, author_missing = self._stats([by_author.get(a) for a in authors.tolist()])
-        user_stats, user_missing = self._stats(user_rows)
-        user_asof = int(decode_value(user_rows[0][1]) or 0) if user_rows[0] else 0
-        sequence, asof, seq_missing = self._sequence(seq_rows[0])
+        item_stats, item_missing = item_values["stats"].doubles(self._packed, self.empty_stats)
+        authors = item_values["item_author_id"].int64s(0)
+        unique_authors, author_of = np.unique(authors[authors > 0], return_inverse=True)
+        (author_values,) = self._read([(stats_view("author"), "author", ["stats"], unique_authors)])
+        by_author, missing_by_author = author_values["stats"].doubles(self._packed, self.empty_stats)
+        author_stats = np.tile(self.empty_stats, (len(items), 1))
+        author_missing = np.ones(len(items), bool)
+        author_stats[authors > 0], author_missing[authors > 0] = by_author[author_of], missing_by_author[author_of]
+        user_stats, user_missing = user_values["stats"].doubles(self._packed, self.empty_stats)
+        sequence, asof, seq_missing = self._sequences(seq_values)[0]
         return OnlineFeatures(
-            user_id=int(user_id), stat_names=self.stat_names, user_stats=user_stats[0], user_stats_asof_ms=user_asof,
-            user_missing=bool(user_missing[0]), sequence=sequence, sequence_asof_ms=asof, sequence_missing=seq_missing,
+            user_id=int(user_id), stat_names=self.stat_names, user_stats=user_stats[0],
+            user_stats_asof_ms=int(user_values["asof_ms"].int64s(0)[0]), user_missing=bool(user_missing[0]),
+            sequence=sequence, sequence_asof_ms=asof, sequence_missing=seq_missing,
             item_ids=items, item_stats=item_stats, item_missing=item_missing, item_author_ids=authors,
             author_stats=author_stats, author_missing=author_missing,
         )
 
-    def _stale(self, entity: str, ids: list[int], now: float) -> list[int]:
-        """The ids to read from the store: all of them, or those not cached within the TTL."""
-        if self.item_ttl_s <= 0:
-            return ids
-        cached = self._cached[entity]
-        return [i for i in ids if (hit := cached.get(i)) is None or now - hit[0] > self.item_ttl_s]
-
-    def _merge(self, entity: str, ids: list[int], read: list[int], rows: list, now: float) -> list:
-        """Rows for `ids` in order: the ones just read (cached when a TTL is set), the rest from the cache."""
-        if self.item_ttl_s <= 0:
-            return rows
-        cached = self._cached[entity]
-        if len(cached) > 200_000:  # a bound for huge catalogues: start over rather than grow without limit
-            cached.clear()
-        for i, row in zip(read, rows):
-            cached[i] = (now, row)
-        return [cached[i][1] for i in ids]
-
     @staticmethod
-    def _sequence(row: list | None) -> tuple[dict[str, np.ndarray], int, bool]:
-        if row is None or row[1] is None:
-            return {f: np.zeros(0, np.int64) for f in SEQUENCE_FIELDS}, 0, True
-        values = [decode_value(v) for v in row]
-        return {f: np.asarray(v, np.int64) for f, v in zip(SEQUENCE_FIELDS, values[1:])}, int(values[0] or 0), False
+    def _sequences(values: dict[str, StoredValues]) -> list[tuple[dict[str, np.ndarray], int, bool]]:
+        """Per user: (SEQUENCE_FIELDS -> [L] int64, asof_ms, missing); missing users get empty arrays."""
+        asof = values["asof_ms"].int64s(0).tolist()
+        fields = [values[f].values() for f in SEQUENCE_FIELDS]
+        out = []
+        for u, first in enumerate(fields[0]):
+            if first is None:
+                out.append(({f: np.zeros(0, np.int64) for f in SEQUENCE_FIELDS}, 0, True))
+            else:
+                arrays = [np.asarray(decode_value(column[u]), np.int64) for column in fields]
+                out.append((dict(zip(SEQUENCE_FIELDS, arrays)), int(asof[u]), False))
+        return out
 
     def sequences(self, user_ids: list[int]) -> dict[int, tuple[dict[str, np.ndarray], int]]:
         """The stored sequence and its asof_ms of each user that has one (for the real-time updater)."""
-        (rows,) = self._read([(SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), list(user_ids))])
-        out = {}
-        for user, row in zip(user_ids, rows):
-            sequence, asof, missing = self._sequence(row)
-            if not missing:
-                out[int(user)] = (sequence, asof)
-        return out
+        (values,) = self._read([(SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), np.asarray(user_ids, np.int64))])
+        return {int(user): (sequence, asof) for user, (sequence, asof, missing)
+                in zip(user_ids, self._sequences(values)) if not missing}
 
 
 def describe(features: OnlineFeatures, last: int = 5) -> str:

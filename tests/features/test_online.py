@@ -125,27 +125,6 @@ def test_realtime_updates_equal_the_batch_definition(online, feature_lake):
     assert set(updater.buckets) == set(STATS_ENTITIES)
 
 
-def test_item_cache_serves_candidates_for_its_ttl_and_never_the_user(online, feature_lake, monkeypatch):
-    """item_ttl_s: candidates' (and their authors') rows are reused for the TTL; the user's are read every call."""
-    cfg, store = online
-    ref = feature_lake.ref
-    clock = [1000.0]
-    monkeypatch.setattr("features.online.time.monotonic", lambda: clock[0])
-    plain, cached = OnlineFeatureClient(cfg, store=store), OnlineFeatureClient(cfg, store=store, item_ttl_s=1.0)
-    items = list(range(1, 11))
-    assert_same(cached.get(1, items), plain.get(1, items))  # first read fills the cache
-    end = int(ref.ts.max())
-    author = int(ref.keys["author_id"][ref.keys["item_id"] == 3][0])
-    start_from_lake(cfg, store).update([{"event_id": "ttl", "ts": end + 1000, "user_id": 1, "item_id": 3,
-                                         "author_id": author, "action": "click"}])
-    fresh, within = plain.get(1, items), cached.get(1, items)
-    assert not np.array_equal(fresh.item_stats[2], within.item_stats[2])  # the click is not seen yet...
-    assert np.array_equal(fresh.user_stats, within.user_stats)  # ...but the user's own features are fresh
-    assert fresh.sequence["item_ids"][-1] == within.sequence["item_ids"][-1] == 3
-    clock[0] += 1.5
-    assert_same(cached.get(1, items), plain.get(1, items))  # past the TTL: read again
-
-
 def test_ingest_follow_pushes_each_batch_online(tmp_path, ray_local):
     """`python -m ray_jobs.ingest --follow --push-features`: each committed batch reaches the online store."""
     from features.job import FeatureJob
