@@ -4,10 +4,10 @@ Feast 0.67 lays the online store out as: SQLite, one row per entity and feature 
 (`entity_key`, `feature_name`, serialized ValueProto `value`, ISO `event_ts`); Redis, one hash per entity
 (key = serialized entity key + project), fields named by murmur3 of `<view>:<feature>`. This module holds
 that knowledge in one place: entity keys (`EntityKeys`, self-checked against Feast's own serialisation),
-value decoding (`decode_value`, `PackedDoubles` for many stats vectors at once), the bulk readers
-(`SqliteReader`: one query per request; `RedisReader`: one Lua call) and `guard_online_store`, which makes
-SQLite keep the fresher of two writes and readers run beside writers (Redis gets the same through
-`features.redis_store`). `features.online.OnlineFeatureClient` is the client serving uses.
+value decoding (`decode_value`; `PackedDoubles` and `StoredValues` for many values at once), the bulk readers
+(`SqliteReader`, `RedisReader`: one round trip per call, one aggregate per feature) and
+`guard_online_store`, which makes SQLite keep the fresher of two writes and readers run beside writers (Redis
+gets the same through `features.redis_store`). `features.online.OnlineFeatureClient` is the client serving uses.
 
 >>> varint(varint_bytes(300), 0)
 (300, 2)
