@@ -84,7 +84,7 @@ class Ranker:
 
     Concurrent requests are batched with `@serve.batch` (one encode and one M-FALCON call for the batch).
     user_config: artifact, task_weights, micro_batch, cache_size, batch_size, batch_wait_timeout_s,
-    torch_threads, item_cache_ttl_s (candidates' stats kept that long: see features.online), overrides
+    torch_threads, item_cache_ttl_s (candidates' stats kept that long: see serving.lookup.CandidateCache), overrides
     (config overrides, e.g. another online store). A new artifact is loaded in a
     thread and swapped in: requests keep being answered by the old model meanwhile, each response names the
     version that scored it. In cascade mode (serving.mode) it loads nothing: the Ingress replicas follow its
