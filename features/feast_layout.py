@@ -18,7 +18,6 @@ gets the same through `features.redis_store`). `features.online.OnlineFeatureCli
 from __future__ import annotations
 
 import sqlite3
-import struct
 import threading
 
 import numpy as np
@@ -46,11 +45,8 @@ class EntityKeys:
         self.prefix = feast_key(0)[:-8]
         # Self-check against Feast's own serialisation: a layout change fails loudly, not silently.
         for probe in (1, 2**40 + 7, -3):
-            if self.key(probe) != feast_key(probe):
+            if self.keys([probe])[0] != feast_key(probe):
                 raise RuntimeError(f"entity key layout differs from Feast's for {join_key}")
-
-    def key(self, value: int) -> bytes:
-        return self.prefix + struct.pack("<q", value)
 
     def keys(self, values) -> tuple[bytes, int]:
         """Many keys back to back (what the bulk readers take) and the length of one."""
@@ -194,7 +190,7 @@ class StoredValues:
         raw = buf[np.minimum(starts[:, None] + digits, len(buf) - 1)]
         last = raw[np.arange(len(starts)), np.maximum(lengths - 2, 0)]
         well_formed = ((lengths >= 2) & (lengths <= 11) & (buf[starts] == 0x20) & (last < 0x80)
-                       & ((raw < 0x80) & inside).sum(axis=1) == 1)
+                       & (((raw < 0x80) & inside).sum(axis=1) == 1))  # one varint, ending at the end
         if not well_formed.all():  # another value type: Feast's own decoding, one value at a time
             values = self.values()
             return np.array([default if v is None else (decode_value(v) or default) for v in values], np.int64)
