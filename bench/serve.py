@@ -10,14 +10,14 @@ the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless --retr
 the lake's catalogue is built (bench.toy): latency depends on model size, not on training.
 
 Variants, each on a fresh local Ray (a subprocess: Serve reads its settings from the environment at start):
-- default: Serve's defaults (no max_ongoing/max_queued limits, torch on all cores, no batching settings), split
-  mode (the layout before the cascade existed);
-- cascade: serving/config.yaml as shipped, serving.mode=cascade (the default: the Ingress retrieves and ranks in
-  process), plus Ray Serve's throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between
-  deployments, user code on the replica's event loop, no per-request log lines to stderr); clients call the
-  proxy, as on the cluster. The goals are judged here;
+- default: Serve's defaults (no max_ongoing/max_queued limits, torch on all cores, no batching settings, Serve's
+  Python proxy on the HTTP port), split mode (the layout before the cascade existed);
+- cascade: as shipped: serving/config.yaml, serving.mode=cascade (the Ingress retrieves and ranks in process), the
+  Serve environment `serving.deploy.SERVE_PROCESS_ENV` (throughput-optimised mode, HAProxy on the HTTP port);
+  clients call the HTTP port, the documented entry point. The goals are judged here;
+- cascade_serve_proxy: the same without HAProxy: Serve's Python proxy on the HTTP port (the layout before HAProxy);
 - cascade_direct: the same, clients calling the Ingress replica's own HTTP port (direct ingress, no proxy hop);
-- split, split_direct: the same two with serving.mode=split (Retriever and Ranker deployments).
+- split: as shipped, serving.mode=split (Retriever and Ranker deployments).
 Per variant: closed-loop clients at concurrency 1, 4, 16, 64 (200 candidates retrieved, top 10 returned); then
 (tuned variants: all but default) an open-loop sweep at fixed arrival rates of 25-125% of the best closed-loop
 goodput (the saturation rate), an overload run at 200%, and the /events freshness probes under an open loop at 50%.
@@ -55,7 +55,7 @@ from features.offline import duckdb_connection
 from features.online import OnlineFeatureClient
 from features.repo import absolute_paths
 from ray_jobs.runtime import init_ray
-from serving.deploy import base_url, deploy, serve_config, shutdown
+from serving.deploy import SERVE_PROCESS_ENV, base_url, deploy, serve_config, shutdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONCURRENCY = (1, 4, 16, 64)
@@ -160,7 +160,8 @@ def plot(lats: dict[str, dict], path: Path) -> None:
 
     fig, (closed, opened) = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     # Colour: the load level; line style: the variant.
-    styles = {"default": "--", "cascade": "-", "cascade_direct": ":", "split": "-.", "split_direct": (0, (1, 3))}
+    styles = {"default": "--", "cascade": "-", "cascade_serve_proxy": (0, (5, 1)), "cascade_direct": ":",
+              "split": "-."}
     for variant, got in lats.items():
         for ax, shape in ((closed, "closed"), (opened, "open")):
             for i, (level, lat) in enumerate(got[shape].items()):
@@ -181,9 +182,11 @@ def plot(lats: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-# Ray Serve's throughput-optimised mode for the tuned variants (read by every Serve process at start).
-TUNED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-VARIANTS = ("default", "cascade", "cascade_direct", "split", "split_direct")
+# The tuned variants' Serve environment: as shipped (serving.deploy.SERVE_PROCESS_ENV: throughput-optimised mode and
+# HAProxy on the HTTP port), or without HAProxy for the variants that measure Serve's own proxy and direct calls.
+TUNED_ENV = SERVE_PROCESS_ENV
+NO_HAPROXY_ENV = {k: v for k, v in SERVE_PROCESS_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}
+VARIANTS = ("default", "cascade", "cascade_serve_proxy", "cascade_direct", "split")
 DEFAULT_MODE = config.load().serving.mode  # what the goals are judged on: the mode serving runs by default
 # The /events API key reaches the Ingress through its environment, as from a Secret on Kubernetes.
 CONFIG_KEY_ENV = config.load().serving.api_key_env
@@ -192,7 +195,8 @@ CONFIG_KEY_ENV = config.load().serving.api_key_env
 def variant_subprocess(variant: str, work: Path, api_key: str) -> tuple[dict, dict]:
     """Runs one variant (set up by work/spec.json) on its own local Ray (its environment decides Serve's mode and
     carries the /events API key to the Ingress); its results and latencies."""
-    env = {**os.environ, **(TUNED_ENV if variant != "default" else {}), CONFIG_KEY_ENV: api_key}
+    tuned = {} if variant == "default" else NO_HAPROXY_ENV if "_" in variant else TUNED_ENV
+    env = {**{k: v for k, v in os.environ.items() if k not in SERVE_PROCESS_ENV}, **tuned, CONFIG_KEY_ENV: api_key}
     subprocess.run([sys.executable, "-m", "bench.serve", "--run-variant", variant, "--work", str(work)],
                    env=env, check=True)
     got = json.loads((work / f"{variant}.json").read_text())
@@ -200,7 +204,7 @@ def variant_subprocess(variant: str, work: Path, api_key: str) -> tuple[dict, di
 
 
 def variant_mode(variant: str) -> str:
-    return "split" if variant == "default" else variant.removesuffix("_direct")
+    return "split" if variant == "default" else variant.split("_")[0]
 
 
 def variant_config(root: Path, folder: Path, mode: str) -> tuple[object, Path]:
@@ -253,7 +257,7 @@ def summary(results: dict, follow: dict) -> dict:
         "freshness_follow_p50_ms": follow["p50_ms"], "freshness_follow_p99_ms": follow["p99_ms"],
         "freshness_follow_not_visible": follow["not_visible"],
     }
-    for variant in (f"{DEFAULT_MODE}_direct", other, f"{other}_direct"):
+    for variant in (f"{DEFAULT_MODE}_serve_proxy", f"{DEFAULT_MODE}_direct", other):
         got = results[variant]
         out[variant] = {"p99_ms_c1": got["c1"]["p99_ms"], "rps_c16": got["c16"]["goodput_rps"],
                         "cpu_ms_per_request": got["c16"]["cpu_ms_per_request"],

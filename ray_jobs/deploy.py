@@ -12,13 +12,16 @@ serve (so a replica started later loads those, not the broken one). Artifacts ma
 folders or s3:// URIs. Without --blocking it returns once the app serves them: on a cluster the app stays up;
 on a local Ray started by this command it ends with the command (use --blocking, or `serve run
 serving/config.yaml`).
-The /events API key is read by the ingress from the env var named by serving.api_key_env.
+The /events API key is read by the ingress from the env var named by serving.api_key_env. A local Ray started
+here gets `serving.deploy.SERVE_PROCESS_ENV` (HAProxy on the HTTP port; a variable already set wins); on a
+cluster the nodes' environment decides (k8s/base/rayservice.yaml sets the same).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.runtime import init_ray
     from serving.deploy import (
         CONFIG_PATH,
+        SERVE_PROCESS_ENV,
         base_url,
         deploy,
         deployed_app,
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as err:
         print(f"deploy failed: cannot read an artifact's manifest: {err}", file=sys.stderr)
         return 1
+    if not cfg.ray.address:  # a local Ray starts here: give its processes the serving environment
+        for name, value in SERVE_PROCESS_ENV.items():
+            os.environ.setdefault(name, value)
     init_ray(cfg.ray)
     sc = serve_config(args.serve_config or CONFIG_PATH, config=args.config or "embedded", overrides=args.overrides,
                       ranker=ranker, retriever=retriever, dense_retriever=dense, host=cfg.serving.host,

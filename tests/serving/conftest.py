@@ -39,10 +39,18 @@ class Served:
         return self.http.post(self.url + path, json=body, **kwargs)
 
 
-@contextlib.contextmanager
-def serving_app(feature_lake, root: Path, mode: str = "cascade") -> Iterator[Served]:  # noqa: F811 (the fixture's name)
-    """The whole Serve application over `feature_lake` in serving `mode`, shut down on exit (its replicas hold the
-    test Ray's CPUs: no Ray Data job of a later test would get one)."""
+@dataclass
+class Prepared:
+    cfg: PlatformConfig
+    profile: Path  # the config as a profile file (what `--config` and Serve's app args read)
+    ranker: Path
+    ranker2: Path
+    retriever: Path
+
+
+def prepare_app(feature_lake, root: Path, mode: str = "cascade") -> Prepared:  # noqa: F811 (the fixture's name)
+    """What a Serve application over `feature_lake` needs: its config and online store, two toy rankers and a
+    toy retriever, under `root`."""
     cfg = online_config(feature_lake.cfg, root / "feast", "sqlite")
     cfg.serving.mode = mode
     cfg.ingest.landing_dir = str(root / "landing")
@@ -56,15 +64,23 @@ def serving_app(feature_lake, root: Path, mode: str = "cascade") -> Iterator[Ser
     ranker = ranker_artifact(root / "ranker", cfg, **sizes).folder
     ranker2 = ranker_artifact(root / "ranker2", cfg, seed=1, name="toy-genrank-v2", **sizes).folder
     retriever = retriever_artifact(root / "retriever", ITEMS, max_len=16, d_model=16).folder
+    return Prepared(cfg, profile, ranker, ranker2, retriever)
+
+
+@contextlib.contextmanager
+def serving_app(feature_lake, root: Path, mode: str = "cascade") -> Iterator[Served]:  # noqa: F811 (the fixture's name)
+    """The whole Serve application over `feature_lake` in serving `mode`, shut down on exit (its replicas hold the
+    test Ray's CPUs: no Ray Data job of a later test would get one)."""
+    app = prepare_app(feature_lake, root, mode)
     key = secrets.token_hex(16)
     # The key reaches the ingress through its runtime_env here; on Kubernetes, from a Secret into the pod env.
-    sc = serve_config(config=str(profile), ranker=str(ranker), retriever=str(retriever), port=free_port(),
+    sc = serve_config(config=str(app.profile), ranker=str(app.ranker), retriever=str(app.retriever), port=free_port(),
                       deployments={"Ingress": {"ray_actor_options": {"num_cpus": 0.2,
                                                                      "runtime_env": {"env_vars": {KEY_ENV: key}}}}})
     deploy(sc)
     try:
         with httpx.Client(timeout=30) as http:
-            yield Served(cfg, sc, base_url(sc), key, ranker, ranker2, retriever, http)
+            yield Served(app.cfg, sc, base_url(sc), key, app.ranker, app.ranker2, app.retriever, http)
     finally:
         shutdown()
 

@@ -100,8 +100,38 @@ def test_leave_one_out(lengths, max_len):
             assert m <= max_len and part.targets[row] == seq[-cut]
             assert part.items[row, : m - 1].tolist() == seq[:-cut][-(max_len - 1):].tolist()
             assert part.items[row, m - 1] == 0 and part.times[row, m - 1] == ts[-cut]  # the target's slot
+            seen = part.seen[row]
+            assert seen[: len(seq) - cut].tolist() == seq[:-cut].tolist() and (seen[len(seq) - cut:] == 0).all()
         # the test history is the validation history moved on by one item (until max_len cuts it)
         assert split.test.items[row, split.test.lengths[row] - 2] == seq[-2]
+
+
+def test_seen_excluded_removes_each_users_earlier_items_and_users_whose_target_repeats_one():
+    # User u's sequence: random items, and every third user's target repeats an earlier item.
+    rng = np.random.default_rng(3)
+    seqs = [rng.permutation(np.arange(1, 31))[: rng.integers(4, 30)] for _ in range(60)]
+    for u in range(0, 60, 3):
+        seqs[u][-1] = seqs[u][0]
+    users = np.repeat(np.arange(60), [len(s) for s in seqs])
+    data = sequences_from_interactions(users, np.concatenate(seqs), np.concatenate([np.arange(len(s)) for s in seqs]))
+    split = leave_one_out(data, max_len=6)  # histories of 5 items: `seen` must reach further back
+    model, _ = build_retrieval_model("sasrec", split.num_items, d_model=8, max_len=6, dropout=0.0)
+    test = split.test
+    scores = score_next_items(model, *(torch.from_numpy(a) for a in (test.items, test.times, test.lengths))).numpy()
+    expected = []
+    for row, seq in enumerate(data.items):
+        earlier = set(seq[:-1].tolist())
+        if seq[-1] in earlier:
+            continue
+        others = np.delete(np.arange(1, split.num_items + 1), sorted(earlier | {int(seq[-1])}) - np.int64(1))
+        expected.append(int((scores[row, others] >= scores[row, seq[-1]]).sum()))
+    got = evaluate(model, test, ks=(10,), seen_excluded=True)
+    assert got["users"] == 40 == len(expected)
+    assert got["hr@10"] == pytest.approx(np.mean(np.array(expected) < 10))
+    assert got["mrr"] == pytest.approx(np.mean(1.0 / (np.array(expected) + 1)), rel=1e-5)
+    assert evaluate(model, test, ks=(10,))["mrr"] < got["mrr"]  # earlier items no longer compete
+    with pytest.raises(ValueError, match="seen_excluded needs"):
+        evaluate(model, split.train.select(np.arange(3)), seen_excluded=True)
 
 
 def test_ml1m_sequences_and_split(datasets_dir):

@@ -20,6 +20,8 @@ stay as they are. Formats: MovieLens `.dat`, S3-Rec `user item item ...` `.txt`,
 ([[1, 2], [3, 0]], [3, 1], [4, 5])
 >>> split.test.items.tolist()   # history of max_len - 1 = 2 items, then the target's slot
 [[2, 3, 0], [3, 1, 0]]
+>>> split.test.seen.tolist()    # the whole history before the target
+[[1, 2, 3], [3, 1, 0]]
 """
 
 from __future__ import annotations
@@ -161,9 +163,17 @@ class SequenceBatch:
     times: np.ndarray
     lengths: np.ndarray
     targets: np.ndarray | None = None
+    # Evaluation sets: every item the user had before the target (the whole history, not only the last
+    # max_len - 1), right-padded; what the published protocol removes from the ranking (`seen_excluded`).
+    seen: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def select(self, rows: np.ndarray) -> SequenceBatch:
+        """The given rows, every field kept."""
+        return SequenceBatch(*(None if a is None else a[rows]
+                               for a in (self.items, self.times, self.lengths, self.targets, self.seen)))
 
 
 @dataclass
@@ -209,7 +219,8 @@ def _eval_set(items: list[np.ndarray], times: list[np.ndarray], cut: int, max_le
     slot_items = [np.r_[h, 0] for h in hist]
     slot_times = [np.r_[h, t[-cut]] for h, t in zip(hist_t, times)]
     return SequenceBatch(items=_pad(slot_items), times=_pad(slot_times),
-                         lengths=np.array([len(h) for h in slot_items], dtype=np.int64), targets=targets)
+                         lengths=np.array([len(h) for h in slot_items], dtype=np.int64), targets=targets,
+                         seen=_pad([s[:-cut] for s in items]))
 
 
 def leave_one_out(data: SequenceData, max_len: int = 200) -> LeaveOneOut:

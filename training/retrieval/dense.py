@@ -16,7 +16,7 @@ deterministic by seed for a fixed thread count on the CPU.
 >>> model, _ = build_retrieval_model("hstu", split.num_items, d_model=16, max_len=10, dropout=0.0)
 >>> result = train_retrieval(model, split, RetrievalTrainConfig(batch_size=16, max_epochs=3))
 >>> result.epochs, sorted(result.test)
-(3, ['hr@10', 'hr@50', 'mrr', 'ndcg@10', 'ndcg@50'])
+(3, ['hr@10', 'hr@50', 'mrr', 'ndcg@10', 'ndcg@50', 'seen_excluded'])
 """
 
 from __future__ import annotations
@@ -114,20 +114,38 @@ def score_next_items(model: SequentialRetriever, items: torch.Tensor, times: tor
 
 
 def evaluate(model: SequentialRetriever, data: SequenceBatch, ks: tuple[int, ...] = (10, 50),
-             batch_size: int = 256) -> dict[str, float]:
-    """HR@K, NDCG@K and MRR of `data.targets` ranked against the whole catalogue (padding excluded)."""
+             batch_size: int = 256, seen_excluded: bool = False) -> dict[str, float]:
+    """HR@K, NDCG@K and MRR of `data.targets` ranked against the whole catalogue (padding excluded).
+
+    `seen_excluded`: the protocol of the published SASRec + sampled softmax figures (eSASRec's benchmark, RecTools'
+    `filter_viewed` and the splitter's `filter_already_seen`): the items a user had before the target are removed
+    from that user's ranking, and users whose target is one of them are not counted ("users" says how many were).
+    Our own tables use the default, nothing excluded.
+    """
     was_training = model.training
     model.eval()
     device = model.item_emb.weight.device
     order = np.argsort(data.lengths, kind="stable")  # similar lengths per batch: less padding
+    if seen_excluded:
+        if data.seen is None:
+            raise ValueError("seen_excluded needs an evaluation set with `seen` histories (training.retrieval.data)")
+        order = order[~(data.seen[order] == data.targets[order, None]).any(1)]
     ranks = []
     for start in range(0, len(order), batch_size):
         rows = order[start: start + batch_size]
         items, times, lengths = _tensors(data, rows, device)
         scores = score_next_items(model, items, times, lengths)
-        ranks.append(target_ranks(scores, torch.from_numpy(data.targets[rows]).to(device)).cpu())
+        exclude = torch.from_numpy(data.seen[rows]).to(device) if seen_excluded else None
+        ranks.append(target_ranks(scores, torch.from_numpy(data.targets[rows]).to(device), exclude).cpu())
     model.train(was_training)
-    return retrieval_metrics(torch.cat(ranks), ks)
+    metrics = retrieval_metrics(torch.cat(ranks), ks)
+    return {**metrics, "users": len(order)} if seen_excluded else metrics
+
+
+def evaluate_both_protocols(model: SequentialRetriever, data: SequenceBatch, batch_size: int) -> dict[str, Any]:
+    """The test metrics with nothing excluded, and under "seen_excluded" the published protocol's (`evaluate`)."""
+    return {**evaluate(model, data, batch_size=batch_size),
+            "seen_excluded": evaluate(model, data, batch_size=batch_size, seen_excluded=True)}
 
 
 def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: RetrievalTrainConfig | None = None,
@@ -140,7 +158,7 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
     initial = copy.deepcopy(model.state_dict()) if cfg.refit_with_validation else None
     result = _fit(model, split.train, cfg, name, lambda: evaluate(model, split.valid, batch_size=cfg.eval_batch_size))
     t0 = time.perf_counter()
-    result.test = evaluate(model, split.test, batch_size=cfg.eval_batch_size)
+    result.test = evaluate_both_protocols(model, split.test, cfg.eval_batch_size)
     result.eval_seconds += time.perf_counter() - t0
     log.info("%s best epoch %d: valid hr@10 %.4f, test hr@10 %.4f ndcg@10 %.4f", name, result.best_epoch,
              result.valid.get("hr@10", float("nan")), result.test["hr@10"], result.test["ndcg@10"])
@@ -149,11 +167,12 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
         refit_cfg = dataclasses.replace(cfg, max_epochs=result.best_epoch, eval_every=result.best_epoch,
                                         max_train_seconds=None, patience=1)
         refit = _fit(model, split.train_with_validation(), refit_cfg, f"{name}-refit", None)
-        test = evaluate(model, split.test, batch_size=cfg.eval_batch_size)
+        test = evaluate_both_protocols(model, split.test, cfg.eval_batch_size)
         result.refit = {"epochs": refit.epochs, "train_seconds": refit.train_seconds, "selected_test": result.test}
         result.test, result.train_seconds = test, result.train_seconds + refit.train_seconds
-        log.info("%s refitted on training + validation items for %d epochs: test hr@10 %.4f ndcg@10 %.4f", name,
-                 refit.epochs, test["hr@10"], test["ndcg@10"])
+        log.info("%s refitted on training + validation items for %d epochs: test hr@10 %.4f ndcg@10 %.4f "
+                 "(seen items excluded: %.4f / %.4f)", name, refit.epochs, test["hr@10"], test["ndcg@10"],
+                 test["seen_excluded"]["hr@10"], test["seen_excluded"]["ndcg@10"])
     return result
 
 

@@ -24,7 +24,12 @@ from training.artifact import Manifest, load_artifact, save_artifact
 from training.retrieval.data import leave_one_out, load_sequences, read_attributes
 from training.retrieval.dense import RetrievalTrainConfig, build_retrieval_model, train_retrieval
 from training.retrieval.generative import RetrieverTrainConfig, build_nezha, train_retriever
-from training.retrieval.semantic_ids import attribute_embeddings, build_semantic_ids, item_embeddings
+from training.retrieval.semantic_ids import (
+    attribute_embeddings,
+    build_semantic_ids,
+    item_embeddings,
+    principal_components,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,11 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
     if g.item_source in ("model", "both"):
         out["dense_model"] = _dense_model(cfg, opts, split, out)
         table = out["dense_model"].item_embeddings().detach().cpu()
+        if table.shape[1] > g.d_model:
+            # Choice: a dense table wider than NEZHA (256 against 64 by default) is tokenised in its top d_model
+            # principal directions, so the centroids the code embeddings start at and the history item embeddings
+            # live in NEZHA's width (without this both inits would be skipped).
+            table = principal_components(table, g.d_model)
     if g.item_source in ("attributes", "both"):
         lists = read_attributes(opts.dataset, opts.root, data.item_vocab)
         if lists is None:

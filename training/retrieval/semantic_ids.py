@@ -53,6 +53,26 @@ def attribute_embeddings(attributes: list[list[int]], dim: int = 32, seed: int =
     return F.pad(out, (0, dim - out.shape[1]))
 
 
+def principal_components(table: torch.Tensor, dim: int) -> torch.Tensor:
+    """An item table [num_items + 1, d] reduced to its top `dim` principal directions (exact SVD of the centred
+    item rows; row 0, padding, stays zero): how a dense table wider than the generative retriever is brought to
+    its width before tokenising (training.retrieval.pipeline).
+
+    >>> t = torch.cat([torch.zeros(1, 4), torch.randn(20, 2) @ torch.randn(2, 4)])   # rank 2
+    >>> r = principal_components(t, 2)
+    >>> r.shape, bool(r[0].eq(0).all())
+    (torch.Size([21, 2]), True)
+    >>> bool(torch.allclose(torch.cdist(r[1:], r[1:]), torch.cdist(t[1:], t[1:]), atol=1e-4))   # nothing lost
+    True
+    """
+    x = table[1:].detach().float()
+    centred = x - x.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    out = torch.zeros(len(table), dim)
+    out[1:] = centred @ v[:dim].T
+    return out
+
+
 def train_rqvae(x: torch.Tensor, codebook_sizes, latent: int = 32, epochs: int = 200, lr: float = 1e-3,
                 batch_size: int = 1024, seed: int = 0) -> torch.Tensor:
     """Fit TIGER's RQ-VAE on x [n, d] (codebooks initialised by RQ-KMeans on the first latents); codes [n, L]."""
