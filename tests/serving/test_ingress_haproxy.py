@@ -15,7 +15,6 @@ import psutil
 import yaml
 
 from serving.deploy import CONFIG_PATH, SERVE_PROCESS_ENV
-from tests.features.conftest import feature_lake  # noqa: F401 (fixture)
 from tests.redis_server import free_port
 from tests.serving.conftest import ITEMS, KEY_ENV, prepare_app
 
@@ -44,7 +43,9 @@ def _haproxy_listening_on(root: psutil.Process, port: int) -> psutil.Process | N
     return None
 
 
-def test_local_deploy_serves_recommend_through_haproxy_on_the_http_port(feature_lake, tmp_path):  # noqa: F811
+def test_local_deploy_serves_recommend_through_haproxy_on_the_http_port(feature_lake, tmp_path):
+    # `feature_lake` is the serving package's (its conftest): importing it here would build a second lake with Ray
+    # Data while the package's Serve app holds the test Ray's CPUs, and wait for them forever.
     app = prepare_app(feature_lake, tmp_path)
     port, key = free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in SERVE_PROCESS_ENV and k != "RAY_ADDRESS"}
