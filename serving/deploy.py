@@ -31,8 +31,12 @@ APP_NAME = "streamrec"
 # check gives the HAProxy manager time to start on a busy node (Serve's 5 s x 3 killed it under load here).
 # HAProxy does not read http_options.request_timeout_s: its server timeout repeats config.yaml's (a test holds
 # them equal), so a request still unanswered after it ends (504) rather than hangs.
+# HAProxy's own mark-down of a replica (3 layer-4 errors, or 2 failed health checks) fired on a saturated but
+# healthy replica and sent its traffic to the fallback proxy, which queued (open loop at 125% of saturation: p99
+# 11 s with it, 0.4 s without; BENCHMARKS.md); Serve's controller still removes a dead replica from HAProxy's backends.
 SERVE_PROCESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "10"}
+                     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30", "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "10",
+                     "RAY_SERVE_HAPROXY_OBSERVE_MARK_DOWN_ENABLED": "0", "RAY_SERVE_HAPROXY_HEALTH_CHECK_FALL": "10"}
 STAGES = ("Retriever", "Ranker")  # in cascade mode the Ingress replicas follow these two's user_config
 
 
