@@ -186,7 +186,9 @@ def plot(lats: dict[str, dict], path: Path) -> None:
 # HAProxy on the HTTP port), or without HAProxy for the variants that measure Serve's own proxy and direct calls.
 TUNED_ENV = SERVE_PROCESS_ENV
 NO_HAPROXY_ENV = {k: v for k, v in SERVE_PROCESS_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}
-VARIANTS = ("default", "cascade", "cascade_serve_proxy", "cascade_direct", "split")
+VARIANT_ENV = {"default": {}, "cascade": TUNED_ENV, "cascade_serve_proxy": NO_HAPROXY_ENV,
+               "cascade_direct": NO_HAPROXY_ENV, "split": TUNED_ENV}
+VARIANTS = tuple(VARIANT_ENV)
 DEFAULT_MODE = config.load().serving.mode  # what the goals are judged on: the mode serving runs by default
 # The /events API key reaches the Ingress through its environment, as from a Secret on Kubernetes.
 CONFIG_KEY_ENV = config.load().serving.api_key_env
@@ -195,8 +197,8 @@ CONFIG_KEY_ENV = config.load().serving.api_key_env
 def variant_subprocess(variant: str, work: Path, api_key: str) -> tuple[dict, dict]:
     """Runs one variant (set up by work/spec.json) on its own local Ray (its environment decides Serve's mode and
     carries the /events API key to the Ingress); its results and latencies."""
-    tuned = {} if variant == "default" else NO_HAPROXY_ENV if "_" in variant else TUNED_ENV
-    env = {**{k: v for k, v in os.environ.items() if k not in SERVE_PROCESS_ENV}, **tuned, CONFIG_KEY_ENV: api_key}
+    env = {**{k: v for k, v in os.environ.items() if k not in SERVE_PROCESS_ENV}, **VARIANT_ENV[variant],
+           CONFIG_KEY_ENV: api_key}
     subprocess.run([sys.executable, "-m", "bench.serve", "--run-variant", variant, "--work", str(work)],
                    env=env, check=True)
     got = json.loads((work / f"{variant}.json").read_text())
