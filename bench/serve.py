@@ -1,11 +1,12 @@
 """Serving benchmark: /recommend latency, throughput and CPU under load, Serve defaults vs the tuned
 serving/config.yaml in both serving modes (cascade, split), and event freshness on the real paths.
 
-    python -m bench.serve [--root data/demo] [--seconds 15] [--ranker DIR --retriever DIR]
+    python -m bench.serve [--root data/demo] [--seconds 15] [--ranker DIR --retriever DIR --dense-retriever DIR]
 
 Needs a lake with features (`make demo` writes data/demo); each variant gets its own copy of the Feast folder
 (the events it posts change the online store), so the benchmark never writes to the lake's. The retriever is
-the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless --retriever names another; without
+the NEZHA artifact `make demo` trains (<root>/artifacts/retriever) unless --retriever names another, and the dense
+channel's artifact beside it (<root>/artifacts/dense_retriever, or --dense-retriever) when there is one; without
 --ranker a toy GenRank of the shape training builds by default (training.d_model, training.max_hist_len) over
 the lake's catalogue is built (bench.toy): latency depends on model size, not on training.
 
@@ -17,7 +18,9 @@ Variants, each on a fresh local Ray (a subprocess: Serve reads its settings from
   clients call the HTTP port, the documented entry point. The goals are judged here;
 - cascade_serve_proxy: the same without HAProxy: Serve's Python proxy on the HTTP port (the layout before HAProxy);
 - cascade_direct: the same, clients calling the Ingress replica's own HTTP port (direct ingress, no proxy hop);
-- split: as shipped, serving.mode=split (Retriever and Ranker deployments).
+- split: as shipped, serving.mode=split (Retriever and Ranker deployments);
+- cascade_one_channel: cascade with the generative channel alone (no dense artifact), beside cascade's all channels
+  (generative, dense, trending): what the dense channel costs a request (closed loop only).
 Per variant: closed-loop clients at concurrency 1, 4, 16, 64 (200 candidates retrieved, top 10 returned); then
 (tuned variants: all but default) an open-loop sweep at fixed arrival rates of 25-125% of the best closed-loop
 goodput (the saturation rate), an overload run at 200%, and the /events freshness probes under an open loop at 50%.
@@ -128,7 +131,7 @@ def run_variant(sc: dict, spec: dict, variant: str, cfg) -> tuple[dict, dict]:
             results[f"c{c}"], load = level("closed", c, seconds, connections=c)
             lats["closed"][c] = load.rec.ok_ms
             print(level_line(f"c={c}", results[f"c{c}"]), flush=True)
-        if variant == "default":
+        if variant in CLOSED_LOOP_ONLY:
             return results, lats
         best = max(results[f"c{c}"]["goodput_rps"] for c in CONCURRENCY)
         results["saturation_rps"] = best
@@ -161,7 +164,7 @@ def plot(lats: dict[str, dict], path: Path) -> None:
     fig, (closed, opened) = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
     # Colour: the load level; line style: the variant.
     styles = {"default": "--", "cascade": "-", "cascade_serve_proxy": (0, (5, 1)), "cascade_direct": ":",
-              "split": "-."}
+              "split": "-.", "cascade_one_channel": (0, (1, 3))}
     for variant, got in lats.items():
         for ax, shape in ((closed, "closed"), (opened, "open")):
             for i, (level, lat) in enumerate(got[shape].items()):
@@ -187,8 +190,9 @@ def plot(lats: dict[str, dict], path: Path) -> None:
 TUNED_ENV = SERVE_PROCESS_ENV
 NO_HAPROXY_ENV = {k: v for k, v in SERVE_PROCESS_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}
 VARIANT_ENV = {"default": {}, "cascade": TUNED_ENV, "cascade_serve_proxy": NO_HAPROXY_ENV,
-               "cascade_direct": NO_HAPROXY_ENV, "split": TUNED_ENV}
+               "cascade_direct": NO_HAPROXY_ENV, "split": TUNED_ENV, "cascade_one_channel": TUNED_ENV}
 VARIANTS = tuple(VARIANT_ENV)
+CLOSED_LOOP_ONLY = ("default", "cascade_one_channel")
 DEFAULT_MODE = config.load().serving.mode  # what the goals are judged on: the mode serving runs by default
 # The /events API key reaches the Ingress through its environment, as from a Secret on Kubernetes.
 CONFIG_KEY_ENV = config.load().serving.api_key_env
@@ -209,6 +213,11 @@ def variant_mode(variant: str) -> str:
     return "split" if variant == "default" else variant.split("_")[0]
 
 
+def variant_dense(variant: str, spec: dict) -> str | None:
+    """The dense channel's artifact a variant serves: every variant's but the one-channel one's."""
+    return None if variant == "cascade_one_channel" else spec.get("dense_retriever")
+
+
 def variant_config(root: Path, folder: Path, mode: str) -> tuple[object, Path]:
     """The config a variant serves: the lake read in place; its own copy of the Feast folder (the events it
     posts change the online store) and its own landing folder."""
@@ -227,7 +236,7 @@ def run_variant_here(variant: str, work: Path) -> int:
     cfg, profile = variant_config(Path(spec["root"]), work / variant, variant_mode(variant))
     init_ray(cfg.ray)
     sc = serve_config(config=str(profile), ranker=spec["ranker"], retriever=spec["retriever"], port=spec["port"],
-                      defaults=variant == "default")
+                      dense_retriever=variant_dense(variant, spec), defaults=variant == "default")
     results, lats = run_variant(sc, spec, variant, cfg)
     (work / f"{variant}.json").write_text(json.dumps({"results": results, "lats": lats}))
     return 0
@@ -264,6 +273,11 @@ def summary(results: dict, follow: dict) -> dict:
         out[variant] = {"p99_ms_c1": got["c1"]["p99_ms"], "rps_c16": got["c16"]["goodput_rps"],
                         "cpu_ms_per_request": got["c16"]["cpu_ms_per_request"],
                         "overload_admitted_p99_ms": got["overload"]["p99_ms_ok"]}
+    if "cascade_one_channel" in results:  # serving latency with one retrieval channel and with all of them
+        out["channels"] = {name: {"p50_ms_c1": got["c1"]["p50_ms"], "p99_ms_c1": got["c1"]["p99_ms"],
+                                  "rps_c16": got["c16"]["goodput_rps"],
+                                  "cpu_ms_per_request": got["c16"]["cpu_ms_per_request"]}
+                           for name, got in (("all", main), ("generative_only", results["cascade_one_channel"]))}
     # A probe never seen fails its goal whatever the percentiles of the others say.
     out["goals"] = {"p99_ms_c1<=50": out["p99_ms_c1"] <= 50, "rps_c16>=100": out["rps_c16"] >= 100,
                     "cpu_ms_per_request<=20": out["cpu_ms_per_request"] <= 20,
@@ -283,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--follow-files", type=int, default=20, help="ingest --follow freshness files")
     parser.add_argument("--ranker")
     parser.add_argument("--retriever", help="retriever artifact (default: <root>/artifacts/retriever)")
+    parser.add_argument("--dense-retriever", help="the dense channel's artifact (default: <root>/artifacts/"
+                                                  "dense_retriever when it exists)")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", default=str(RESULTS), help="folder for serve.json and the CDF (short trial runs: "
                                                            "elsewhere, not to replace the record)")
@@ -304,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (retriever / "manifest.json").exists():
         print(f"no retriever artifact at {retriever}: run `make demo` first (or pass --retriever)")
         return 2
+    dense = Path(args.dense_retriever) if args.dense_retriever else root / "artifacts" / "dense_retriever"
+    if not (dense / "manifest.json").exists():
+        if args.dense_retriever:
+            print(f"no dense retriever artifact at {dense}")
+            return 2
+        print(f"no dense retriever at {dense}: every variant serves the generative channel alone", flush=True)
+        variants, dense = [v for v in variants if v != "cascade_one_channel"], None
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     cfg = absolute_paths(config.load(None, [f"lake.root={root / 'lake'}"]))
     facts = lake_facts(cfg)
@@ -312,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                                             max_hist_len=cfg.training.max_hist_len,
                                             d_model=cfg.training.d_model).folder
     spec = {"root": str(root), "ranker": str(ranker), "retriever": str(retriever), "port": args.port,
+            "dense_retriever": str(dense.resolve()) if dense else None,
             "seconds": args.seconds, "event_posts_per_s": args.event_posts_per_s, "probes": args.probes,
             "users": facts["users"], "items": facts["items"]}
     (work / "spec.json").write_text(json.dumps(spec))
@@ -321,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         print(f"== {variant} Serve settings", flush=True)
         results[variant], lats[variant] = variant_subprocess(variant, work, api_key)
-    if set(variants) != set(VARIANTS):
+    if not set(VARIANTS) - {"cascade_one_channel"} <= set(variants):  # a trial run: no record
         print(json.dumps(results, indent=1))
         shutil.rmtree(work, ignore_errors=True)
         return 0
@@ -339,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"candidates": cfg.serving.num_candidates, "k": 10, "items": facts["items"],
                   "users": len(facts["users"]), "seconds_per_level": args.seconds,
                   "event_posts_per_s": args.event_posts_per_s, "ranker": str(ranker), "retriever": str(retriever),
+                  "dense_retriever": spec["dense_retriever"],
                   "tuned_env": TUNED_ENV, "open_loop_fractions": OPEN_LOOP, "overload_fraction": OVERLOAD,
                   "freshness_load_fraction": FRESHNESS_LOAD},
         **summary(results, follow),

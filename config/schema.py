@@ -351,6 +351,13 @@ class GenerativeRetrieverConfig(Section):
     patience: int = Field(3, gt=0)
     max_minutes: float | None = Field(None, gt=0)
     eval_users: int = Field(3000, gt=0, description="validation users decoded after every epoch")
+    # As the dense section's: once validation chose the epochs, train again that long on training + validation
+    # items (the test item stays unseen); doubles the training time.
+    refit_with_validation: bool = False
+    # Distillation: each code level's loss mixes in, with this weight, the dense retriever's item distribution
+    # summed per code (given the true earlier codes); 0 = off. Needs the dense model (item_source model / both).
+    distill_weight: float = Field(0.0, ge=0, le=1)
+    distill_temperature: float = Field(1.0, gt=0, description="of the dense teacher's item softmax")
 
 
 RetrievalChannel = Literal["generative", "dense", "trending"]

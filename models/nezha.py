@@ -9,7 +9,8 @@ would make the prompt L times longer; the codes still carry the semantic ID), pl
   s_{l+1} = RNNCell_l(Emb_l(t_l), s_l); decoding is one pass plus a beam search over L cheap steps.
 - the baseline: an ordinary autoregressive LM over the codes (t_1 from h_0, then one cached backbone
   step per generated code), decoded by beam search with the full backbone.
-Both are trained jointly with teacher forcing: loss = Σ_l CE(draft) + ar_weight · Σ_l CE(LM).
+Both are trained jointly with teacher forcing: loss = Σ_l CE(draft) + ar_weight · Σ_l CE(LM); optionally each
+level's CE also has a soft part against a teacher's distribution over that level's codes (`losses`).
 Decoding verifies IDs with hash sets (models/nezha_decode.py) built from the `semantic_ids` buffer,
 so a model loaded from an artifact rebuilds them from its own weights.
 
@@ -197,18 +198,31 @@ class NezhaRetriever(nn.Module):
                 s = self.draft_rnn[level](self.draft_emb[level](codes[:, level]), s)
         return out
 
-    def losses(self, history: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-entropy summed over levels for the draft head ("nezha") and the backbone LM ("lm")."""
+    def losses(self, history: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor,
+               soft_targets: list[torch.Tensor] | None = None, soft_weight: float = 0.0) -> dict[str, torch.Tensor]:
+        """Cross-entropy summed over levels for the draft head ("nezha") and the backbone LM ("lm").
+
+        `soft_targets` (distillation): per level a [B, T_level] distribution over that level's codes given the true
+        earlier codes (e.g. a dense teacher's item probabilities summed per code); each level's loss is then
+        (1 - soft_weight) x cross-entropy with the true code + soft_weight x cross-entropy with the distribution."""
         history, lengths = recent(history, lengths.clamp(min=1), self.cfg.max_history)
         codes = self.semantic_ids[target]
+
+        def level_loss(logits: torch.Tensor, level: int) -> torch.Tensor:
+            hard = F.cross_entropy(logits, codes[:, level])
+            if soft_targets is None or soft_weight == 0:
+                return hard
+            soft = -(soft_targets[level] * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+            return (1 - soft_weight) * hard + soft_weight * soft
+
         hx = self.item_tokens(history)
         states = self._at(self._run(hx, lengths, self.placeholders[None]), lengths, self.levels + 1)
         logits = self.draft_logits(states[:, 0], states[:, 1:], codes)
-        out = {"nezha": sum(F.cross_entropy(lg, codes[:, i]) for i, lg in enumerate(logits))}
+        out = {"nezha": sum(level_loss(lg, i) for i, lg in enumerate(logits))}
         if self.cfg.ar_weight > 0:
             tail = self.lm_tail(codes[:, :-1])
             states = self._at(self._run(hx, lengths, tail), lengths, self.levels)
-            out["lm"] = sum(F.cross_entropy(self.lm_out[i](states[:, i]), codes[:, i]) for i in range(self.levels))
+            out["lm"] = sum(level_loss(self.lm_out[i](states[:, i]), i) for i in range(self.levels))
         return out
 
     def loss(self, history: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     feature_stages(cfg)
     ranker = training_stage(cfg)
-    retriever = retriever_stage(cfg)
-    t = stage("9. serving: Ray Serve /recommend = NEZHA retrieval -> features -> M-FALCON ranking")
+    retriever, dense = retriever_stage(cfg)
+    t = stage("9. serving: Ray Serve /recommend = retrieval channels (NEZHA, dense, trending) -> features -> "
+              "M-FALCON ranking")
     from ray_jobs.serve_demo import serve_and_query
 
-    serve_and_query(cfg, ranker.artifact, retriever, keep_serving=args.keep_serving)
+    serve_and_query(cfg, ranker.artifact, retriever, keep_serving=args.keep_serving, dense_dir=dense)
     print(f"   served, queried and shut down ({time.perf_counter() - t:.1f}s)")
     print(f"\nDelta tables under {cfg.lake.root}: events, events_quarantine, features_*, samples_*; "
           f"Feast repo: {cfg.features.feast_dir}/repo")
@@ -158,8 +159,9 @@ def training_stage(cfg):
     return run
 
 
-def retriever_stage(cfg) -> str:
-    """Stage 8: semantic IDs + the NEZHA generative retriever on the lake's user sequences (a short run)."""
+def retriever_stage(cfg) -> tuple[str, str]:
+    """Stage 8: the dense retriever, semantic IDs of its item table and the NEZHA generative retriever on the lake's
+    user sequences (a short run); returns both artifacts (generative, dense): serving's two model channels."""
     t = stage("8. retrieval: semantic IDs (RQ-KMeans) + NEZHA generative retriever on the lake's sequences")
     from training.retrieval.lake_sequences import export_retrieval_sequences
     from training.retrieval.pipeline import RunOptions, run, save
@@ -172,8 +174,11 @@ def retriever_stage(cfg) -> str:
         "generative": r.generative.model_copy(update={"d_model": 32, "codebooks": [32, 32, 32], "max_epochs": 4,
                                                       "max_minutes": 1.5, "eval_users": 500})})
     out = run(retrieval, RunOptions(dataset=str(path), test_users=500))
-    folder = DEMO_ROOT / "artifacts" / "retriever"
-    manifest = save(folder, out)
+    folder, dense = DEMO_ROOT / "artifacts" / "retriever", DEMO_ROOT / "artifacts" / "dense_retriever"
+    manifest = save(folder, out, dense_folder=dense)
+    test = out["dense_result"]["test"]
+    print(f"   dense retriever ({r.dense.model}): test HR@10 {test['hr@10']:.4f} NDCG@10 {test['ndcg@10']:.4f}; "
+          f"artifact {dense}")
     sid = out["sid"].stats
     print(f"   {len(out['data'].items):,} users, {out['data'].num_items:,} items; semantic IDs: "
           f"{sid.get('levels')} levels {sid.get('radices')}, every item's tuple unique: {sid.get('unique')}")
@@ -181,7 +186,7 @@ def retriever_stage(cfg) -> str:
         print(f"   test ({decoder}, leave-one-out, full catalogue): R@10 {m['r10']:.4f} N@10 {m['n10']:.4f} "
               f"invalid returned {m['returned_invalid']}")
     print(f"   artifact {folder} (version {manifest.version}) ({time.perf_counter() - t:.1f}s)")
-    return str(folder)
+    return str(folder), str(dense)
 
 
 if __name__ == "__main__":

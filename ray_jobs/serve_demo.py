@@ -42,9 +42,11 @@ def _show(title: str, body: dict) -> None:
 
 
 def serve_and_query(cfg: PlatformConfig, ranker_dir: str | Path, retriever_dir: str | Path,
-                    keep_serving: bool = False, users: list[int] | None = None) -> dict:
+                    keep_serving: bool = False, users: list[int] | None = None,
+                    dense_dir: str | Path | None = None) -> dict:
     """Deploy, query (recommend, rank, one event, recommend again, an unknown user), print; returns the last
-    responses. With `keep_serving`, serve until Ctrl-C/SIGTERM before shutting down."""
+    responses. `dense_dir`: a dense retriever artifact, the dense retrieval channel beside the generative one.
+    With `keep_serving`, serve until Ctrl-C/SIGTERM before shutting down."""
     from features.repo import absolute_paths
     from ray_jobs.runtime import init_ray
     from serving.deploy import base_url, deploy, serve_config, shutdown
@@ -57,6 +59,7 @@ def serve_and_query(cfg: PlatformConfig, ranker_dir: str | Path, retriever_dir: 
     key = os.environ.get(cfg.serving.api_key_env) or secrets.token_hex(16)
     sc = serve_config(config=str(profile), ranker=str(Path(ranker_dir).resolve()),
                       retriever=str(Path(retriever_dir).resolve()), host=cfg.serving.host, port=cfg.serving.port,
+                      dense_retriever=str(Path(dense_dir).resolve()) if dense_dir else None,
                       deployments={"Ingress": {"ray_actor_options": {
                           "num_cpus": 0.2, "runtime_env": {"env_vars": {cfg.serving.api_key_env: key}}}}})
     t = time.perf_counter()

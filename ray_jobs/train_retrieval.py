@@ -21,10 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import config
-from training.artifact import save_artifact
 from training.retrieval.data import DATASETS, leave_one_out, load_sequences
 from training.retrieval.dense import train_retrieval
-from training.retrieval.pipeline import RunOptions, build_dense, dense_train_config
+from training.retrieval.pipeline import RunOptions, build_dense, dense_train_config, save_dense
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     result = train_retrieval(model, split, dense_train_config(retrieval, opts), name=retrieval.dense.model)
     dataset = Path(args.dataset).name.split(".")[0] if args.dataset not in DATASETS else args.dataset
     folder = Path(args.out) / f"{retrieval.dense.model}-{dataset}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-    metadata = {"dataset": args.dataset, "max_len": retrieval.max_history + 1, "item_vocab": data.item_vocab.tolist(),
-                "protocol": "leave-one-out, full-catalogue ranking", "retrieval": retrieval.model_dump()}
-    metrics = {"test": result.test, "valid": result.valid, "best_epoch": result.best_epoch, "epochs": result.epochs,
-               "stopped": result.stopped, "train_seconds": result.train_seconds}
-    manifest = save_artifact(folder, model.cpu(), model_config, metadata, metrics,
-                             name=f"{retrieval.dense.model}-{dataset}")
+    manifest = save_dense(folder, model, model_config, result.to_dict(), args.dataset, data.item_vocab,
+                          retrieval.model_dump())
+    metrics = manifest.metrics
     print(json.dumps({"artifact": str(folder), "version": manifest.version, **metrics}, indent=1))
     return 0
 

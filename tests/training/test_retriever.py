@@ -19,7 +19,7 @@ from training.retrieval.data import (
     read_attributes,
     sequences_from_interactions,
 )
-from training.retrieval.generative import RetrieverTrainConfig, build_nezha, train_retriever
+from training.retrieval.generative import RetrieverTrainConfig, build_nezha, evaluate_decoder, train_retriever
 from training.retrieval.pipeline import RunOptions
 from training.retrieval.semantic_ids import attribute_embeddings, build_semantic_ids
 
@@ -96,6 +96,54 @@ def test_training_learns_a_predictable_sequence_and_verifies():
             assert m["invalid_rate"] == 0 and m["r10"] >= 0.9, (decoder, m)
 
 
+def test_refit_on_validation_items_and_the_published_protocol():
+    split = _ring_split()
+    sid = build_semantic_ids(torch.randn(split.num_items + 1, 4, generator=torch.Generator().manual_seed(1)),
+                             codebook_sizes=(4, 4), iters=3)
+    model, _ = build_nezha(split.num_items, sid, d_model=16, num_blocks=1, num_heads=1, max_history=5,
+                           dropout=0.0, beam_size=4)
+    cfg = RetrieverTrainConfig(batch_size=32, lr=5e-3, max_epochs=4, patience=4, eval_users=40,
+                               refit_with_validation=True)
+    result = train_retriever(model, split, cfg)
+    assert result.refit["epochs"] == result.best_epoch >= 1
+    assert set(result.refit["selected_test"]) == {"nezha_step"}
+    protocol = result.test["nezha_step"]["seen_excluded"]
+    assert protocol["users"] == len(split.test) and protocol["returned_invalid"] == 0  # no ring target repeats
+    # a user whose target is one of their earlier items is not counted under the published protocol
+    test = split.test.select(np.arange(6))
+    test.targets[0] = test.seen[0, 0]
+    assert evaluate_decoder(model, test, seen_excluded=True)["users"] == 5
+    with pytest.raises(ValueError, match="seen_excluded needs"):
+        evaluate_decoder(model, split.train.select(np.arange(3)), seen_excluded=True)
+
+
+def test_distillation_from_a_dense_teacher():
+    from training.retrieval.dense import build_retrieval_model
+    from training.retrieval.generative import code_distributions
+
+    split = _ring_split()
+    sid = build_semantic_ids(torch.randn(split.num_items + 1, 4, generator=torch.Generator().manual_seed(1)),
+                             codebook_sizes=(4, 4), iters=3)
+    model, _ = build_nezha(split.num_items, sid, d_model=16, num_blocks=1, num_heads=1, max_history=5, dropout=0.0)
+    hist, lengths, target = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2]), torch.tensor([4, 6])
+    # a teacher sure of the true item teaches exactly the hard labels
+    sure = torch.nn.functional.one_hot(target, split.num_items + 1).float()
+    soft = code_distributions(sure, model.semantic_ids, model.semantic_ids[target], list(model.cfg.codebook_sizes))
+    hard, mixed = model.losses(hist, lengths, target), model.losses(hist, lengths, target, soft, 0.7)
+    assert all(torch.allclose(hard[key], mixed[key], atol=1e-5) for key in hard)
+    # a uniform teacher pulls away from them; every distribution sums to one
+    uniform = torch.ones(2, split.num_items + 1)
+    uniform[:, 0] = 0
+    uniform /= uniform.sum(1, keepdim=True)
+    soft = code_distributions(uniform, model.semantic_ids, model.semantic_ids[target], list(model.cfg.codebook_sizes))
+    assert all(torch.allclose(d.sum(1), torch.ones(2)) for d in soft)
+    assert model.losses(hist, lengths, target, soft, 0.7)["nezha"] != hard["nezha"]
+    teacher, _ = build_retrieval_model("sasrec", split.num_items, d_model=8, max_len=6, dropout=0.0)
+    result = train_retriever(model, split, RetrieverTrainConfig(batch_size=32, max_epochs=1, eval_users=10,
+                                                                distill_weight=0.5), teacher=teacher)
+    assert result.epochs == 1 and np.isfinite(result.history[0]["loss"])
+
+
 def test_entrypoint_writes_an_artifact_that_retrieves_after_loading(tmp_path):
     lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
     (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
@@ -122,12 +170,32 @@ def test_entrypoint_writes_an_artifact_that_retrieves_after_loading(tmp_path):
     assert torch.equal(fresh.retrieve(hist, lengths, k=5)[0], model.retrieve(hist, lengths, k=5)[0])
 
 
+def test_pipeline_saves_the_dense_retriever_it_trained_as_serving_dense_channel(tmp_path):
+    from serving.retriever import RetrievalChannels
+
+    lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
+    (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
+    cfg = RetrievalConfig(max_history=5, dense={"max_epochs": 1, "d_model": 16},
+                          generative={"codebooks": [4, 4], "blocks": 1, "d_model": 16, "max_epochs": 1,
+                                      "eval_users": 10})
+    out = training.retrieval.pipeline.run(cfg, RunOptions(dataset=str(tmp_path / "Ring.txt"), threads=None))
+    training.retrieval.pipeline.save(tmp_path / "nezha", out, dense_folder=tmp_path / "dense")
+    dense, manifest = load_artifact(tmp_path / "dense")
+    assert type(dense).__name__ == "SASRec" and manifest.metadata["item_vocab"][1:] == list(range(101, 112))
+    assert manifest.metrics["test"]["hr@10"] == out["dense_result"]["test"]["hr@10"]
+    channels = RetrievalChannels(str(tmp_path / "nezha"), str(tmp_path / "dense"))
+    history = [[(101, 0), (102, 1000)]]
+    got = channels.retrieve([history[0]], [2000], [4], [set()])[0]
+    assert set(got) == {"generative", "dense"} and all(len(items) == 4 for items, _ in got.values())
+    assert all(101 <= i <= 111 for items, _ in got.values() for i in items)
+
+
 def test_pipeline_starts_the_retriever_at_the_centroids_when_they_fit(tmp_path, monkeypatch, caplog):
     lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
     (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
     seen = {}
 
-    def capture(model, split, cfg):  # the model as training would receive it
+    def capture(model, split, cfg, teacher=None):  # the model as training would receive it
         seen["code_emb"] = model.code_emb[0].weight.detach().clone()
         return None
 

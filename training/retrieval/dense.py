@@ -22,7 +22,6 @@ deterministic by seed for a fixed thread count on the CPU.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from models.retrieval import HSTURetrieval, SequentialRetriever
 from models.sasrec import SASRec
 from training.metrics import retrieval_metrics, target_ranks
 from training.retrieval.data import LeaveOneOut, SequenceBatch
-from training.retrieval.loop import LoopConfig, TrainResult, train_epochs
+from training.retrieval.loop import LoopConfig, TrainResult, refit_epochs, train_epochs
 from training.retrieval.losses import full_softmax, per_sequence_sampled_softmax
 
 log = logging.getLogger(__name__)
@@ -180,11 +179,9 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
     result.eval_seconds += time.perf_counter() - t0
     log.info("%s best epoch %d: valid hr@10 %.4f, test hr@10 %.4f ndcg@10 %.4f", name, result.best_epoch,
              result.valid.get("hr@10", float("nan")), result.test["hr@10"], result.test["ndcg@10"])
-    if cfg.refit_with_validation and result.best_epoch > 0:
-        model.load_state_dict(initial)
-        refit_cfg = dataclasses.replace(cfg, max_epochs=result.best_epoch, eval_every=result.best_epoch,
-                                        max_train_seconds=None, patience=1)
-        refit = _fit(model, split.train_with_validation(), refit_cfg, f"{name}-refit", None)
+    if initial is not None and result.best_epoch > 0:
+        lengths, step = _steps(model, split.train_with_validation(), cfg)
+        refit = refit_epochs(model, initial, cfg, result.best_epoch, lengths, step, f"{name}-refit")
         test = evaluate_both_protocols(model, split.test, cfg.eval_batch_size)
         result.refit = {"epochs": refit.epochs, "train_seconds": refit.train_seconds, "selected_test": result.test}
         result.test, result.train_seconds = test, result.train_seconds + refit.train_seconds
@@ -194,9 +191,9 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
     return result
 
 
-def _fit(model: SequentialRetriever, rows: SequenceBatch, cfg: RetrievalTrainConfig, name: str,
-         validate: Callable[[], dict[str, float]] | None) -> TrainResult:
-    """The epoch loop on `rows` with cfg's loss; without `validate` the last epoch is kept."""
+def _steps(model: SequentialRetriever, rows: SequenceBatch,
+           cfg: RetrievalTrainConfig) -> tuple[np.ndarray, Callable[[np.ndarray], dict[str, torch.Tensor]]]:
+    """The trainable rows' lengths and the training step over them with cfg's loss."""
     device = torch.device(cfg.device)
     negatives = torch.Generator().manual_seed(cfg.seed)  # on the CPU; the model moves the ids
     trainable = np.flatnonzero(rows.lengths >= 2)  # a row needs a next item to learn from
@@ -209,10 +206,16 @@ def _fit(model: SequentialRetriever, rows: SequenceBatch, cfg: RetrievalTrainCon
             return {"loss": per_sequence_sampled_softmax(model, items, times, lengths, cfg.num_negatives, negatives)}
         return {"loss": model.loss(items, times, lengths, num_negatives=cfg.num_negatives, generator=negatives)}
 
+    return rows.lengths[trainable], step
+
+
+def _fit(model: SequentialRetriever, rows: SequenceBatch, cfg: RetrievalTrainConfig, name: str,
+         validate: Callable[[], dict[str, float]]) -> TrainResult:
+    """The epoch loop on `rows` with cfg's loss, validation HR@10 (ties: NDCG@10) picking the epoch."""
+    lengths, step = _steps(model, rows, cfg)
+
     def score() -> tuple[tuple[float, ...], dict[str, float]]:
-        if validate is None:
-            return (0.0,), {}
         valid = validate()
         return (valid["hr@10"], valid["ndcg@10"]), valid  # NDCG breaks ties once HR saturates
 
-    return train_epochs(model, cfg, rows.lengths[trainable], step, score, name)
+    return train_epochs(model, cfg, lengths, step, score, name)

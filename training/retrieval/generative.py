@@ -4,7 +4,10 @@ One sample per (history prefix, next item) of the leave-one-out training sequenc
 (training/retrieval/data.py), in the shared epoch loop (training/retrieval/loop.py); the draft head and the
 backbone LM are trained jointly with teacher forcing. Validation HR@10 of NEZHA decoding (verified each step)
 on a fixed subsample of users picks the best epoch, with early stopping. `evaluate_decoder` ranks the
-test item among the decoder's top-k (full catalogue: every valid semantic ID can be generated).
+test item among the decoder's top-k (full catalogue: every valid semantic ID can be generated); with
+`seen_excluded` the user's earlier items are excluded inside the decoder (its `exclude`, as serving excludes
+them), the published SASRec figures' protocol. `refit_with_validation` trains again, for the chosen epochs,
+on training + validation items.
 
 >>> import numpy as np, torch
 >>> from training.retrieval.data import leave_one_out, sequences_from_interactions
@@ -15,11 +18,12 @@ test item among the decoder's top-k (full catalogue: every valid semantic ID can
 >>> model = build_nezha(split.num_items, sid, d_model=16, num_blocks=1, max_history=5, dropout=0.0)[0]
 >>> result = train_retriever(model, split, RetrieverTrainConfig(batch_size=32, max_epochs=2, eval_users=10))
 >>> result.epochs, sorted(result.test["nezha_step"])
-(2, ['eval_seconds', 'invalid_rate', 'n10', 'n5', 'r10', 'r5', 'returned_invalid', 'users'])
+(2, ['eval_seconds', 'invalid_rate', 'n10', 'n5', 'r10', 'r5', 'returned_invalid', 'seen_excluded', 'users'])
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ import torch
 
 from models.nezha import NezhaConfig, NezhaRetriever
 from training.retrieval.data import LeaveOneOut, SequenceBatch, eval_histories, prefix_samples
-from training.retrieval.loop import LoopConfig, TrainResult, train_epochs
+from training.retrieval.loop import LoopConfig, TrainResult, refit_epochs, train_epochs
 from training.retrieval.semantic_ids import SemanticIds
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,35 @@ class RetrieverTrainConfig(LoopConfig):
     # decoder is the longest part of a CPU run. "_end" decoders use end_users (they measure invalid IDs).
     test_users: int | None = None
     end_users: int | None = None
+    # After validation chose epoch E: train again from the same initial weights for E epochs on the prefixes of
+    # the training rows plus each user's validation item, and test that model (the selected one: nezha_step only).
+    refit_with_validation: bool = False
+    # Distillation from a dense teacher (train_retriever's `teacher`): each level's loss mixes in, with this weight,
+    # the teacher's distribution over that level's codes (`code_distributions`); 0 = off.
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0  # of the teacher's item softmax
+
+
+def code_distributions(item_probs: torch.Tensor, table: torch.Tensor, gold: torch.Tensor,
+                       radices: list[int]) -> list[torch.Tensor]:
+    """A teacher's item distribution as per-level code distributions, teacher-forced on the true codes.
+
+    item_probs [B, N + 1] (column 0, padding, holds 0), table [N + 1, L] (each item's codes), gold [B, L] (the
+    target's codes): level l's [B, radices[l]] sums the probabilities of the items that share the target's first l
+    codes, by their l-th code, normalised. Level 0 is the teacher's mass per first code.
+
+    >>> table = torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0]])
+    >>> probs = torch.tensor([[0.0, 0.5, 0.25, 0.25]])
+    >>> [[round(p, 3) for p in d[0].tolist()] for d in code_distributions(probs, table, table[[2]], [2, 2])]
+    [[0.75, 0.25], [0.667, 0.333]]
+    """
+    out, same_prefix = [], torch.ones_like(item_probs, dtype=torch.bool)
+    for level, size in enumerate(radices):
+        codes = table[:, level].expand(len(item_probs), -1)
+        mass = item_probs.new_zeros(len(item_probs), size).scatter_add_(1, codes, item_probs * same_prefix)
+        out.append(mass / mass.sum(1, keepdim=True).clamp_min(1e-12))
+        same_prefix &= table[None, :, level] == gold[:, level: level + 1]
+    return out
 
 
 def _rows(items: np.ndarray, lengths: np.ndarray, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +108,20 @@ def _bad_ids(items: torch.Tensor, num_items: int) -> int:
 
 def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = "nezha_step", k: int = 10,
                      batch_size: int = 256, rows: np.ndarray | None = None,
-                     beam_size: int | None = None) -> dict[str, float]:
+                     beam_size: int | None = None, seen_excluded: bool = False) -> dict[str, float]:
     """R@5/10, N@5/10 of `data.targets` in the top-k of `decoder` ("nezha_step", "beam_end", ...), the
-    share of final beams naming no item before verification, and of returned ids that name no item."""
+    share of final beams naming no item before verification, and of returned ids that name no item.
+
+    `seen_excluded`: each user's earlier items (`data.seen`) are excluded by the decoder itself (the beam widens by
+    up to k for them, as on the serving path), and users whose target is one of them are not counted ("users").
+    """
     kind, verify = decoder.split("_")
     items, lengths = eval_histories(data)
     rows = np.arange(len(lengths)) if rows is None else rows
+    if seen_excluded:
+        if data.seen is None:
+            raise ValueError("seen_excluded needs an evaluation set with `seen` histories (training.retrieval.data)")
+        rows = rows[~(data.seen[rows] == data.targets[rows, None]).any(1)]
     rows = rows[np.argsort(lengths[rows], kind="stable")]
     dev = model.semantic_ids.device
     ranks, invalid, beams, bad = [], 0, 0, 0
@@ -89,7 +130,8 @@ def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = 
     for s in range(0, len(rows), batch_size):
         r = rows[s: s + batch_size]
         hist, ln = _rows(items, lengths, r, dev)
-        res = model.decode(hist, ln, k, kind, verify=verify, beam_size=beam_size)
+        exclude = [set(seen[seen > 0].tolist()) for seen in data.seen[r]] if seen_excluded else None
+        res = model.decode(hist, ln, k, kind, exclude=exclude, verify=verify, beam_size=beam_size)
         target = torch.from_numpy(data.targets[r]).to(dev)
         hit = res.items == target[:, None]
         ranks.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(target, k)).cpu())
@@ -101,7 +143,7 @@ def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = 
     out = {f"r{c}": float((rk < c).mean()) for c in (5, 10) if c <= k}
     out.update({f"n{c}": float(np.where(rk < c, 1 / np.log2(rk + 2.0), 0).mean()) for c in (5, 10) if c <= k})
     out.update(invalid_rate=invalid / max(beams, 1), returned_invalid=bad)
-    return out
+    return {**out, "users": len(rk)} if seen_excluded else out
 
 
 def test_rows(n: int, users: int | None, seed: int = 0) -> np.ndarray | None:
@@ -110,32 +152,63 @@ def test_rows(n: int, users: int | None, seed: int = 0) -> np.ndarray | None:
 
 
 def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTrainConfig | None = None,
-                    name: str = "nezha") -> TrainResult:
+                    name: str = "nezha", teacher: torch.nn.Module | None = None) -> TrainResult:
     """Train with early stopping on validation HR@10 (NEZHA, verified each step), restore the best
-    epoch, then evaluate `cfg.test_decoders` on the test users."""
+    epoch (with `refit_with_validation`: refit for that many epochs on training + validation items), then
+    evaluate `cfg.test_decoders` on the test users under both protocols. `teacher`: a dense retriever
+    (`score_all`) whose item distributions NEZHA distils with `cfg.distill_weight`."""
     cfg = cfg or RetrieverTrainConfig()
     device = torch.device(cfg.device)
     model.to(device)
+    initial = copy.deepcopy(model.state_dict()) if cfg.refit_with_validation else None
     samples = prefix_samples(split.train, model.cfg.max_history)
     eval_rows = np.random.default_rng(cfg.seed + 1).permutation(len(split.valid))[: cfg.eval_users]
     log.info("%s: %d training samples, %d parameters", name, len(samples),
              sum(p.numel() for p in model.parameters()))
 
-    def step(rows: np.ndarray) -> dict[str, torch.Tensor]:
-        hist, ln = _rows(samples.items, samples.lengths, rows, device)
-        parts = model.losses(hist, ln, torch.from_numpy(samples.targets[rows]).to(device))
-        loss = parts["nezha"] + model.cfg.ar_weight * parts.get("lm", 0.0)
-        return {"loss": loss, **{f"loss_{key}": value for key, value in parts.items()}}
+    distill = teacher is not None and cfg.distill_weight > 0
+    if distill:
+        teacher.to(device).eval()
+        table, radices = model.semantic_ids, list(model.cfg.codebook_sizes)
+
+    def soft_targets(hist: torch.Tensor, ln: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor] | None:
+        if not distill:
+            return None
+        with torch.no_grad():
+            positions = torch.arange(hist.shape[1], device=device).expand_as(hist)
+            probs = torch.softmax(teacher.score_all(hist, positions, ln) / cfg.distill_temperature, dim=-1)
+            return code_distributions(probs, table, table[target], radices)
+
+    def step_on(rows_of):
+        def step(rows: np.ndarray) -> dict[str, torch.Tensor]:
+            hist, ln = _rows(rows_of.items, rows_of.lengths, rows, device)
+            target = torch.from_numpy(rows_of.targets[rows]).to(device)
+            parts = model.losses(hist, ln, target, soft_targets(hist, ln, target), cfg.distill_weight)
+            loss = parts["nezha"] + model.cfg.ar_weight * parts.get("lm", 0.0)
+            return {"loss": loss, **{f"loss_{key}": value for key, value in parts.items()}}
+        return step
 
     def validate() -> tuple[tuple[float, ...], dict[str, float]]:
         valid = evaluate_decoder(model, split.valid, "nezha_step", cfg.k, rows=eval_rows)
         return (valid["r10"], valid["n10"]), valid
 
-    result = train_epochs(model, cfg, samples.lengths, step, validate, name)
+    result = train_epochs(model, cfg, samples.lengths, step_on(samples), validate, name)
+    if initial is not None and result.best_epoch > 0:
+        rows = test_rows(len(split.test), cfg.test_users, cfg.seed)
+        selected = evaluate_decoder(model, split.test, "nezha_step", cfg.k, rows=rows)
+        log.info("%s selected (epoch %d) test nezha_step: %s", name, result.best_epoch, selected)
+        refit_rows = prefix_samples(split.train_with_validation(), model.cfg.max_history)
+        refit = refit_epochs(model, initial, cfg, result.best_epoch, refit_rows.lengths, step_on(refit_rows),
+                             f"{name}-refit")
+        result.refit = {"epochs": refit.epochs, "train_seconds": refit.train_seconds,
+                        "selected_test": {"nezha_step": selected}}
+        result.train_seconds += refit.train_seconds
     for decoder in cfg.test_decoders:
         t0 = time.perf_counter()
         rows = test_rows(len(split.test), cfg.end_users if decoder.endswith("_end") else cfg.test_users, cfg.seed)
         result.test[decoder] = evaluate_decoder(model, split.test, decoder, cfg.k, rows=rows)
+        result.test[decoder]["seen_excluded"] = evaluate_decoder(model, split.test, decoder, cfg.k, rows=rows,
+                                                                 seen_excluded=True)
         seconds = time.perf_counter() - t0
         result.test[decoder].update(eval_seconds=seconds, users=len(split.test) if rows is None else len(rows))
         result.eval_seconds += seconds

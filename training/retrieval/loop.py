@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -170,3 +170,13 @@ def train_epochs(model: torch.nn.Module, cfg: LoopConfig, lengths: np.ndarray,
     best.restore(model)
     return TrainResult(best_epoch=best.epoch, epochs=epoch, stopped=stopped, valid=best.valid,
                        train_seconds=train_s, eval_seconds=eval_s, history=history)
+
+
+def refit_epochs(model: torch.nn.Module, initial: dict[str, torch.Tensor], cfg: LoopConfig, epochs: int,
+                 lengths: np.ndarray, step: Callable[[np.ndarray], dict[str, torch.Tensor]],
+                 name: str = "model") -> TrainResult:
+    """Train `model` again from the `initial` weights for exactly `epochs` (what validation chose) on other rows,
+    with no validation and no time budget, and keep the last epoch: the refit on training + validation items."""
+    model.load_state_dict(initial)
+    cfg = replace(cfg, max_epochs=epochs, eval_every=epochs, patience=1, max_train_seconds=None)
+    return train_epochs(model, cfg, lengths, step, lambda: ((0.0,), {}), name)

@@ -130,15 +130,31 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
                                      eval_users=g.eval_users, seed=opts.seed, num_threads=opts.threads,
                                      device=opts.device, test_decoders=tuple(opts.test_decoders),
                                      test_users=opts.test_users, end_users=opts.end_users,
+                                     refit_with_validation=g.refit_with_validation,
+                                     distill_weight=g.distill_weight, distill_temperature=g.distill_temperature,
                                      max_train_seconds=g.max_minutes * 60 if g.max_minutes else None)
-    result = train_retriever(model, split, train_cfg)
+    if g.distill_weight > 0 and "dense_model" not in out:
+        raise ValueError("retrieval.generative.distill_weight > 0 needs the dense model: item_source model or both")
+    result = train_retriever(model, split, train_cfg, teacher=out.get("dense_model"))
     out.update(sid=sid, model=model, model_config=model_config, result=result,
                seconds=time.perf_counter() - t0)
     return out
 
 
-def save(folder: str | Path, out: dict[str, Any]) -> Manifest:
-    """Write the retriever of a `run` as an artifact (semantic-ID table included)."""
+def save_dense(folder: str | Path, model, model_config: dict[str, Any], result: dict[str, Any], dataset: str,
+               item_vocab, retrieval: dict[str, Any]) -> Manifest:
+    """Write a dense retriever (`result`: its TrainResult as a dict) as an artifact: serving's dense channel."""
+    metadata = {"dataset": dataset, "max_len": retrieval["max_history"] + 1, "item_vocab": item_vocab.tolist(),
+                "protocol": "leave-one-out, full-catalogue ranking", "retrieval": retrieval}
+    metrics = {k: result[k] for k in ("test", "valid", "best_epoch", "epochs", "stopped", "train_seconds")}
+    kind = retrieval["dense"]["model"]
+    name = f"{kind}-{Path(dataset).name.split('.')[0]}"
+    return save_artifact(folder, model.cpu(), model_config, metadata, metrics, name=name)
+
+
+def save(folder: str | Path, out: dict[str, Any], dense_folder: str | Path | None = None) -> Manifest:
+    """Write the retriever of a `run` as an artifact (semantic-ID table included); with `dense_folder`, also the
+    dense retriever the run trained (the dense channel; nothing when it was loaded with `item_model`)."""
     data, result, cfg, opts = out["data"], out["result"], out["config"], out["options"]
     metadata = {"dataset": opts["dataset"], "item_ids": data.item_vocab[1:].tolist(),
                 "max_history": cfg["max_history"], "semantic_ids": out["sid"].stats,
@@ -148,5 +164,8 @@ def save(folder: str | Path, out: dict[str, Any]) -> Manifest:
     if "dense_result" in out:
         metrics["item_embedding_model"] = {"test": out["dense_result"].get("test", {})}
     name = f"nezha-{Path(opts['dataset']).name.split('.')[0]}"
+    if dense_folder is not None and "dense_config" in out:
+        save_dense(dense_folder, out["dense_model"], out["dense_config"], out["dense_result"], opts["dataset"],
+                   data.item_vocab, cfg)
     return save_artifact(folder, out["model"].cpu(), out["model_config"], metadata, metrics, name=name,
                          semantic_ids=out["sid"].table)
