@@ -26,7 +26,8 @@ Per variant: closed-loop clients at concurrency 1, 4, 16, 64 (200 candidates ret
 goodput (the saturation rate), an overload run at 200%, and the /events freshness probes under an open loop at 50%.
 During every level the engagements the load produced are posted through POST /events (bench.serve_load), so
 the queried users' histories change as they would. Per level: latency percentiles over all responses and
-over 200s, goodput, errors by status, CPU per request of the Ray processes and of the load generator.
+over 200s, goodput, errors by status, CPU per request of the Ray processes and of the load generator, and in the
+open loop how far the load generator fell behind its own schedule (`client_lag_*`: its share of the latency).
 Last, the freshness of landing file -> ingest --follow --push-features -> online store (bench.serve_follow).
 Writes bench/results/serve.json and bench/results/serve_latency_cdf.png; prints a table.
 """
@@ -91,7 +92,9 @@ def level_line(name: str, r: dict) -> str:
     return (f"   {name:<10} goodput={r['goodput_rps']:<6} p50={r['p50_ms']}/{r['p50_ms_ok']} "
             f"p99={r['p99_ms']}/{r['p99_ms_ok']} (all/200) errors={r['errors_by_status']} "
             f"cpu/req={r['cpu_ms_per_request']} loadgen/req={r['loadgen_cpu_ms_per_request']} "
-            f"events={r['events']['events_accepted']}")
+            f"events={r['events']['events_accepted']}" +
+            (f" client lag p50/p99={r['client_lag_p50_ms']}/{r['client_lag_p99_ms']}" if "client_lag_p99_ms" in r
+             else ""))
 
 
 def direct_ingress_url(sc: dict) -> str | None:
@@ -260,6 +263,7 @@ def summary(results: dict, follow: dict) -> dict:
         "overload_goodput_rps": main["overload"]["goodput_rps"],
         "overload_admitted_p50_ms": main["overload"]["p50_ms_ok"],
         "overload_admitted_p99_ms": main["overload"]["p99_ms_ok"],
+        "overload_client_lag_p99_ms": main["overload"].get("client_lag_p99_ms"),
         "overload_non503_errors": sum(v for k, v in main["overload"]["errors_by_status"].items() if k != "503"),
         "rps_c16_default": default["c16"]["goodput_rps"],
         "rps_c16_ratio_vs_default": round(main["c16"]["goodput_rps"] / max(default["c16"]["goodput_rps"], 1e-9), 2),

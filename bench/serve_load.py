@@ -96,9 +96,12 @@ class Recorder:
     def __init__(self):
         self.all_ms, self.ok_ms, self.codes = [], [], Counter()
         self.stages, self.fallbacks = defaultdict(list), Counter()
+        self.lag_ms: list[float] = []  # open loop: scheduled send -> the client starts the request
 
-    def add(self, code: int, ms: float, body: dict | None) -> None:
+    def add(self, code: int, ms: float, body: dict | None, lag_ms: float | None = None) -> None:
         self.codes[code] += 1
+        if lag_ms is not None:
+            self.lag_ms.append(lag_ms)
         self.all_ms.append(ms)
         if code == 200:
             self.ok_ms.append(ms)
@@ -118,6 +121,9 @@ class Recorder:
                    share_503=round(self.codes.get(503, 0) / max(total, 1), 3),
                    fallbacks=dict(self.fallbacks),
                    stages_mean_ms={k: round(float(np.mean(v)), 2) for k, v in sorted(self.stages.items())})
+        if self.lag_ms:  # how far the load generator itself fell behind its schedule (its share of the latency)
+            out.update(client_lag_p50_ms=round(float(np.percentile(self.lag_ms, 50)), 2),
+                       client_lag_p99_ms=round(float(np.percentile(self.lag_ms, 99)), 2))
         return out
 
 
@@ -174,9 +180,10 @@ class Load:
 
     async def recommend(self, http: httpx.AsyncClient, user: int, started: float | None = None) -> None:
         """One /recommend, timed from `started` (an open loop's scheduled send time) or from now."""
-        t = started if started is not None else time.perf_counter()
+        now = time.perf_counter()
+        t = started if started is not None else now
         code, body = await _call(http, "/recommend", {"user_id": user, "k": 10})
-        self.rec.add(code, (time.perf_counter() - t) * 1000, body)
+        self.rec.add(code, (time.perf_counter() - t) * 1000, body, None if started is None else (now - t) * 1000)
         if body is not None:
             self.poster.engaged(user, body)
 
