@@ -1,6 +1,7 @@
 """The retrieval pipeline for any sequential dataset (a name or a path): leave-one-out split -> the dense
 retriever (trained here with `retrieval.dense`, or a saved one) -> item embeddings (its item table and / or
-item attributes) -> semantic IDs -> the NEZHA retriever (`retrieval.generative`) -> artifact. Used by
+item attributes) -> semantic IDs -> the NEZHA retriever (`retrieval.generative`; the dense model is its teacher
+when `distill_weight` > 0) -> artifact. Used by
 ray_jobs/train_retriever.py, the demo and bench/retrieval.py; every knob is in the platform config's
 `retrieval` section (config/schema.py).
 
@@ -94,8 +95,9 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
     log.info("%s: %d users, %d items, %d interactions", opts.dataset, len(data.items), data.num_items,
              data.num_interactions)
     table = attrs = None
-    if g.item_source in ("model", "both"):
+    if g.item_source in ("model", "both") or g.distill_weight > 0:  # the tokeniser's table and / or the teacher
         out["dense_model"] = _dense_model(cfg, opts, split, out)
+    if g.item_source in ("model", "both"):
         table = out["dense_model"].item_embeddings().detach().cpu()
         if table.shape[1] > g.d_model:
             # Choice: a dense table wider than NEZHA (256 against 64 by default) is tokenised in its top d_model
@@ -133,8 +135,6 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
                                      refit_with_validation=g.refit_with_validation,
                                      distill_weight=g.distill_weight, distill_temperature=g.distill_temperature,
                                      max_train_seconds=g.max_minutes * 60 if g.max_minutes else None)
-    if g.distill_weight > 0 and "dense_model" not in out:
-        raise ValueError("retrieval.generative.distill_weight > 0 needs the dense model: item_source model or both")
     result = train_retriever(model, split, train_cfg, teacher=out.get("dense_model"))
     out.update(sid=sid, model=model, model_config=model_config, result=result,
                seconds=time.perf_counter() - t0)
