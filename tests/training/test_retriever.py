@@ -39,6 +39,14 @@ def _ring_split(users=40, items=12, length=9):
     return leave_one_out(sequences_from_interactions(u, i, np.tile(np.arange(length), users)), max_len=6)
 
 
+def _ring_retriever(split, d_model: int, **kwargs):
+    """A NEZHA retriever over random 2-level semantic IDs of the ring's items."""
+    sid = build_semantic_ids(torch.randn(split.num_items + 1, 4, generator=torch.Generator().manual_seed(1)),
+                             codebook_sizes=(4, 4), iters=3)
+    return build_nezha(split.num_items, sid, d_model=d_model, num_blocks=1, num_heads=1, max_history=5, dropout=0.0,
+                       **kwargs)[0]
+
+
 def test_formats_read_the_same_sequences(tmp_path):
     (tmp_path / "Toy.txt").write_text("1 5 6 7\n2 6 7 5 8\n")
     (tmp_path / "Toy_item2attributes.json").write_text(json.dumps({"5": [1], "6": [1, 2], "7": [3], "8": []}))
@@ -82,10 +90,7 @@ def test_semantic_ids_unique_and_rqvae_option():
 
 def test_training_learns_a_predictable_sequence_and_verifies():
     split = _ring_split()
-    sid = build_semantic_ids(torch.randn(split.num_items + 1, 4, generator=torch.Generator().manual_seed(1)),
-                             codebook_sizes=(4, 4), iters=3)
-    model, _ = build_nezha(split.num_items, sid, d_model=32, num_blocks=1, num_heads=1, max_history=5,
-                           dropout=0.0, beam_size=6)
+    model = _ring_retriever(split, 32, beam_size=6)
     cfg = RetrieverTrainConfig(batch_size=32, lr=5e-3, max_epochs=25, patience=25, eval_users=40,
                                test_decoders=("nezha_step", "beam_step", "nezha_end", "beam_end"))
     result = train_retriever(model, split, cfg)
@@ -98,10 +103,7 @@ def test_training_learns_a_predictable_sequence_and_verifies():
 
 def test_refit_on_validation_items_and_the_published_protocol():
     split = _ring_split()
-    sid = build_semantic_ids(torch.randn(split.num_items + 1, 4, generator=torch.Generator().manual_seed(1)),
-                             codebook_sizes=(4, 4), iters=3)
-    model, _ = build_nezha(split.num_items, sid, d_model=16, num_blocks=1, num_heads=1, max_history=5,
-                           dropout=0.0, beam_size=4)
+    model = _ring_retriever(split, 16, beam_size=4)
     cfg = RetrieverTrainConfig(batch_size=32, lr=5e-3, max_epochs=4, patience=4, eval_users=40,
                                refit_with_validation=True)
     result = train_retriever(model, split, cfg)
@@ -122,9 +124,7 @@ def test_distillation_from_a_dense_teacher():
     from training.retrieval.generative import code_distributions
 
     split = _ring_split()
-    sid = build_semantic_ids(torch.randn(split.num_items + 1, 4, generator=torch.Generator().manual_seed(1)),
-                             codebook_sizes=(4, 4), iters=3)
-    model, _ = build_nezha(split.num_items, sid, d_model=16, num_blocks=1, num_heads=1, max_history=5, dropout=0.0)
+    model = _ring_retriever(split, 16)
     hist, lengths, target = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2]), torch.tensor([4, 6])
     # a teacher sure of the true item teaches exactly the hard labels
     sure = torch.nn.functional.one_hot(target, split.num_items + 1).float()
