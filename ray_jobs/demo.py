@@ -162,7 +162,7 @@ def training_stage(cfg):
 def retriever_stage(cfg) -> tuple[str, str]:
     """Stage 8: the dense retriever, semantic IDs of its item table and the NEZHA generative retriever on the lake's
     user sequences (a short run); returns both artifacts (generative, dense): serving's two model channels."""
-    t = stage("8. retrieval: semantic IDs (RQ-KMeans) + NEZHA generative retriever on the lake's sequences")
+    t = stage("8. retrieval: dense retriever -> semantic IDs (RQ-KMeans) -> NEZHA (distilled) on the lake's sequences")
     from training.retrieval.lake_sequences import export_retrieval_sequences
     from training.retrieval.pipeline import RunOptions, run, save
 
