@@ -175,6 +175,13 @@ class SequenceBatch:
         return SequenceBatch(*(None if a is None else a[rows]
                                for a in (self.items, self.times, self.lengths, self.targets, self.seen)))
 
+    def new_targets(self, rows: np.ndarray) -> np.ndarray:
+        """A boolean per row of `rows`: its target is not one of the user's earlier items (the users the published
+        protocol counts)."""
+        if self.seen is None:
+            raise ValueError("seen_excluded needs an evaluation set with `seen` histories (training.retrieval.data)")
+        return ~(self.seen[rows] == self.targets[rows, None]).any(1)
+
 
 @dataclass
 class LeaveOneOut:

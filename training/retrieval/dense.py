@@ -80,10 +80,6 @@ class RetrievalTrainConfig(LoopConfig):
     softmax: str = "full"
     num_negatives: int = 128  # sampled softmaxes only
     eval_batch_size: int = 256
-    # After validation picked the best epoch E: train again from the same initial weights for E epochs on the
-    # training rows plus each user's validation item, and test that model (the selected one is tested too).
-    refit_with_validation: bool = False
-
     def __post_init__(self) -> None:
         if self.softmax not in SOFTMAXES:
             raise ValueError(f"softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
@@ -128,9 +124,7 @@ def _scored_batches(model: SequentialRetriever, data: SequenceBatch, batch_size:
 
 def _seen_excluded_ranks(data: SequenceBatch, rows: np.ndarray, scores: torch.Tensor) -> torch.Tensor:
     """Target ranks of `rows` without each user's earlier items; rows whose target is one of them are left out."""
-    if data.seen is None:
-        raise ValueError("seen_excluded needs an evaluation set with `seen` histories (training.retrieval.data)")
-    keep = ~(data.seen[rows] == data.targets[rows, None]).any(1)
+    keep = data.new_targets(rows)
     rows, device = rows[keep], scores.device
     return target_ranks(scores[torch.from_numpy(keep).to(device)], torch.from_numpy(data.targets[rows]).to(device),
                         torch.from_numpy(data.seen[rows]).to(device)).cpu()

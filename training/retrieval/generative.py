@@ -62,9 +62,6 @@ class RetrieverTrainConfig(LoopConfig):
     # decoder is the longest part of a CPU run. "_end" decoders use end_users (they measure invalid IDs).
     test_users: int | None = None
     end_users: int | None = None
-    # After validation chose epoch E: train again from the same initial weights for E epochs on the prefixes of
-    # the training rows plus each user's validation item, and test that model (the selected one: nezha_step only).
-    refit_with_validation: bool = False
     # Distillation from a dense teacher (train_retriever's `teacher`): each level's loss mixes in, with this weight,
     # the teacher's distribution over that level's codes (`code_distributions`); 0 = off.
     distill_weight: float = 0.0
@@ -119,9 +116,7 @@ def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = 
     items, lengths = eval_histories(data)
     rows = np.arange(len(lengths)) if rows is None else rows
     if seen_excluded:
-        if data.seen is None:
-            raise ValueError("seen_excluded needs an evaluation set with `seen` histories (training.retrieval.data)")
-        rows = rows[~(data.seen[rows] == data.targets[rows, None]).any(1)]
+        rows = rows[data.new_targets(rows)]
     rows = rows[np.argsort(lengths[rows], kind="stable")]
     dev = model.semantic_ids.device
     ranks, invalid, beams, bad = [], 0, 0, 0

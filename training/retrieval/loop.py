@@ -48,6 +48,10 @@ class LoopConfig:
     num_threads: int | None = None  # torch.set_num_threads for the run; None leaves it alone
     max_train_seconds: float | None = None  # stop after the epoch that crosses this budget
     device: str = "cpu"
+    # After validation chose epoch E: train again from the same initial weights for E epochs on the training rows
+    # plus each user's validation item (`refit_epochs`), and test that model; the selected model's test is kept
+    # beside it (dense: every metric; generative: nezha_step).
+    refit_with_validation: bool = False
 
 
 @dataclass
