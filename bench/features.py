@@ -6,7 +6,9 @@
 Prints a table and writes bench/results/features.json. In one run, on the same lake:
 - online reads of 1 user + `--items` candidates (the user's stats and sequence, the candidates' and their
   authors' stats), p50/p99, on SQLite and on a local redis-server, through Feast's own
-  `get_online_features` (the baseline) and through the serving client's fast path;
+  `get_online_features` (the baseline) and through the serving client's fast path, with 1 reader and with
+  `--concurrency` readers in a closed loop, and the client also in an open loop (`--open-loop-rps` reads/s
+  offered to the same readers, timed from each read's due time);
 - freshness: one event handed to the real-time updater until an online read of its user reflects it;
 - the feature job (windowed stats + sequences, Ray tasks) on the whole events table, events/s, against a
   plain read of the same columns from Delta (the baseline: the ratio says what the computation costs);
@@ -62,28 +64,40 @@ def build_lake(root: Path, events: int) -> tuple[PlatformConfig, dict]:
     return cfg, setup
 
 
-def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1) -> list[float]:
+def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1,
+                 rate: float | None = None) -> list[float]:
     """Seconds per `client.get` of 1 user + `n_items` random candidates: `reads` timed reads in all, spread over
     `threads` threads that share one client (as a serving replica's thread pool does) and start together,
-    after 10 untimed warm-up reads per thread (connections, registry, first-use imports)."""
+    after 10 untimed warm-up reads per thread (connections, registry, first-use imports).
+
+    Closed loop by default (each thread reads again as soon as it has its answer: a saturation test, where
+    latency is mostly the queue). With `rate`, open loop: read k is due at start + k / rate (reads dealt to the
+    threads in turn) and is timed from that due time, so time spent waiting for a free thread counts too."""
     import itertools
     import threading
 
     from tests.threads import run_together
 
     barrier, times, lock, numbers = threading.Barrier(threads), [], threading.Lock(), itertools.count()
+    start: list[float] = []
 
     def reader() -> None:
         with lock:
             seed = next(numbers)
         rng, mine = np.random.default_rng(seed), []
         try:
-            for timed in [False] * 10 + [True] * (reads // threads + (seed < reads % threads)):
+            for k, timed in enumerate([False] * 10 + [True] * (reads // threads + (seed < reads % threads))):
                 if timed and not mine:
                     barrier.wait()  # every thread, even one with no timed read, has warmed up
+                    with lock:
+                        if not start:
+                            start.append(time.perf_counter())
                 user = int(rng.choice(ids["users"]))
                 items = rng.choice(ids["items"], n_items, replace=False).tolist()
                 started = time.perf_counter()
+                if timed and rate:
+                    started = start[0] + ((k - 10) * threads + seed) / rate
+                    time.sleep(max(0.0, started - time.perf_counter()))
                 client.get(user, items)
                 if timed:
                     mine.append(time.perf_counter() - started)
@@ -126,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reads", type=int, default=1000, help="timed reads per path through the client")
     parser.add_argument("--feast-reads", type=int, default=200, help="timed reads through Feast's SDK")
     parser.add_argument("--concurrency", type=int, default=16, help="readers sharing one client, the second run")
+    parser.add_argument("--open-loop-rps", type=float, default=150.0,
+                        help="the client's open-loop run: reads/s offered to the same readers (serving's whole "
+                             "/recommend path saturated at 118 req/s with 16 clients, bench.serve 2026-12-04)")
     parser.add_argument("--fresh-events", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep the temp lake")
     args = parser.parse_args(argv)
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     results: dict = {"command": " ".join(["python -m bench.features", *given]), "events": args.events,
                      "items_per_read": args.items, "concurrency": args.concurrency,
+                     "open_loop_rps": args.open_loop_rps,
                      "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     try:
         cfg, results["setup"] = build_lake(root, args.events)
@@ -177,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                         p50_p99 = percentiles(times)
                         results[f"{path}_p50_ms{suffix}_{name}"], results[f"{path}_p99_ms{suffix}_{name}"] = p50_p99
                         results[f"{path}_reads{suffix}_{name}"] = len(times)
+                times = read_latency(clients["client"][0], ids, args.items, args.reads, args.concurrency,
+                                     rate=args.open_loop_rps)
+                results[f"client_p50_ms_open_{name}"], results[f"client_p99_ms_open_{name}"] = percentiles(times)
                 fresh = freshness(backend, store, ids, args.fresh_events)
                 results[f"freshness_p50_ms_{name}"], results[f"freshness_p99_ms_{name}"] = fresh["p50_p99_ms"]
                 results[f"realtime_bootstrap_s_{name}"] = fresh["bootstrap_s"]
@@ -205,6 +226,10 @@ def print_table(r: dict) -> None:
             for suffix, readers in (("", "1 reader"), (c, f"{r['concurrency']} readers")):
                 print(f"  {store:<7}{label:<27}{readers:<12}{r[f'{path}_p50_ms{suffix}_{store}']:>10.2f}"
                       f"{r[f'{path}_p99_ms{suffix}_{store}']:>10.2f}")
+    for store in ("sqlite", "redis"):
+        if f"client_p99_ms_open_{store}" in r:
+            print(f"  {store:<7}{'serving client, open loop':<27}{r['open_loop_rps']:>5g}/s     "
+                  f"{r[f'client_p50_ms_open_{store}']:>10.2f}{r[f'client_p99_ms_open_{store}']:>10.2f}")
     for store in ("sqlite", "redis"):
         print(f"  {store:<7}{'freshness (event -> visible)':<27}{r[f'freshness_p50_ms_{store}']:>10.2f}"
               f"{r[f'freshness_p99_ms_{store}']:>10.2f}")

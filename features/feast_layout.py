@@ -181,8 +181,8 @@ class StoredValues:
     def int64s(self, default: int = 0) -> np.ndarray:
         """[n] int64 of `int64_val` ValueProtos (tag 0x20 + one varint), vectorised; `default` where absent."""
         out = np.full(self.n, default, np.int64)
-        if not len(self.positions):
-            return out
+        if len(self.positions) <= 4:  # a user's one timestamp: a dozen numpy calls cost more than Python here
+            return self._int64s_one_by_one(out, default)
         buf = np.frombuffer(self.data, np.uint8)
         starts, lengths = self.offsets[:-1], np.diff(self.offsets)
         digits = np.arange(1, max(int(lengths.max()), 2))
@@ -192,19 +192,27 @@ class StoredValues:
         well_formed = ((lengths >= 2) & (lengths <= 11) & (buf[starts] == 0x20) & (last < 0x80)
                        & (((raw < 0x80) & inside).sum(axis=1) == 1))  # one varint, ending at the end
         if not well_formed.all():  # another value type: Feast's own decoding, one value at a time
-            values = self.values()
-            return np.array([default if v is None else (decode_value(v) or default) for v in values], np.int64)
+            return self._int64s_one_by_one(out, default)
         shifts = (7 * (digits - 1)).astype(np.uint64)
         parts = ((raw & 0x7F).astype(np.uint64) << shifts) * inside
         out[self.positions] = np.bitwise_or.reduce(parts, axis=1).view(np.int64)
         return out
 
+    def _int64s_one_by_one(self, out: np.ndarray, default: int) -> np.ndarray:
+        values = self.values()
+        for pos in self.positions.tolist():
+            value = decode_value(values[pos])
+            out[pos] = default if value is None else value
+        return out
+
 
 def _ints(text: bytes | str) -> np.ndarray:
     """b"3,0,17" -> int64 array (the readers' comma-separated positions and lengths)."""
-    if isinstance(text, bytes):
-        text = text.decode("ascii")
-    return np.array(text.split(","), np.int64) if text else np.zeros(0, np.int64)
+    # fromstring's text mode parses in C, ~5x faster than split + array for a 200-candidate read.
+    try:
+        return np.fromstring(text, np.int64, sep=",") if text else np.zeros(0, np.int64)
+    except ValueError as err:
+        raise FeatureStoreUnavailable(f"the online store returned a malformed bulk read: {err}") from err
 
 
 class PythonValues(StoredValues):
@@ -256,58 +264,73 @@ Request = tuple[str, list[str], bytes, int]  # (view, features, n entity keys ba
 class SqliteReader:
     """Bulk reads of Feast's SQLite tables: per request and feature one aggregated row (`StoredValues`).
 
-    The keys go in as one blob that a recursive CTE splits, so the statement text depends only on the views
-    and features asked for and stays in the connection's statement cache. One read-only connection per thread:
-    sqlite3 releases the GIL while a query runs, so concurrent readers (serving's thread pool) overlap."""
+    The keys of a request go in as one blob, split by `substr` over a per-connection temp table of positions
+    (a recursive CTE split cost ~100 us per 200 keys, the positions table ~8 us), and every (request, feature)
+    is one primary-key join with no GROUP BY, so no temp B-tree copies the values. The statement text depends
+    only on the views and features asked for and stays in the connection's statement cache. One read-only
+    connection per thread: sqlite3 releases the GIL while a query runs, so concurrent readers overlap."""
 
     def __init__(self, path: str, project: str, timeout_s: float):
         self.project, self.path, self.timeout_s = project, path, timeout_s
         self._local = threading.local()
-        self._connection()  # fail at construction, not at the first request, when the store cannot be opened
+        self._connection(1)  # fail at construction, not at the first request, when the store cannot be opened
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, keys: int) -> sqlite3.Connection:
+        """This thread's connection, with positions 0..keys-1 in its temp table."""
         con = getattr(self._local, "con", None)
         if con is None:
             try:
                 con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.timeout_s)
                 # Memory-mapped reads: a 200-candidate lookup went from ~5 ms to ~1 ms here.
                 con.execute("PRAGMA mmap_size = 268435456")
+                con.execute("CREATE TEMP TABLE positions (pos INTEGER PRIMARY KEY)")  # temp: allowed read-only
             except sqlite3.Error as err:
                 raise FeatureStoreUnavailable(f"cannot open the SQLite online store {self.path}: {err}") from err
             con.text_factory = bytes  # group_concat of blobs is text to SQLite; take its bytes as they are
-            self._local.con = con
+            self._local.con, self._local.positions = con, 0
+        if keys > self._local.positions:
+            size = max(512, 1 << (keys - 1).bit_length())
+            with con:
+                con.executemany("INSERT INTO temp.positions VALUES (?)", ((i,) for i in range(self._local.positions,
+                                                                                               size)))
+            self._local.positions = size
         return con
 
     def read(self, requests: list[Request]) -> list[dict[str, StoredValues]]:
         """(view, features, keys, key length) -> per request, feature -> its `StoredValues`."""
         parts, params = [], []
         for n, (view, features, keys, width) in enumerate(requests):
-            if keys:
-                # Positions come back beside the values, so the row order inside a group does not matter.
+            if not keys:
+                continue
+            params += [keys, len(keys) // width]
+            key, count = len(params) - 1, len(params)
+            for feature in features:
+                params.append(feature)
+                # Positions come back beside the values, so the row order does not matter.
                 parts.append(
-                    f"SELECT * FROM (WITH RECURSIVE wanted(pos, entity_key) AS (SELECT 0, substr(?, 1, {width}) "
-                    f"UNION ALL SELECT pos + 1, substr(?, (pos + 1) * {width} + 1, {width}) FROM wanted "
-                    f"WHERE (pos + 1) * {width} < length(?)) "
-                    f"SELECT {n}, feature_name, group_concat(pos), group_concat(length(coalesce(value, x''))), "
-                    f"group_concat(coalesce(value, x''), '') "
-                    f'FROM wanted CROSS JOIN "{self.project}_{view}" AS stored '
-                    f"ON stored.entity_key = wanted.entity_key "
-                    f"WHERE feature_name IN ({','.join('?' * len(features))}) GROUP BY feature_name)")
-                params += [keys, keys, keys, *features]
+                    f"SELECT {n}, ?{len(params)}, group_concat(pos), group_concat(length(coalesce(value, x''))), "
+                    f"group_concat(coalesce(value, x''), '') FROM temp.positions CROSS JOIN "
+                    f'"{self.project}_{view}" AS stored ON stored.entity_key = substr(?{key}, pos * {width} + 1, '
+                    f"{width}) AND stored.feature_name = ?{len(params)} WHERE pos < ?{count}")
         rows = []
         if parts:
             try:
-                rows = self._connection().execute(" UNION ALL ".join(parts), params).fetchall()
+                con = self._connection(max(len(keys) // width for _, _, keys, width in requests if keys))
+                rows = con.execute(" UNION ALL ".join(parts), params).fetchall()
             except sqlite3.Error as err:
                 raise FeatureStoreUnavailable(f"SQLite online store read failed: {err}") from err
         return _columns(requests, ((n, feature.decode(), pos, lengths, data or b"")
-                                   for n, feature, pos, lengths, data in rows))
+                                   for n, feature, pos, lengths, data in rows if pos is not None))
 
 
 def _columns(requests: list[Request], found) -> list[dict[str, StoredValues]]:
-    out = [{f: StoredValues(len(keys) // width) for f in features} for _, features, keys, width in requests]
+    out: list[dict[str, StoredValues]] = [{} for _ in requests]
     for n, feature, positions, lengths, data in found:
         out[n][feature] = StoredValues(len(requests[n][2]) // requests[n][3], positions, lengths, data)
+    for got, (_, features, keys, width) in zip(out, requests):
+        for feature in features:
+            if feature not in got:
+                got[feature] = StoredValues(len(keys) // width)
     return out
 
 

@@ -58,6 +58,8 @@ def test_a_malformed_bulk_answer_is_refused():
         StoredValues(2, b"0,5", b"1,1", b"ab")  # a position past the request
     with pytest.raises(FeatureStoreUnavailable, match="malformed"):
         StoredValues(2, b"0,1", b"1,2", b"ab")  # lengths that do not add up to the data
+    with pytest.raises(FeatureStoreUnavailable, match="malformed"):
+        StoredValues(2, b"0,x", b"1,1", b"ab")  # not a list of numbers
 
 
 def test_many_entity_keys_equal_feasts_one_at_a_time():

@@ -50,6 +50,18 @@ def test_fast_path_returns_exactly_what_feast_returns(online, feature_lake):
         assert got.author_stats[i].shape == got.item_stats[i].shape
 
 
+def test_a_read_of_more_keys_than_a_candidate_list_matches_feast(online):
+    """The real-time updater reads many users' sequences at once: past the SQLite reader's first 512 positions
+    (it grows them) the answer is still Feast's."""
+    cfg, store = online
+    fast, feast = OnlineFeatureClient(cfg, store=store), OnlineFeatureClient(cfg, fast=False, store=store)
+    users = [*range(1200, 0, -1), 7, 5000]
+    got = fast.sequences(users)
+    assert got.keys() == feast.sequences(users).keys() and {1, 2, 7} <= got.keys()
+    for user, (sequence, asof) in feast.sequences(users).items():
+        assert got[user][1] == asof and all(np.array_equal(got[user][0][f], sequence[f]) for f in sequence)
+
+
 def test_concurrent_readers_of_one_client_get_what_a_lone_reader_gets(online):
     """Serving's thread pool shares one client: 8 threads reading at once (SQLite: a connection each) get the
     same answers as the reads made one at a time."""
