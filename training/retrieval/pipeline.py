@@ -104,6 +104,11 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
             # principal directions, so the centroids the code embeddings start at and the history item embeddings
             # live in NEZHA's width (without this both inits would be skipped).
             table = principal_components(table, g.d_model)
+        elif table.shape[1] < g.d_model:
+            # Choice: a narrower table (a 128-wide NEZHA over the 64-wide default) is zero-padded to NEZHA's width.
+            # Distances, hence the semantic IDs, are unchanged; the centroids and history item rows then fill the
+            # first dims and the rest start at zero and are learned, so a larger backbone keeps both inits.
+            table = torch.nn.functional.pad(table, (0, g.d_model - table.shape[1]))
     if g.item_source in ("attributes", "both"):
         lists = read_attributes(opts.dataset, opts.root, data.item_vocab)
         if lists is None:
