@@ -3,7 +3,7 @@
 Two ways to read, same answer (a test holds them equal):
 - the fast path reads the online store in bulk, as Feast lays it out (`features.feast_layout`): on SQLite
   two queries per request (the candidates' authors are known after the first), each answering one row per
-  feature; on Redis two Lua calls, each answering three strings per feature; decoding is numpy;
+  feature; on Redis two Lua calls, each doing the HMGETs and answering a flat list; decoding is numpy;
 - `fast=False` goes through Feast's `get_online_features`.
 Both read only the packed values (`stats`, `item_author_id`, the sequence arrays), not the 42 named stats.
 

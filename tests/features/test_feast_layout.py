@@ -70,3 +70,12 @@ def test_many_entity_keys_equal_feasts_one_at_a_time():
     feast = [serialize_entity_key(EntityKey(join_keys=["item_id"], entity_values=[Value(int64_val=i)]), 3) for i in ids]
     blob, width = EntityKeys("item_id").keys(ids)
     assert blob == b"".join(feast) and width == len(feast[0])
+
+
+def test_one_value_per_entity_reads_like_the_packed_form():
+    values = [Value(int64_val=5).SerializeToString(), None, Value(int64_val=-3).SerializeToString()]
+    column = StoredValues.of(values)
+    assert column.values() == values and column.present().tolist() == [True, False, True]
+    assert column.int64s(default=0).tolist() == [5, 0, -3] and StoredValues.of([]).n == 0
+    with pytest.raises(FeatureStoreUnavailable, match="malformed"):
+        StoredValues.of([b"ab", 7])  # a reply element that is not a stored value
