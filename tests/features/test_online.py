@@ -261,3 +261,34 @@ def test_a_push_landing_inside_a_redis_batch_write_is_kept(feature_lake, tmp_pat
     monkeypatch.undo()
     assert "fresh" in seen
     assert_same(read(), seen["fresh"])
+
+
+def test_read_gate_admits_in_arrival_order_one_holder_per_slot():
+    import threading
+
+    from features.online import ReadGate
+
+    gate, order, inside, most = ReadGate(1), [], [0], [0]
+    lock = threading.Lock()
+    gate.__enter__()  # the slot is taken: every reader below queues
+
+    def reader(n: int) -> None:
+        with gate:
+            with lock:
+                order.append(n)
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.01)
+            with lock:
+                inside[0] -= 1
+
+    threads = []
+    for n in range(6):
+        threads.append(threading.Thread(target=reader, args=(n,)))
+        threads[-1].start()
+        while len(gate._waiting) < n + 1:  # n has queued before n + 1 starts
+            time.sleep(0.001)
+    gate.__exit__(None, None, None)
+    for t in threads:
+        t.join()
+    assert order == list(range(6)) and most[0] == 1 and gate.free == 1
