@@ -8,7 +8,10 @@ those hashes came from are read back and compared as strings. Repeats inside the
 way, and the first occurrence in (file, line) order is the one kept.
 
 The index is built from the lake the first time a run needs it (16 bytes per event) and extended with each
-batch the run commits, so a follow-mode run reads the lake's event_ids once, not once per batch.
+batch the run commits, so a follow-mode run reads the lake's event_ids once, not once per batch. It is a few
+sorted runs, not one sorted array: a batch's hashes are sorted once and added as a run, and runs are merged like
+a binary counter (at most ~log2(batches) runs; each hash is copied O(log batches) times in all). Inserting 1M hashes
+into one sorted array cost ~0.7 s per batch (`np.insert`), a new run ~0.1 s.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 class EventKeyIndex:
-    """Hashes of the event_ids committed in batches before `upto`, with their batch numbers, sorted by hash.
+    """Hashes of the event_ids committed in batches before `upto`, with their batch numbers, in sorted runs.
 
         index = EventKeyIndex(DeltaTable(cfg.lake.events))
         keys = hash_ids(ids); repeated = index.duplicates(ids, batch_no, keys)
@@ -44,20 +47,23 @@ class EventKeyIndex:
 
     def __init__(self, events: DeltaTable):
         self.events = events
-        self.keys = np.empty(0, np.uint64)
-        self.batches = np.empty(0, np.int64)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (hashes sorted, their batches); sizes decrease
         self.upto: int | None = None
 
     def _insert(self, keys: np.ndarray, batches: np.ndarray) -> None:
-        order = np.argsort(keys)
-        keys, batches = keys[order], batches[order]
-        at = np.searchsorted(self.keys, keys)
-        self.keys, self.batches = np.insert(self.keys, at, keys), np.insert(self.batches, at, batches)
+        order = np.argsort(keys, kind="stable")
+        run = keys[order], batches[order]
+        while self.runs and len(self.runs[-1][0]) <= len(run[0]):
+            older = self.runs.pop()
+            merged = np.concatenate([older[0], run[0]])
+            order = np.argsort(merged, kind="stable")  # timsort: two sorted runs merge in linear time
+            run = merged[order], np.concatenate([older[1], run[1]])[order]
+        self.runs.append(run)
 
     def _cover(self, batch_no: int) -> None:
         """Make the index hold exactly the batches before `batch_no`, reading only what it lacks."""
         if self.upto is None or self.upto > batch_no:  # first use, or a batch is redone: start over
-            self.keys, self.batches, self.upto = np.empty(0, np.uint64), np.empty(0, np.int64), 0
+            self.runs, self.upto = [], 0
         if self.upto == batch_no:
             return
         self.events.update_incremental()
@@ -74,6 +80,18 @@ class EventKeyIndex:
                 self._insert(keys, np.full(len(keys), batch_no, np.int64))
             self.upto = batch_no + 1
 
+    def _batches_sharing(self, sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in `sorted_keys` whose hash the index holds, the batches those hashes came from)."""
+        shared, sources = [], []
+        for run_keys, run_batches in self.runs:
+            # Sorted needles: numpy's binary search starts from the previous answer, and memory is read in order.
+            lo, hi = np.searchsorted(run_keys, sorted_keys), np.searchsorted(run_keys, sorted_keys, "right")
+            hits = np.flatnonzero(hi > lo)
+            shared.append(hits)
+            sources += [run_batches[a:b] for a, b in zip(lo[hits], hi[hits])]
+        return (np.unique(np.concatenate(shared)) if shared else np.zeros(0, np.int64),
+                np.unique(np.concatenate(sources)) if sources else np.zeros(0, np.int64))
+
     def duplicates(self, ids: pa.ChunkedArray | pa.Array, batch_no: int, keys: np.ndarray) -> np.ndarray:
         """Mask of the ids of batch `batch_no` that an earlier batch committed or that repeat an earlier row.
 
@@ -82,17 +100,16 @@ class EventKeyIndex:
         if len(ids) == 0:
             return dup
         self._cover(batch_no)
-        if len(self.keys):
-            lo, hi = np.searchsorted(self.keys, keys), np.searchsorted(self.keys, keys, "right")
-            shared = np.flatnonzero(hi > lo)
-            if shared.size:
-                sources = np.unique(np.concatenate([self.batches[a:b] for a, b in zip(lo[shared], hi[shared])]))
-                self.events.update_incremental()
-                known = self.events.to_pyarrow_table(columns=["event_id"], filters=[
-                    ("ingest_batch", "in", sources.tolist())])["event_id"]
-                found = pc.is_in(ids.take(pa.array(shared)), value_set=known)
-                dup[shared[found.to_numpy(zero_copy_only=False)]] = True
-        sorted_keys = np.sort(keys)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        at, sources = self._batches_sharing(sorted_keys)
+        if at.size:
+            shared = np.sort(order[at])
+            self.events.update_incremental()
+            known = self.events.to_pyarrow_table(columns=["event_id"], filters=[
+                ("ingest_batch", "in", sources.tolist())])["event_id"]
+            found = pc.is_in(ids.take(pa.array(shared)), value_set=known)
+            dup[shared[found.to_numpy(zero_copy_only=False)]] = True
         if (sorted_keys[1:] == sorted_keys[:-1]).any():  # only rows whose hash repeats can repeat an id
             _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
             suspects = np.flatnonzero(counts[inverse] > 1)

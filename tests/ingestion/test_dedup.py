@@ -37,7 +37,7 @@ def colliding_hash(ids) -> np.ndarray:
 
 @pytest.mark.parametrize("collide", [False, True])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batches=st.lists(IDS, min_size=1, max_size=4))
+@given(batches=st.lists(IDS, min_size=1, max_size=7))  # 7: runs merge and stay apart
 def test_duplicates_match_a_plain_set(tmp_path_factory, monkeypatch, collide, batches):
     if collide:
         monkeypatch.setattr(dedup, "hash_ids", colliding_hash)
