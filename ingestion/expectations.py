@@ -16,14 +16,17 @@ file-backed GX project (`gx_root`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from config.schema import IngestConfig
 from ingestion.contract import (
@@ -38,6 +41,7 @@ from ingestion.contract import (
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
+log = logging.getLogger("ingestion")
 
 import great_expectations as gx  # noqa: E402  (the environment must be set first)
 import great_expectations.expectations as gxe  # noqa: E402
@@ -148,11 +152,59 @@ def suite(cfg: IngestConfig) -> list:
     return rules
 
 
+def unreadable_project_files(gx_root: str) -> list[Path]:
+    """The GX project's configuration files (great_expectations.yml, the stored suites, validation definitions
+    and checkpoints) that are empty or do not parse: what a write cut short by a kill leaves behind.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp()); (root / "gx" / "checkpoints").mkdir(parents=True)
+    >>> (root / "gx" / "checkpoints" / "events_batch.json").write_text("")
+    0
+    >>> [f.name for f in unreadable_project_files(str(root))]
+    ['events_batch.json']
+    """
+    project = Path(gx_root) / "gx"
+    broken = []
+    for path in [project / "great_expectations.yml",
+                 *(f for folder in ("expectations", "validation_definitions", "checkpoints")
+                   for f in sorted((project / folder).glob("*.json")))]:
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        try:
+            parsed = yaml.safe_load(text) if path.suffix == ".yml" else json.loads(text)
+        except (ValueError, yaml.YAMLError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            broken.append(path)
+    return broken
+
+
 class ExpectationGate:
     """Validates ingestion batches with a file-backed GX project and keeps its Data Docs."""
 
     def __init__(self, gx_root: str, cfg: IngestConfig):
         self.cfg = cfg
+        try:
+            self._open(gx_root)
+        except Exception:
+            # GX rewrites its project files on every open, in place: a run killed during that write leaves one
+            # empty, and the next open fails. They are derived from this code; the results and Data Docs stay.
+            broken = unreadable_project_files(gx_root)
+            if not broken:
+                raise
+            log.warning("GX project files left unreadable by an interrupted run, rebuilt: %s",
+                        ", ".join(str(f) for f in broken))
+            for f in broken:
+                f.unlink()
+            self._open(gx_root)
+        self._undocumented: list = []  # validation results not rendered into Data Docs yet
+        self._docs: threading.Thread | None = None
+        self._docs_error: BaseException | None = None
+
+    def _open(self, gx_root: str) -> None:
+        """Open (or create) the file-backed project and (re)write the gate's suite, validation and checkpoint."""
+        cfg = self.cfg
         self.ctx = gx.get_context(mode="file", project_root_dir=gx_root)
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         source = self.ctx.data_sources.add_or_update_pandas("landing")
@@ -163,9 +215,6 @@ class ExpectationGate:
             gx.ValidationDefinition(name=SUITE, data=batch_definition, suite=expectations))
         self.checkpoint = self.ctx.checkpoints.add_or_update(
             gx.Checkpoint(name=SUITE, validation_definitions=[vd], result_format={"result_format": "BASIC"}))
-        self._undocumented: list = []  # validation results not rendered into Data Docs yet
-        self._docs: threading.Thread | None = None
-        self._docs_error: BaseException | None = None
 
     def validate(self, valid: pa.Table, batch_no: int, bounds: EventTimeBounds, now_ms: int) -> GateResult:
         """Validate the statistics of a batch's valid rows (raw event columns, `ts` in ms)."""

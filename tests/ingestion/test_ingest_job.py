@@ -123,3 +123,18 @@ def test_follow_mode_picks_up_files_as_they_arrive(lake):
     events, _ = lake_rows(cfg)
     assert sorted(e["event_id"] for e in events) == sorted(f"e{i}" for i in range(25))
     assert [b.files for b in report.batches] == [1, 1] and len(batches) == 2
+
+
+@pytest.mark.parametrize("config_file", ["expectations/events_batch.json", "checkpoints/events_batch.json",
+                                         "great_expectations.yml"])
+def test_a_gx_project_file_emptied_by_a_kill_is_rebuilt(lake, config_file):
+    # A run killed while GX rewrote its project files (as the crash trials caught once) leaves one empty.
+    tmp, cfg = lake
+    write_lines(tmp / "landing", "a-001.jsonl", [good_event(i) for i in range(20)])
+    IngestJob(cfg).run_once()
+    (Path(cfg.lake.gx_root) / "gx" / config_file).write_text("")
+    write_lines(tmp / "landing", "a-002.jsonl", [good_event(i) for i in range(20, 30)])
+    report = IngestJob(cfg).run_once()
+    assert [b.valid for b in report.batches] == [10]
+    events, _ = lake_rows(cfg)
+    assert sorted(e["event_id"] for e in events) == sorted(f"e{i}" for i in range(30))
