@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         raw = events.to_pyarrow_table(columns=["user_id", "item_id", "author_id", "ts", "action", "value"])
         raw_s = time.perf_counter() - t
-        runs = []
-        for rep in range(max(1, args.job_repeats)):  # the last run is on the lake the rest of the benchmark reads
-            run_cfg = cfg if rep == max(1, args.job_repeats) - 1 else events_copy(cfg, root / f"job-run{rep}")
+        runs, repeats = [], max(1, args.job_repeats)
+        for rep in range(repeats):  # the last run is on the lake the rest of the benchmark reads
+            run_cfg = cfg if rep == repeats - 1 else events_copy(cfg, root / f"job-run{rep}")
             job = FeatureJob(run_cfg)
             report = job.run(materialize=False)
             runs.append(report.seconds)
