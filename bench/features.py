@@ -8,7 +8,8 @@ Prints a table and writes bench/results/features.json. In one run, on the same l
   authors' stats), p50/p99, on SQLite and on a local redis-server, through Feast's own
   `get_online_features` (the baseline) and through the serving client's fast path, with 1 reader and with
   `--concurrency` readers in a closed loop, and the client also in an open loop (`--open-loop-rps` reads/s
-  offered to the same readers, timed from each read's due time);
+  offered to the same readers, timed from each read's due time); the client merges concurrent requests into
+  one store read (`features.merged_reads`), and the closed loop is run again with merging off, same run;
 - freshness: one event handed to the real-time updater until an online read of its user reflects it;
 - the feature job (windowed stats + sequences, Ray tasks) on the whole events table, events/s, against a
   plain read of the same columns from Delta (the baseline: the ratio says what the computation costs).
@@ -209,12 +210,22 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"materialize_s_{name}"] = round(time.perf_counter() - t, 2)
                 clients = {"client": (OnlineFeatureClient(backend, store=store), args.reads),
                            "feast": (OnlineFeatureClient(backend, fast=False, store=store), args.feast_reads)}
+                # The same client reading one request at a time: what merging concurrent requests is worth.
+                one_by_one = backend.model_copy(deep=True)
+                one_by_one.features.online_store.requests_per_read = 1
+                clients["unmerged"] = (OnlineFeatureClient(one_by_one, store=store), args.reads)
                 for path, (client, reads) in clients.items():
                     for threads, suffix in ((1, ""), (args.concurrency, f"_c{args.concurrency}")):
+                        if path == "unmerged" and threads == 1:
+                            continue
+                        calls = client._merged.calls if client._merged else 0
                         times = read_latency(client, ids, args.items, reads, threads)
                         p50_p99 = percentiles(times)
                         results[f"{path}_p50_ms{suffix}_{name}"], results[f"{path}_p99_ms{suffix}_{name}"] = p50_p99
                         results[f"{path}_reads{suffix}_{name}"] = len(times)
+                        if path == "client":  # requests per store read, warm-up reads included
+                            results[f"client_requests_per_read{suffix}_{name}"] = round(
+                                (len(times) + 10 * threads) / (client._merged.calls - calls), 2)
                 times = read_latency(clients["client"][0], ids, args.items, args.reads, args.concurrency,
                                      rate=args.open_loop_rps)
                 results[f"client_p50_ms_open_{name}"], results[f"client_p99_ms_open_{name}"] = percentiles(times)
@@ -246,6 +257,10 @@ def print_table(r: dict) -> None:
             for suffix, readers in (("", "1 reader"), (c, f"{r['concurrency']} readers")):
                 print(f"  {store:<7}{label:<27}{readers:<12}{r[f'{path}_p50_ms{suffix}_{store}']:>10.2f}"
                       f"{r[f'{path}_p99_ms{suffix}_{store}']:>10.2f}")
+        if f"unmerged_p99_ms{c}_{store}" in r:
+            print(f"  {store:<7}{'  the same, not merged':<27}{r['concurrency']:<3} readers  "
+                  f"{r[f'unmerged_p50_ms{c}_{store}']:>10.2f}{r[f'unmerged_p99_ms{c}_{store}']:>10.2f}"
+                  f"   (merged: {r[f'client_requests_per_read{c}_{store}']} requests per read)")
     for store in ("sqlite", "redis"):
         if f"client_p99_ms_open_{store}" in r:
             print(f"  {store:<7}{'serving client, open loop':<27}{r['open_loop_rps']:>5g}/s     "

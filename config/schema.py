@@ -144,9 +144,11 @@ class OnlineStoreConfig(Section):
     tls: bool = False
     # The serving client's socket timeout: past it the store counts as unreachable (serving falls back).
     timeout_ms: int = Field(200, gt=0)
-    # Reads one serving client runs at once; more threads queue in arrival order. With one GIL, 16 threads that
-    # read at once spend their time handing it over (the readers drop it for every query): BENCHMARKS.md.
+    # Reads one serving client runs at once. Requests that arrive while they run wait, oldest first, and the
+    # next read takes up to `requests_per_read` of them together (`features.merged_reads`); 1 reads one request
+    # at a time. With one GIL, 16 threads that each read at once spend their time handing it over: BENCHMARKS.md.
     concurrent_reads: int = Field(2, gt=0)
+    requests_per_read: int = Field(32, gt=0)
 
     @model_validator(mode="after")
     def _redis_connection(self) -> OnlineStoreConfig:

@@ -5,7 +5,7 @@ Feast 0.67 lays the online store out as: SQLite, one row per entity and feature 
 (key = serialized entity key + project), fields named by murmur3 of `<view>:<feature>`. This module holds
 that knowledge in one place: entity keys (`EntityKeys`, self-checked against Feast's own serialisation),
 value decoding (`decode_value`; `PackedDoubles` and `StoredValues` for many values at once), the bulk readers
-(`SqliteReader`: one aggregate row per feature; `RedisReader`: one Lua call, a flat reply; one round trip each) and
+(`SqliteReader`: one aggregate row per feature; `RedisReader`: pipelined HMGETs; one round trip each) and
 `guard_online_store`, which makes SQLite keep the fresher of two writes and readers run beside writers (Redis
 gets the same through `features.redis_store`). `features.online.OnlineFeatureClient` is the client serving uses.
 
@@ -350,28 +350,16 @@ def _columns(requests: list[Request], found) -> list[dict[str, StoredValues]]:
     return out
 
 
-# One round trip for every request: HMGET each entity's hash, the values back in one flat list (nil where absent).
-# Packing them in Lua instead (positions, lengths, table.concat) doubled the server's time per read (0.65 against
-# 0.29 ms for 200 hashes), and the single-threaded server is what 16 concurrent readers queue on; hiredis (a
-# dependency) parses the flat reply in C.
-_HMGET_FLAT = """
-local out, n, k, a = {}, 0, 1, 1
-while a <= #ARGV do
-  local nkeys, nf = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local fields = {unpack(ARGV, a + 2, a + 1 + nf)}
-  a = a + 2 + nf
-  for i = k, k + nkeys - 1 do
-    local got = redis.call('HMGET', KEYS[i], unpack(fields))
-    for j = 1, nf do out[n + j] = got[j] end
-    n = n + nf
-  end
-  k = k + nkeys
-end
-return out
-"""
-
-
 class RedisReader:
+    """Bulk reads of Feast's Redis hashes: one HMGET per entity, all of a read's HMGETs pipelined in one round trip
+    (the command bytes built with numpy: every HMGET of a (view, features) has the same layout), the replies
+    parsed by hiredis (a dependency) into one `StoredValues` per feature.
+
+    Plain pipelined HMGETs, not one Lua script doing them: for 1,600 hashes the server spent 2.7 ms of CPU against
+    6.6 ms for the script (each `redis.call` costs ~2.4 us of Lua), and the server is single-threaded, so that is
+    what concurrent readers queue on; a script also holds the server for its whole run. Feast's own reads are
+    pipelined HMGETs too."""
+
     def __init__(self, connection_string: str, project: str, timeout_s: float):
         import redis
         from feast.infra.online_stores.helpers import _mmh3
@@ -383,28 +371,51 @@ class RedisReader:
                                   password=kwargs.get("password"), socket_timeout=timeout_s,
                                   socket_connect_timeout=timeout_s,
                                   ssl=kwargs.get("ssl", "false").lower() == "true")  # Feast's own `ssl=true` option
-        self.script = self.client.register_script(_HMGET_FLAT)
         self.project = project.encode()
         self.field = lambda view, feature: _mmh3(f"{view}:{feature}")
         self.errors = (redis.exceptions.RedisError, OSError)
 
+    def _hmgets(self, view: str, features: list[str], entity_keys: bytes, width: int) -> bytes:
+        """The RESP bytes of `HMGET <entity key + project> <field>...` for each entity, back to back."""
+        fields = [self.field(view, f) for f in features]
+        head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(fields), width + len(self.project))
+        tail = self.project + b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+        n = len(entity_keys) // width
+        rows = np.empty((n, len(head) + width + len(tail)), np.uint8)
+        rows[:, :len(head)] = np.frombuffer(head, np.uint8)
+        rows[:, len(head):len(head) + width] = np.frombuffer(entity_keys, np.uint8).reshape(n, width)
+        rows[:, len(head) + width:] = np.frombuffer(tail, np.uint8)
+        return rows.tobytes()
+
     def read(self, requests: list[Request]) -> list[dict[str, StoredValues]]:
-        keys, args, shapes = [], [], []
+        """(view, features, keys, key length) -> per request, feature -> its `StoredValues`."""
+        commands, shapes = [], []
         for view, features, entity_keys, width in requests:
             n = len(entity_keys) // width
             if n:
-                keys += [entity_keys[i:i + width] + self.project for i in range(0, len(entity_keys), width)]
-                args += [n, len(features), *(self.field(view, f) for f in features)]
+                commands.append(self._hmgets(view, features, entity_keys, width))
             shapes.append((n, features))
+        replies = self._round_trip(commands, sum(n for n, _ in shapes)) if commands else []
+        out, start = [], 0
+        for n, features in shapes:
+            rows = replies[start:start + n]
+            start += n
+            if len(rows) != n or not all(isinstance(row, list) and len(row) == len(features) for row in rows):
+                raise FeatureStoreUnavailable("the Redis online store returned a malformed bulk read")
+            out.append({f: StoredValues.of([row[j] for row in rows]) for j, f in enumerate(features)})
+        return out
+
+    def _round_trip(self, commands: list[bytes], replies: int) -> list:
+        pool = self.client.connection_pool
         try:
-            flat = self.script(keys=keys, args=args) if keys else []
+            conn = pool.get_connection()
         except self.errors as err:
             raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
-        if len(flat) != sum(n * len(features) for n, features in shapes):
-            raise FeatureStoreUnavailable("the Redis online store returned a malformed bulk read")
-        out, start = [], 0
-        for n, features in shapes:  # entity-major: entity i's feature j is at start + i * nf + j
-            nf = len(features)
-            out.append({f: StoredValues.of(flat[start + j:start + n * nf:nf]) for j, f in enumerate(features)})
-            start += n * nf
-        return out
+        try:
+            conn.send_packed_command(commands)
+            return [conn.read_response() for _ in range(replies)]
+        except self.errors as err:
+            conn.disconnect()  # replies may be left unread on it: the next use reconnects
+            raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
+        finally:
+            pool.release(conn)

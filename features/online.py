@@ -3,7 +3,8 @@
 Two ways to read, same answer (a test holds them equal):
 - the fast path reads the online store in bulk, as Feast lays it out (`features.feast_layout`): on SQLite
   two queries per request (the candidates' authors are known after the first), each answering one row per
-  feature; on Redis two Lua calls, each doing the HMGETs and answering a flat list; decoding is numpy;
+  feature; on Redis two round trips of pipelined HMGETs; decoding is numpy. Requests from concurrent threads
+  are merged into one such read (`features.merged_reads`, `features.online_store.requests_per_read`);
 - `fast=False` goes through Feast's `get_online_features`.
 Both read only the packed values (`stats`, `item_author_id`, the sequence arrays), not the 42 named stats.
 
@@ -22,9 +23,6 @@ the store on every call.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +38,7 @@ from features.feast_layout import (
     StoredValues,
     decode_value,
 )
+from features.merged_reads import MergedCalls
 from features.repo import absolute_paths
 from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, SEQUENCE_VIEW, FeatureStoreSpec, stats_view
 
@@ -67,36 +66,6 @@ class OnlineFeatures:
     author_missing: np.ndarray  # [C] bool
 
 
-class ReadGate:
-    """At most `slots` holders at a time, admitted in arrival order (`threading.Semaphore` is not FIFO: under
-    contention a late thread can overtake an early one, and the early one's wait becomes the tail).
-
-    >>> gate = ReadGate(1)
-    >>> with gate:
-    ...     gate.free
-    0
-    """
-
-    def __init__(self, slots: int):
-        self.free, self._lock, self._waiting = slots, threading.Lock(), deque()
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self.free and not self._waiting:
-                self.free -= 1
-                return
-            turn = threading.Event()
-            self._waiting.append(turn)
-        turn.wait()  # the slot is handed over by __exit__, not taken back from `free`
-
-    def __exit__(self, *exc) -> None:
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().set()
-            else:
-                self.free += 1
-
-
 class OnlineFeatureClient:
     """Reads what serving needs for one request. Thread-safe; create one per process and reuse it."""
 
@@ -110,8 +79,10 @@ class OnlineFeatureClient:
         self._store = store
         self._keys = {entity: EntityKeys(key) for entity, key in ENTITY_KEYS.items()}
         online = self.cfg.features.online_store
-        # Feast's own path (the benchmarks' baseline) is called as Feast's users call it: not gated.
-        self._gate = ReadGate(online.concurrent_reads) if fast else contextlib.nullcontext()
+        # Concurrent requests become one read (`features.merged_reads`). Feast's own path (the benchmarks'
+        # baseline) is called as Feast's users call it: one request per call, not merged.
+        self._merged = MergedCalls(self._get_many, online.concurrent_reads, online.requests_per_read) if fast \
+            else None
         timeout_s = online.timeout_ms / 1000
         if not fast:
             self._reader = None
@@ -167,14 +138,18 @@ class OnlineFeatureClient:
         items = np.asarray(item_ids, np.int64).reshape(-1)
         if len(items) > MAX_CANDIDATES:
             raise ValueError(f"at most {MAX_CANDIDATES} candidates per call, got {len(items)}")
-        with self._gate:
-            return self._get(int(user_id), items)
+        if self._merged is None:
+            return self._get_many([(int(user_id), items)])[0]
+        return self._merged((int(user_id), items))
 
-    def _get(self, user_id: int, items: np.ndarray) -> OnlineFeatures:
-        user = np.array([user_id], np.int64)
+    def _get_many(self, asks: list[tuple[int, np.ndarray]]) -> list[OnlineFeatures]:
+        """`get` for several (user, candidates) at once: two store reads in all, each user, candidate and author
+        read once however many requests name it."""
+        users = np.unique(np.array([user for user, _ in asks], np.int64))
+        items = np.unique(np.concatenate([candidates for _, candidates in asks]))
         user_values, seq_values, item_values = self._read([
-            (stats_view("user"), "user", ["stats", "asof_ms"], user),
-            (SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), user),
+            (stats_view("user"), "user", ["stats", "asof_ms"], users),
+            (SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), users),
             (stats_view("item"), "item", ["stats", "item_author_id"], items),
         ])
         item_stats, item_missing = item_values["stats"].doubles(self._packed, self.empty_stats)
@@ -186,14 +161,20 @@ class OnlineFeatureClient:
         author_missing = np.ones(len(items), bool)
         author_stats[authors > 0], author_missing[authors > 0] = by_author[author_of], missing_by_author[author_of]
         user_stats, user_missing = user_values["stats"].doubles(self._packed, self.empty_stats)
-        sequence, asof, seq_missing = self._sequences(seq_values)[0]
-        return OnlineFeatures(
-            user_id=int(user_id), stat_names=self.stat_names, user_stats=user_stats[0],
-            user_stats_asof_ms=int(user_values["asof_ms"].int64s(0)[0]), user_missing=bool(user_missing[0]),
-            sequence=sequence, sequence_asof_ms=asof, sequence_missing=seq_missing,
-            item_ids=items, item_stats=item_stats, item_missing=item_missing, item_author_ids=authors,
-            author_stats=author_stats, author_missing=author_missing,
-        )
+        user_asof = user_values["asof_ms"].int64s(0)
+        sequences = self._sequences(seq_values)
+        out = []
+        for user_id, candidates in asks:
+            u, c = int(np.searchsorted(users, user_id)), np.searchsorted(items, candidates)
+            sequence, asof, seq_missing = sequences[u]
+            out.append(OnlineFeatures(
+                user_id=user_id, stat_names=self.stat_names, user_stats=user_stats[u],
+                user_stats_asof_ms=int(user_asof[u]), user_missing=bool(user_missing[u]),
+                sequence=sequence, sequence_asof_ms=asof, sequence_missing=seq_missing,
+                item_ids=candidates, item_stats=item_stats[c], item_missing=item_missing[c],
+                item_author_ids=authors[c], author_stats=author_stats[c], author_missing=author_missing[c],
+            ))
+        return out
 
     @staticmethod
     def _sequences(values: dict[str, StoredValues]) -> list[tuple[dict[str, np.ndarray], int, bool]]:

@@ -79,3 +79,28 @@ def test_one_value_per_entity_reads_like_the_packed_form():
     assert column.int64s(default=0).tolist() == [5, 0, -3] and StoredValues.of([]).n == 0
     with pytest.raises(FeatureStoreUnavailable, match="malformed"):
         StoredValues.of([b"ab", 7])  # a reply element that is not a stored value
+
+
+def test_the_redis_readers_pipelined_commands_are_what_redis_py_sends():
+    """`RedisReader` builds its HMGETs with numpy; each must be byte for byte redis-py's own encoding."""
+    from redis.connection import Connection
+
+    from features.feast_layout import RedisReader
+
+    reader = RedisReader("127.0.0.1:1,db=0", "proj", 0.1)  # builds commands only: nothing connects
+    blob, width = EntityKeys("item_id").keys([1, -3, 2**40])
+    fields = [reader.field("item_stats", f) for f in ("stats", "item_author_id")]
+    expected = b"".join(b"".join(Connection().pack_command("HMGET", blob[i:i + width] + b"proj", *fields))
+                        for i in range(0, len(blob), width))
+    assert reader._hmgets("item_stats", ["stats", "item_author_id"], blob, width) == expected
+
+
+def test_a_malformed_redis_reply_is_refused(monkeypatch):
+    from features.feast_layout import RedisReader
+
+    reader = RedisReader("127.0.0.1:1,db=0", "proj", 0.1)
+    blob, width = EntityKeys("item_id").keys([1, 2])
+    for replies in ([[b"a", None], b"not a list"], [[b"a", None], [b"b"]], [[b"a", None]]):
+        monkeypatch.setattr(reader, "_round_trip", lambda commands, n, replies=replies: replies)
+        with pytest.raises(FeatureStoreUnavailable, match="malformed"):
+            reader.read([("item_stats", ["stats", "item_author_id"], blob, width)])

@@ -77,6 +77,18 @@ def test_concurrent_readers_of_one_client_get_what_a_lone_reader_gets(online):
         assert_same(a, b)
 
 
+def test_one_read_of_many_requests_answers_each_as_a_read_of_its_own(online):
+    """Concurrent requests are merged into one store read (`features.merged_reads`); requests that share a user or
+    candidates, repeat a candidate or name unknown ones each get what a read of their own gets."""
+    cfg, store = online
+    client = OnlineFeatureClient(cfg, store=store)
+    asks = [(1, np.array([3, 1, 2, 3], np.int64)), (2, np.array([2, 999, 40], np.int64)),
+            (1, np.array([40], np.int64)), (999, np.array([], np.int64)), (7, np.arange(1, 60))]
+    merged = client._get_many(asks)
+    for (user, items), got in zip(asks, merged):
+        assert_same(got, client.get(user, items))
+
+
 def test_unknown_entities_get_defaults_flagged_missing(online):
     cfg, store = online
     got = OnlineFeatureClient(cfg, store=store).get(123456, [1, 654321])
@@ -261,34 +273,3 @@ def test_a_push_landing_inside_a_redis_batch_write_is_kept(feature_lake, tmp_pat
     monkeypatch.undo()
     assert "fresh" in seen
     assert_same(read(), seen["fresh"])
-
-
-def test_read_gate_admits_in_arrival_order_one_holder_per_slot():
-    import threading
-
-    from features.online import ReadGate
-
-    gate, order, inside, most = ReadGate(1), [], [0], [0]
-    lock = threading.Lock()
-    gate.__enter__()  # the slot is taken: every reader below queues
-
-    def reader(n: int) -> None:
-        with gate:
-            with lock:
-                order.append(n)
-                inside[0] += 1
-                most[0] = max(most[0], inside[0])
-            time.sleep(0.01)
-            with lock:
-                inside[0] -= 1
-
-    threads = []
-    for n in range(6):
-        threads.append(threading.Thread(target=reader, args=(n,)))
-        threads[-1].start()
-        while len(gate._waiting) < n + 1:  # n has queued before n + 1 starts
-            time.sleep(0.001)
-    gate.__exit__(None, None, None)
-    for t in threads:
-        t.join()
-    assert order == list(range(6)) and most[0] == 1 and gate.free == 1

@@ -1,0 +1,114 @@
+"""`MergedCalls`: concurrent requests merged into one call, oldest first, each answered with its own answer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from features.merged_reads import MergedCalls
+
+
+def queue_in_order(merged: MergedCalls, asks: list[int], results: dict) -> list[threading.Thread]:
+    """Start one thread per ask, each queued before the next starts (the running call holds every slot)."""
+    threads = []
+    for n, ask in enumerate(asks):
+        def call(ask=ask):
+            try:
+                results[ask] = merged(ask)
+            except Exception as err:  # the test inspects what each caller got
+                results[ask] = err
+        threads.append(threading.Thread(target=call))
+        threads[-1].start()
+        while len(merged._waiting) < n + 1:
+            time.sleep(0.001)
+    return threads
+
+
+def test_requests_waiting_for_a_slot_are_read_together_oldest_first():
+    calls, release = [], threading.Event()
+
+    def read_many(asks):
+        calls.append(list(asks))
+        if asks == [0]:
+            release.wait(10)
+        return [ask * 10 for ask in asks]
+
+    merged, results = MergedCalls(read_many, slots=1, most=3), {}
+    first = threading.Thread(target=lambda: results.setdefault(0, merged(0)))
+    first.start()
+    while not calls:
+        time.sleep(0.001)
+    threads = queue_in_order(merged, [1, 2, 3, 4, 5], results)
+    release.set()
+    for t in [first, *threads]:
+        t.join(10)
+    # The running read took only what was waiting when it began; the rest went in calls of at most 3.
+    assert calls == [[0], [1, 2, 3], [4, 5]]
+    assert results == {n: n * 10 for n in range(6)} and merged.free == 1 and merged.calls == 3
+
+
+def test_a_failed_call_fails_only_its_own_requests_and_hands_the_slot_on():
+    release = threading.Event()
+
+    def read_many(asks):
+        if asks == [0]:
+            release.wait(10)
+        if 2 in asks:
+            raise RuntimeError("store down")
+        return [-ask for ask in asks]
+
+    merged, results = MergedCalls(read_many, slots=1, most=2), {}
+    first = threading.Thread(target=lambda: results.setdefault(0, merged(0)))
+    first.start()
+    while merged.free:
+        time.sleep(0.001)
+    threads = queue_in_order(merged, [1, 2, 3], results)
+    release.set()
+    for t in [first, *threads]:
+        t.join(10)
+    assert results[0] == 0 and results[3] == -3
+    assert all(isinstance(results[n], RuntimeError) for n in (1, 2)) and merged.free == 1
+    assert merged(4) == -4  # nothing is left holding the slot
+
+
+def test_a_call_that_answers_the_wrong_number_of_requests_is_an_error():
+    with pytest.raises(RuntimeError, match="answered 0 of 1"):
+        MergedCalls(lambda asks: [], slots=1, most=4)(1)
+    with pytest.raises(ValueError, match="slots and most"):
+        MergedCalls(lambda asks: asks, slots=0, most=4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(slots=st.integers(1, 3), most=st.integers(1, 6), threads=st.integers(1, 8))
+def test_under_contention_every_request_gets_its_own_answer_within_the_limits(slots, most, threads):
+    lock, running, peak, sizes = threading.Lock(), [0], [0], []
+
+    def read_many(asks):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            sizes.append(len(asks))
+        time.sleep(0.0005)
+        with lock:
+            running[0] -= 1
+        return [(ask, "read") for ask in asks]
+
+    merged, wrong = MergedCalls(read_many, slots, most), []
+
+    def caller(t: int) -> None:
+        for k in range(30):
+            ask = (t, k)
+            if merged(ask) != (ask, "read"):
+                wrong.append(ask)
+
+    workers = [threading.Thread(target=caller, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert not wrong and sum(sizes) == 30 * threads
+    assert peak[0] <= slots and max(sizes) <= most and merged.free == slots
