@@ -154,18 +154,29 @@ class PredictionLog:
         self._parts.append(pa.table(cols))
 
     def flush(self, step: int) -> None:
-        """Write what was scored since the last flush as `step-<step>-rank-<rank>.parquet`."""
+        """Write what was scored since the last flush as `step-<step>-rank-<rank>.parquet`.
+
+        Written under a `.partial` name and renamed when complete: a worker killed mid-write leaves a partial
+        file that no reader takes (and `rollback` removes), never a truncated `.parquet` (a kill trial found
+        one, which the audit of the rolled-back scores could not read)."""
         if not self._parts:
             return
         table = pa.concat_tables(self._parts)
-        pq.write_table(table, f"{self.path}/step-{step:09d}-rank-{self.rank}.parquet", filesystem=self.fs)
+        final = f"{self.path}/step-{step:09d}-rank-{self.rank}.parquet"
+        pq.write_table(table, final + ".partial", filesystem=self.fs)
+        self.fs.move(final + ".partial", final)
         self._parts = []
 
     def rollback(self, after_step: int) -> None:
-        """Set aside this worker's files written after `after_step` (their updates were lost)."""
+        """Set aside this worker's files written after `after_step` (their updates were lost); remove its
+        partial files (writes a kill interrupted)."""
         for info in self.fs.get_file_info(pafs.FileSelector(self.path)):
             step, rank = _step_rank(info.base_name)
-            if rank == self.rank and step is not None and step > after_step:
+            if rank != self.rank or step is None:
+                continue
+            if info.base_name.endswith(".partial"):
+                self.fs.delete_file(info.path)
+            elif step > after_step and not info.base_name.endswith(".rolledback"):
                 self.fs.move(info.path, info.path + ".rolledback")
 
     @staticmethod
