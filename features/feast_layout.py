@@ -374,12 +374,17 @@ class RedisReader:
         self.project = project.encode()
         self.field = lambda view, feature: _mmh3(f"{view}:{feature}")
         self.errors = (redis.exceptions.RedisError, OSError)
+        self._templates: dict[tuple, tuple[bytes, bytes]] = {}  # a few (view, features, width): one per read kind
 
     def _hmgets(self, view: str, features: list[str], entity_keys: bytes, width: int) -> bytes:
         """The RESP bytes of `HMGET <entity key + project> <field>...` for each entity, back to back."""
-        fields = [self.field(view, f) for f in features]
-        head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(fields), width + len(self.project))
-        tail = self.project + b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+        shape = (view, tuple(features), width)
+        if shape not in self._templates:  # the field hashes (murmur3 in Python) once per kind of read, not per read
+            fields = [self.field(view, f) for f in features]
+            self._templates[shape] = (
+                b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n" % (2 + len(fields), width + len(self.project)),
+                self.project + b"\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields))
+        head, tail = self._templates[shape]
         n = len(entity_keys) // width
         rows = np.empty((n, len(head) + width + len(tail)), np.uint8)
         rows[:, :len(head)] = np.frombuffer(head, np.uint8)
