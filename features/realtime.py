@@ -307,8 +307,8 @@ PUSHED_COLUMNS = ("user_id", "item_id", "author_id", "ts", "action", "value")  #
 
 
 def events_of_batch(cfg: PlatformConfig, batch_no: int) -> pa.Table:
-    """The rows one ingestion batch appended to `events`, by time (what --follow pushes after a batch it did not
-    commit itself: one recovered at start-up)."""
+    """The rows one ingestion batch appended to `events`, by time (what `ingest --follow --push-features` pushes
+    after each batch: the job's driver never holds the rows, its parse tasks write them)."""
     con = duckdb_connection()
     try:
         return con.execute(f"""

@@ -2,11 +2,12 @@
 
 The parser already applies the row rules to every line (`ingestion.parse.row_reasons`). The gate certifies
 the batch as a whole with independent code, so a parser bug cannot slip rows into the lake: Arrow computes
-exact aggregates over every valid row (`batch_statistics`: null counts, minima and maxima, unknown
-actions, repeated event_ids, value ranges per action, null rates and action shares) and GX validates that
-one-row frame against the suite `events_batch`. Each row rule has an aggregate that holds exactly when the
-rule holds for every row (ids > 0 <=> the minimum id > 0), so nothing is sampled away, and the cost is a
-few column scans instead of GX's row-by-row pandas engine (2.6 s per million rows before, milliseconds now).
+exact aggregates over every row the batch writes (`ingestion.batch_stats`: null counts, minima and maxima,
+unknown actions, repeated event_ids, value ranges per action, null rates and action shares; per file in the
+parse tasks, merged in the driver) and GX validates that one-row frame against the suite `events_batch`.
+Each row rule has an aggregate that holds exactly when the rule holds for every row (ids > 0 <=> the
+minimum id > 0), so nothing is sampled away, and the cost is a few column scans instead of GX's row-by-row
+pandas engine (2.6 s per million rows before, milliseconds now).
 
 Rate rules (null rates of optional fields, the share of each action) need many rows to mean anything: below
 `min_rows_for_rates` their statistics are null, which GX skips. A failing expectation fails the batch; the
@@ -24,18 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import yaml
 
 from config.schema import IngestConfig
+from ingestion.batch_stats import POSITIVE_ID_FIELDS, value_groups
 from ingestion.contract import (
-    ACTIONS,
-    DEFAULT_VALUE_RANGE,
     MAX_EVENT_ID_CHARS,
     MAX_REQUEST_ID_CHARS,
     REQUIRED_FIELDS,
-    VALUE_RANGES,
     EventTimeBounds,
 )
 
@@ -48,7 +45,6 @@ import great_expectations.expectations as gxe  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier  # noqa: E402
 
-POSITIVE_ID_FIELDS = ("user_id", "item_id", "author_id")
 SUITE = "events_batch"
 
 
@@ -62,70 +58,6 @@ def _name(config) -> str:
     kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
     args = ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
     return f"{config.type}({args})"
-
-
-def _scalar(value: pa.Scalar) -> float | int | None:
-    return value.as_py() if value.is_valid else None
-
-
-def _value_groups() -> dict[str, tuple[float, float]]:
-    """Value bounds per action with its own range, and one group ("other") for the rest."""
-    return {**{a: (r.low, r.high) for a, r in VALUE_RANGES.items()}, "other": (DEFAULT_VALUE_RANGE.low,
-                                                                              DEFAULT_VALUE_RANGE.high)}
-
-
-def _value_extremes(valid: pa.Table) -> dict[str, tuple[float | None, float | None]]:
-    """Smallest and largest `value` per group of `_value_groups` (None when a group has no values)."""
-    ranged = pa.array(list(VALUE_RANGES))
-    group = pc.if_else(pc.is_in(valid["action"], value_set=ranged), valid["action"], "other")
-    by_group = pa.table({"group": group, "value": valid["value"]}).group_by("group", use_threads=False) \
-        .aggregate([("value", "min"), ("value", "max")])
-    found = {g: (lo, hi) for g, lo, hi in zip(*(by_group[c].to_pylist() for c in ("group", "value_min", "value_max")))}
-    return {g: found.get(g, (None, None)) for g in _value_groups()}
-
-
-def batch_statistics(valid: pa.Table, cfg: IngestConfig) -> pd.DataFrame:
-    """One row of exact statistics over a batch's valid rows (raw event columns, `ts` in ms).
-
-    >>> import pyarrow as pa
-    >>> from config.schema import IngestConfig
-    >>> rows = pa.table({"event_id": ["a", "a"], "ts": [1, 2], "user_id": [1, 2], "item_id": [3, 4],
-    ...                  "author_id": [None, 5], "request_id": ["r", None], "action": ["click", "gift"],
-    ...                  "value": [None, 2.0]})
-    >>> stats = batch_statistics(rows, IngestConfig()).iloc[0]
-    >>> stats[["rows", "repeated_event_ids", "min_author_id", "max_value_gift"]].tolist()
-    [2.0, 1.0, 5.0, 2.0]
-    >>> stats[["min_value_view", "max_value_other"]].tolist()  # no view; "other": actions without their own range
-    [nan, nan]
-    >>> int(batch_statistics(rows.slice(0, 1), IngestConfig()).iloc[0]["non_finite_values"])  # no value at all
-    0
-    """
-    n = valid.num_rows
-    stats: dict[str, float | int | None] = {"rows": n}
-    for name in REQUIRED_FIELDS:
-        stats[f"nulls_{name}"] = valid[name].null_count
-    for name in POSITIVE_ID_FIELDS:
-        stats[f"min_{name}"] = _scalar(pc.min(valid[name]))
-    ts = pc.min_max(valid["ts"])
-    stats["min_ts"], stats["max_ts"] = _scalar(ts["min"]), _scalar(ts["max"])
-    eid_chars = pc.min_max(pc.utf8_length(valid["event_id"]))
-    stats["min_event_id_chars"], stats["max_event_id_chars"] = _scalar(eid_chars["min"]), _scalar(eid_chars["max"])
-    stats["max_request_id_chars"] = _scalar(pc.max(pc.utf8_length(valid["request_id"])))
-    stats["repeated_event_ids"] = n - len(pc.unique(valid["event_id"]))  # unique: twice count_distinct's speed
-    actions, action_counts = pc.value_counts(valid["action"]).flatten()
-    counts = dict(zip(actions.to_pylist(), action_counts.to_pylist()))
-    stats["unknown_action_rows"] = sum(c for a, c in counts.items() if a not in ACTIONS)
-    value = valid["value"]
-    stats["non_finite_values"] = n - value.null_count - pc.sum(pc.is_finite(value), min_count=0).as_py()
-    for group, (low, high) in _value_extremes(valid).items():
-        stats[f"min_value_{group}"], stats[f"max_value_{group}"] = low, high
-    rates = n >= cfg.batch_rules.min_rows_for_rates
-    for name in sorted(cfg.batch_rules.max_null_rate):
-        stats[f"null_rate_{name}"] = valid[name].null_count / n if rates else None
-    for action in sorted(cfg.batch_rules.action_share_bounds):
-        stats[f"share_{action}"] = counts.get(action, 0) / n if rates else None
-    # float64 columns: GX reads a column of Nones as object dtype and cannot compare it.
-    return pd.DataFrame([stats], dtype="float64")
 
 
 def suite(cfg: IngestConfig) -> list:
@@ -143,7 +75,7 @@ def suite(cfg: IngestConfig) -> list:
         between("repeated_event_ids", 0, 0), between("unknown_action_rows", 0, 0),
         between("non_finite_values", 0, 0),
     ]
-    for group, (low, high) in _value_groups().items():
+    for group, (low, high) in value_groups().items():
         rules += [between(f"min_value_{group}", low), between(f"max_value_{group}", None, high)]
     batch = cfg.batch_rules
     rules += [between(f"null_rate_{name}", None, rate) for name, rate in sorted(batch.max_null_rate.items())]
@@ -216,11 +148,14 @@ class ExpectationGate:
         self.checkpoint = self.ctx.checkpoints.add_or_update(
             gx.Checkpoint(name=SUITE, validation_definitions=[vd], result_format={"result_format": "BASIC"}))
 
-    def validate(self, valid: pa.Table, batch_no: int, bounds: EventTimeBounds, now_ms: int) -> GateResult:
-        """Validate the statistics of a batch's valid rows (raw event columns, `ts` in ms)."""
+    def validate(self, statistics: dict[str, float | None], batch_no: int, bounds: EventTimeBounds,
+                 now_ms: int) -> GateResult:
+        """Validate a batch's statistics (`batch_stats.batch_statistics`)."""
         self._wait_docs()
+        # float64 columns: GX reads a column of Nones as object dtype and cannot compare it.
+        frame = pd.DataFrame([statistics], dtype="float64")
         params = {"min_ts_ms": bounds.min_ts_ms, "max_ts_ms": now_ms + bounds.max_future_ms}
-        result = self.checkpoint.run(batch_parameters={"dataframe": batch_statistics(valid, self.cfg)},
+        result = self.checkpoint.run(batch_parameters={"dataframe": frame},
                                      expectation_parameters=params,
                                      run_id=gx.RunIdentifier(run_name=f"ingest-batch-{batch_no}"))
         self._undocumented += list(result.run_results)

@@ -6,12 +6,14 @@ One run handles the landing files it has not seen, in name order, in batches of 
 1. Plan: append (batch_no, files, now) to the `_ingest_batches` Delta table. The plan is the
    write-ahead record: a batch is redone from its plan, never re-planned, so a replay reads the
    same files with the same clock and produces the same rows.
-2. Parse the files in Ray tasks (one per file), de-duplicate event_ids (first occurrence in
-   the lake or in the batch wins; `ingestion.dedup`), run the Great Expectations gate on the batch's
-   statistics (`ingestion.expectations`).
-3. Append valid rows to `events`, then rejects to `events_quarantine`. Each append carries the
-   Delta application transaction (app, batch_no) in its own atomic commit and is skipped when
-   the table already holds that batch (see `ingestion.lake`).
+2. Parse the files in Ray tasks (one per file); each task writes its valid rows as uncommitted data files
+   of `events` and sends back keys and statistics, not rows (`ingestion.staging`). De-duplicate
+   event_ids (first occurrence in the lake or in the batch wins; `ingestion.dedup`; a file with
+   duplicates has its data files written again without them), run the Great Expectations gate on the
+   batch's statistics (`ingestion.expectations`).
+3. Commit the data files to `events` (none when the gate failed), then append rejects to
+   `events_quarantine`. Each commit carries the Delta application transaction (app, batch_no) in its
+   own atomic commit and is skipped when the table already holds that batch (see `ingestion.lake`).
 
 A run first finishes the last planned batch if a crash left it half-committed. Killing the job at
 any moment and running it again therefore leaves every input line in exactly one table, once.
@@ -43,27 +45,14 @@ import ray
 
 import storage
 from config.schema import PlatformConfig
-from ingestion.contract import (
-    EVENTS_PARTITION_BY,
-    EVENTS_SCHEMA,
-    QUARANTINE_SCHEMA,
-    TS_TYPE,
-    EventTimeBounds,
-    day_strings,
-)
-from ingestion.dedup import EventKeyIndex, hash_ids
+from ingestion.batch_stats import batch_statistics, repeated_ids
+from ingestion.contract import EVENTS_PARTITION_BY, EVENTS_SCHEMA, QUARANTINE_SCHEMA, TS_TYPE, EventTimeBounds
+from ingestion.dedup import EventKeyIndex
 from ingestion.expectations import ExpectationGate
-from ingestion.lake import append_once, committed_version, open_or_create
+from ingestion.lake import append_once, commit_once, committed_version, open_or_create
 from ingestion.lease import Lease
-from ingestion.parse import (
-    REJECT_FILE_SCHEMA,
-    VALID_FILE_SCHEMA,
-    FileLimits,
-    parse_task,
-    read_lines_at,
-    read_stored,
-    warm_up_workers,
-)
+from ingestion.parse import REJECT_FILE_SCHEMA, FileLimits, read_lines_at, read_stored
+from ingestion.staging import StagedFile, delete_data_files, restage_without, stage_task, warm_up_workers
 
 log = logging.getLogger("ingestion")
 
@@ -109,9 +98,6 @@ class BatchReport:
     failed_expectations: list[str] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per step, for tuning
-    # The rows this batch committed to `events` (None for a batch recovered from an earlier run): what --follow
-    # pushes to the online store without reading them back from the lake.
-    events: pa.Table | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -139,6 +125,8 @@ class IngestJob:
         landing = cfg.ingest.landing_dir.rstrip("/")
         # Absolute, because Ray workers do not share the driver's working directory.
         self.landing_root = landing if storage.is_remote(landing) else storage.local_path(landing)
+        events = cfg.lake.events
+        self.events_uri = events if storage.is_remote(events) else storage.local_path(events)
         self.fs, self.landing = storage.filesystem(self.landing_root)
         self.bounds = EventTimeBounds.from_config(cfg.ingest)
         self.limits = FileLimits.from_config(cfg.ingest)
@@ -217,18 +205,15 @@ class IngestJob:
         return plan
 
     # -- one batch --------------------------------------------------------------------------
-    def _parse(self, plan: BatchPlan, isolate: bool) -> tuple[pa.Table, pa.Table]:
-        # One Ray task per file, results gathered in plan order: with the parser keeping line order within a
-        # file, "first occurrence wins" in de-duplication means first in (file, line) order. Plain tasks, not
-        # Ray Data: a Dataset execution costs 1-4 s of planning and operator start-up per batch, more than
-        # parsing a million events, and a batch is a handful of files with nothing to stream or fuse.
+    def _stage(self, plan: BatchPlan, isolate: bool) -> list[StagedFile]:
+        # One Ray task per file, results in plan order: with the parser keeping line order within a file,
+        # "first occurrence wins" in de-duplication means first in (file, line) order. Plain tasks, not Ray
+        # Data: a Dataset execution costs 1-4 s of planning and operator start-up per batch, more than parsing a
+        # million events, and a batch is a handful of files with nothing to stream or fuse.
         options = {"landing": self.landing_root, "bounds": self.bounds, "now_ms": plan.now_ms,
                    "limits": self.limits, "isolate": isolate}
-        refs = [parse_task.remote(name, options) for name, _ in plan.files]
-        parts = ray.get(refs)
-        if not parts:
-            return VALID_FILE_SCHEMA.empty_table(), REJECT_FILE_SCHEMA.empty_table()
-        return pa.concat_tables([v for v, _ in parts]), pa.concat_tables([r for _, r in parts])
+        return ray.get([stage_task.remote(name, options, self.events_uri, plan.batch_no)
+                        for name, _ in plan.files])
 
     def _raw_lines(self, rows: pa.Table) -> list[bytes]:
         """Fetch the original bytes of rows that parsed as valid (to quarantine them)."""
@@ -261,27 +246,32 @@ class IngestJob:
             log.info("phase %s (batch %d)", next_phase, plan.batch_no)
 
         log.info("phase parse (batch %d)", plan.batch_no)
-        valid, rejects = self._parse(plan, isolate=attempt >= self.cfg.ingest.max_batch_attempts)
+        staged = self._stage(plan, isolate=attempt >= self.cfg.ingest.max_batch_attempts)
         lap("parse", "gate")
+        rejects = pa.concat_tables([f.rejects for f in staged]) if staged else REJECT_FILE_SCHEMA.empty_table()
         file_level = pc.sum(pc.equal(rejects["line_no"], -1)).as_py() or 0  # one reject per unreadable file
-        lines = valid.num_rows + rejects.num_rows - file_level
-        keys = hash_ids(valid["event_id"])
-        dup = self.key_index.duplicates(valid["event_id"], plan.batch_no, keys)
-        if dup.any():
-            dups = valid.filter(pa.array(dup))
-            rejects = pa.concat_tables([rejects, self._as_rejects(dups, "duplicate event_id")])
-            valid, keys = valid.filter(pa.array(~dup)), keys[~dup]
+        lines = sum(f.keys.num_rows for f in staged) + rejects.num_rows - file_level
+        staged, duplicates = self._drop_duplicates(staged, plan.batch_no)
+        if duplicates.num_rows:
+            rejects = pa.concat_tables([rejects, self._as_rejects(duplicates, "duplicate event_id")])
         lap("dedup", "gate")
-        gate = self.gate.validate(valid, plan.batch_no, self.bounds, plan.now_ms)
+        ids, hashes = self._ids_and_hashes(staged)
+        statistics = batch_statistics([f.statistics for f in staged], repeated_ids(ids, hashes), self.cfg.ingest)
+        gate = self.gate.validate(statistics, plan.batch_no, self.bounds, plan.now_ms)
+        data_files = [a for f in staged for a in f.data_files]
+        valid = len(ids)
         if not gate.success:
             reason = "batch expectation failed: " + "; ".join(gate.failed)
-            rejects = pa.concat_tables([rejects, self._as_rejects(valid, reason)])
-            valid, keys = valid.slice(0, 0), keys[:0]
+            if valid:
+                kept = pa.concat_tables([f.keys for f in staged])
+                rejects = pa.concat_tables([rejects, self._as_rejects(kept, reason)])
+            delete_data_files(data_files, self.events_uri)
+            data_files, hashes, valid = [], hashes[:0], 0
         self.gate.start_docs()
         lap("expectations", "commit_events")
-        events = self._to_events(valid, plan.batch_no)
-        append_once(self.events, events, EVENTS_SCHEMA, plan.batch_no, EVENTS_PARTITION_BY)
-        self.key_index.committed(keys, plan.batch_no)  # also when an earlier try committed them
+        if not commit_once(self.events, data_files, EVENTS_SCHEMA, plan.batch_no, EVENTS_PARTITION_BY):
+            delete_data_files(data_files, self.events_uri)  # an earlier try committed the batch: these are spare
+        self.key_index.committed(hashes, plan.batch_no)  # also when an earlier try committed them
         lap("write_events", "commit_quarantine")
         append_once(self.quarantine, self._to_quarantine(rejects, plan), QUARANTINE_SCHEMA, plan.batch_no)
         lap("write_quarantine", "committed")
@@ -289,8 +279,30 @@ class IngestJob:
         for r in rejects["reason"].to_pylist():
             key = r.split(":", 1)[0] if r.startswith(_DETAILED_REASONS) else r
             reasons[key] = reasons.get(key, 0) + 1
-        return BatchReport(plan.batch_no, len(plan.files), lines, valid.num_rows, rejects.num_rows, reasons,
-                           gate.failed, sum(phases.values()), phases, events)
+        return BatchReport(plan.batch_no, len(plan.files), lines, valid, rejects.num_rows, reasons,
+                           gate.failed, sum(phases.values()), phases)
+
+    @staticmethod
+    def _ids_and_hashes(staged: list[StagedFile]) -> tuple[pa.ChunkedArray, np.ndarray]:
+        # Chunk by chunk: pa.chunked_array over ChunkedArrays would convert them through Python (0.4 s per 1M ids).
+        return (pa.chunked_array([c for f in staged for c in f.keys["event_id"].chunks], pa.string()),
+                np.concatenate([f.hashes for f in staged]) if staged else np.zeros(0, np.uint64))
+
+    def _drop_duplicates(self, staged: list[StagedFile], batch_no: int) -> tuple[list[StagedFile], pa.Table]:
+        """(the files without the rows whose event_id the lake or an earlier row holds, the dropped rows' keys)."""
+        ids, hashes = self._ids_and_hashes(staged)
+        dup = self.key_index.duplicates(ids, batch_no, hashes)
+        if not dup.any():
+            return staged, pa.table({})
+        dropped, kept, start = [], [], 0
+        for f in staged:
+            mine = np.flatnonzero(dup[start:start + f.keys.num_rows])
+            start += f.keys.num_rows
+            if mine.size:
+                dropped.append(f.keys.take(pa.array(mine)))
+                f = restage_without(f, mine, self.events_uri, batch_no)
+            kept.append(f)
+        return kept, pa.concat_tables(dropped)
 
     def _as_rejects(self, rows: pa.Table, reason: str) -> pa.Table:
         """Valid rows -> `REJECT_FILE_SCHEMA` rows with their original bytes and `reason`."""
@@ -298,17 +310,6 @@ class IngestJob:
                          "source_offset": rows["source_offset"], "line_no": rows["line_no"],
                          "reason": pa.repeat(pa.scalar(reason), rows.num_rows), "source_file": rows["source_file"]},
                         schema=REJECT_FILE_SCHEMA)
-
-    @staticmethod
-    def _to_events(valid: pa.Table, batch_no: int) -> pa.Table:
-        ts = pc.cast(pc.multiply(valid["ts"], 1000), pa.int64()).cast(TS_TYPE)
-        return pa.table({
-            "event_id": valid["event_id"], "ts": ts, "user_id": valid["user_id"], "item_id": valid["item_id"],
-            "author_id": valid["author_id"], "request_id": valid["request_id"], "action": valid["action"],
-            "value": valid["value"], "dt": day_strings(valid["ts"]),
-            "ingest_batch": pa.repeat(pa.scalar(batch_no), valid.num_rows),
-            "source_file": valid["source_file"], "source_offset": valid["source_offset"],
-        }).cast(EVENTS_SCHEMA)
 
     @staticmethod
     def _to_quarantine(rejects: pa.Table, plan: BatchPlan) -> pa.Table:

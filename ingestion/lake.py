@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction
 
 INGEST_APP_ID = "streamrec-ingest"
 
@@ -36,9 +37,23 @@ def committed_version(table: DeltaTable, app_id: str = INGEST_APP_ID) -> int:
     return table.transaction_version(app_id) or 0
 
 
+def _commit_once(table: DeltaTable, batch_no: int, app_id: str, commit) -> bool:
+    """Run `commit(CommitProperties)` unless the table already holds batch `batch_no` of `app_id`."""
+    if committed_version(table, app_id) >= batch_no:
+        return False
+    try:
+        # The table object, not its URI: the commit's read version is the one checked above.
+        commit(CommitProperties(app_transactions=[Transaction(app_id=app_id, version=batch_no)],
+                                custom_metadata={"ingest_batch": str(batch_no)}))
+    except CommitFailedError:
+        if committed_version(table, app_id) >= batch_no:
+            return False
+        raise
+    return True
+
+
 def append_once(table: DeltaTable, data: pa.Table | Iterable[pa.RecordBatch], schema: pa.Schema,
-                batch_no: int, partition_by: list[str] | None = None, app_id: str = INGEST_APP_ID,
-                metadata: dict[str, str] | None = None) -> bool:
+                batch_no: int, partition_by: list[str] | None = None, app_id: str = INGEST_APP_ID) -> bool:
     """Append `data` with transaction (app_id, batch_no) unless that batch is already committed.
 
     Returns True when it committed, False when the table already held the batch (also when a concurrent
@@ -46,23 +61,14 @@ def append_once(table: DeltaTable, data: pa.Table | Iterable[pa.RecordBatch], sc
     either both or neither. Raises CommitFailedError when a concurrent commit of another batch of the same
     app got in between: two writers are interleaving batches, which the ingestion lease should prevent.
     """
-    if committed_version(table, app_id) >= batch_no:
-        return False
-    if isinstance(data, pa.Table):
-        data = data.cast(schema)
-    else:
-        data = pa.RecordBatchReader.from_batches(schema, data)
-    try:
-        # The table object, not its URI: the commit's read version is the one checked above.
-        write_deltalake(
-            table, data, mode="append", partition_by=partition_by,
-            commit_properties=CommitProperties(
-                app_transactions=[Transaction(app_id=app_id, version=batch_no)],
-                custom_metadata={"ingest_batch": str(batch_no), **(metadata or {})},
-            ),
-        )
-    except CommitFailedError:
-        if committed_version(table, app_id) >= batch_no:
-            return False
-        raise
-    return True
+    data = data.cast(schema) if isinstance(data, pa.Table) else pa.RecordBatchReader.from_batches(schema, data)
+    return _commit_once(table, batch_no, app_id, lambda properties: write_deltalake(
+        table, data, mode="append", partition_by=partition_by, commit_properties=properties))
+
+
+def commit_once(table: DeltaTable, data_files: list[AddAction], schema: pa.Schema, batch_no: int,
+                partition_by: list[str] | None = None, app_id: str = INGEST_APP_ID) -> bool:
+    """`append_once` for data files already written into the table's folder (`ingestion.staging`): one commit
+    adds them all with the transaction marker (none: the marker alone, for a batch with no rows)."""
+    return _commit_once(table, batch_no, app_id, lambda properties: table.create_write_transaction(
+        data_files, "append", schema, partition_by=partition_by, commit_properties=properties))

@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.json as pj
-import ray
 
 import storage
 from ingestion.contract import (
@@ -43,6 +42,7 @@ from ingestion.contract import (
 
 CHUNK_BYTES = 8 << 20
 READ_BYTES = 1 << 20  # stored bytes per read, and content bytes per gunzip step
+_JSON_READ = pj.ReadOptions(use_threads=False, block_size=1 << 20)
 _JSON_PARSE = pj.ParseOptions(explicit_schema=RAW_EVENT_SCHEMA, unexpected_field_behavior="ignore")
 
 # Rows of a parsed file: the event fields plus where each line came from.
@@ -182,7 +182,8 @@ def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iter
             continue
         cut = buf.rfind(b"\n") + 1
         if cut:
-            data = bytes(buf[:cut])
+            with memoryview(buf) as view:
+                data = bytes(view[:cut])  # one copy (slicing the bytearray first would make two)
             yield LineChunk(offset, line, data)
             offset, line = offset + cut, line + data.count(b"\n")
             del buf[:cut]
@@ -331,7 +332,7 @@ def _parse_chunk(content: bytes, starts: np.ndarray, ends: np.ndarray, first_lin
     chunk = content[starts[0]:ends[-1]]
     try:
         chunk.decode("utf-8")  # Arrow's reader lets invalid UTF-8 through inside strings
-        table = pj.read_json(io.BytesIO(chunk), parse_options=_JSON_PARSE)
+        table = pj.read_json(io.BytesIO(chunk), read_options=_JSON_READ, parse_options=_JSON_PARSE)
     except (UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
         table = None
     if table is None or table.num_rows != len(starts):
@@ -425,22 +426,3 @@ def parse_landing_files(names: list[str], *, landing: str, bounds: EventTimeBoun
             out.append(rows.append_column("source_file", pa.repeat(pa.scalar(name), rows.num_rows)))
     return (pa.concat_tables(valid) if valid else VALID_FILE_SCHEMA.empty_table(),
             pa.concat_tables(rejects) if rejects else REJECT_FILE_SCHEMA.empty_table())
-
-
-# Here, not in ingestion.job: a worker unpickling the task imports this module, and ingestion.job's GX import
-# alone takes seconds. Ray retries the task when its worker dies; an error reading the file fails the try.
-@ray.remote(num_cpus=1)
-def parse_task(name: str, options: dict) -> tuple[pa.Table, pa.Table]:
-    """One landing file -> (valid rows, rejects); `options` are `parse_landing_files`' keyword arguments."""
-    return parse_landing_files([name], **options)
-
-
-@ray.remote(num_cpus=1)
-def _loaded() -> None:
-    """Nothing: running it makes a worker import this module (and pyarrow's pandas shim) ahead of the files."""
-
-
-def warm_up_workers() -> None:
-    """One no-op task per CPU the cluster has, not waited for; about 0.5 s of imports off a cold batch's parse."""
-    for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1)))):
-        _loaded.remote()

@@ -37,15 +37,14 @@ def print_report(report) -> None:
 
 def _feature_pusher(cfg):
     """An on_batch callback that sends each committed batch's events through the real-time feature updater."""
-    from features.realtime import PUSHED_COLUMNS, events_of_batch, start_from_lake
+    from features.realtime import events_of_batch, start_from_lake
 
     updater = start_from_lake(cfg)
 
     def push(batch) -> None:
         if batch.valid:
-            # The batch's own rows when this process committed them; a batch recovered at start-up is read back.
-            rows = (batch.events.select(list(PUSHED_COLUMNS)).sort_by("ts") if batch.events is not None
-                    else events_of_batch(cfg, batch.batch_no))
+            # Read back from the lake: the driver never holds a batch's rows (the parse tasks write them).
+            rows = events_of_batch(cfg, batch.batch_no)
             report = updater.update(rows)
             print(f"  features: pushed batch {batch.batch_no} ({report.events} events, {report.seconds:.2f}s)")
 

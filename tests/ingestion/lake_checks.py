@@ -43,3 +43,10 @@ def input_line_count(landing: Path) -> int:
         data = path.read_bytes()
         total += data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     return total
+
+
+def unreferenced_data_files(table_path: str) -> list[str]:
+    """Parquet files in a Delta table's folder that its log does not name (what a batch must not leave behind)."""
+    named = {Path(uri.removeprefix("file://")).resolve() for uri in DeltaTable(table_path).file_uris()}
+    return sorted(str(p) for p in Path(table_path).resolve().rglob("*.parquet")
+                  if "_delta_log" not in p.parts and p not in named)

@@ -12,7 +12,7 @@ import pytest
 from ingestion.job import IngestJob
 from ingestion.parse import line_starts
 from ray_jobs.ingest import main as ingest_main
-from tests.ingestion.lake_checks import good_event, lake_rows, make_config, write_lines
+from tests.ingestion.lake_checks import good_event, lake_rows, make_config, unreferenced_data_files, write_lines
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -55,6 +55,8 @@ def test_bad_inputs_are_quarantined_and_nothing_valid_is_lost(lake):
         assert sorted(placed) == line_starts((landing / name).read_bytes()).tolist()
     assert report.totals()["valid"] == len(events)
     assert report.docs_path and Path(report.docs_path.removeprefix("file://")).exists()
+    # The files with duplicates were written again without them; what the parse tasks first wrote is gone.
+    assert unreferenced_data_files(cfg.lake.events) == []
 
 
 def test_rerun_adds_nothing_and_new_files_are_picked_up(lake):
@@ -101,6 +103,7 @@ def test_failed_batch_expectation_quarantines_the_batch_and_exits_nonzero(tmp_pa
     assert all(q["reason"].startswith("batch expectation failed: expect_column_values_to_be_between("
                                       "column=share_impression") for q in quarantine)
     assert sorted(json.loads(q["raw"])["event_id"] for q in quarantine) == sorted(f"e{i}" for i in range(30))
+    assert unreferenced_data_files(cfg.lake.events) == []  # the parse task's data files are removed with the batch
 
 
 def test_follow_mode_picks_up_files_as_they_arrive(lake):

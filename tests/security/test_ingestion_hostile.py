@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import ingestion.job
 from config.schema import IngestConfig
 from ingestion.audit import audit_lake
 from ingestion.contract import MAX_LINE_BYTES, EventTimeBounds, check_event
@@ -215,7 +216,7 @@ def test_a_batch_that_fails_every_try_stops_with_a_clear_error(lake, monkeypatch
     def lake_down(*args):
         raise OSError("the lake is unreachable")
 
-    monkeypatch.setattr(IngestJob, "_to_events", staticmethod(lake_down))
+    monkeypatch.setattr(ingestion.job, "commit_once", lake_down)
     for _ in range(2):
         with pytest.raises(OSError, match="unreachable"):
             IngestJob(cfg).run_once()
