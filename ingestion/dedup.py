@@ -59,9 +59,12 @@ class EventKeyIndex:
         self.events = events
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (hashes sorted, their batches); sizes decrease
         self.upto: int | None = None
+        # (keys, their sort order) of the last `duplicates` call: a batch without duplicates commits the very array
+        # it probed, and sorting 1M hashes again would cost ~0.1 s.
+        self._probed: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _insert(self, keys: np.ndarray, batches: np.ndarray) -> None:
-        order = np.argsort(keys, kind="stable")
+    def _insert(self, keys: np.ndarray, batches: np.ndarray, order: np.ndarray | None = None) -> None:
+        order = np.argsort(keys, kind="stable") if order is None else order
         run = keys[order], batches[order]
         while self.runs and len(self.runs[-1][0]) <= len(run[0]):
             older = self.runs.pop()
@@ -87,8 +90,11 @@ class EventKeyIndex:
         """Record the `hash_ids` of the ids a batch just committed (when the index covers the batches before it)."""
         if self.upto == batch_no:
             if len(keys):
-                self._insert(keys, np.full(len(keys), batch_no, np.int64))
+                probed = self._probed
+                order = probed[1] if probed is not None and probed[0] is keys else None
+                self._insert(keys, np.full(len(keys), batch_no, np.int64), order)
             self.upto = batch_no + 1
+        self._probed = None
 
     def _batches_sharing(self, sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in `sorted_keys` whose hash the index holds, the batches those hashes came from)."""
@@ -111,6 +117,7 @@ class EventKeyIndex:
             return dup
         self._cover(batch_no)
         order = np.argsort(keys, kind="stable")
+        self._probed = (keys, order)
         sorted_keys = keys[order]
         at, sources = self._batches_sharing(sorted_keys)
         if at.size:

@@ -251,11 +251,10 @@ class IngestJob:
         rejects = pa.concat_tables([f.rejects for f in staged]) if staged else REJECT_FILE_SCHEMA.empty_table()
         file_level = pc.sum(pc.equal(rejects["line_no"], -1)).as_py() or 0  # one reject per unreadable file
         lines = sum(f.keys.num_rows for f in staged) + rejects.num_rows - file_level
-        staged, duplicates = self._drop_duplicates(staged, plan.batch_no)
+        staged, duplicates, (ids, hashes) = self._drop_duplicates(staged, plan.batch_no)
         if duplicates.num_rows:
             rejects = pa.concat_tables([rejects, self._as_rejects(duplicates, "duplicate event_id")])
         lap("dedup", "gate")
-        ids, hashes = self._ids_and_hashes(staged)
         statistics = batch_statistics([f.statistics for f in staged], repeated_ids(ids, hashes), self.cfg.ingest)
         gate = self.gate.validate(statistics, plan.batch_no, self.bounds, plan.now_ms)
         data_files = [a for f in staged for a in f.data_files]
@@ -288,12 +287,13 @@ class IngestJob:
         return (pa.chunked_array([c for f in staged for c in f.keys["event_id"].chunks], pa.string()),
                 np.concatenate([f.hashes for f in staged]) if staged else np.zeros(0, np.uint64))
 
-    def _drop_duplicates(self, staged: list[StagedFile], batch_no: int) -> tuple[list[StagedFile], pa.Table]:
-        """(the files without the rows whose event_id the lake or an earlier row holds, the dropped rows' keys)."""
+    def _drop_duplicates(self, staged: list[StagedFile], batch_no: int):
+        """(the files without the rows whose event_id the lake or an earlier row holds, the dropped rows' keys,
+        (ids, hashes) of the rows kept)."""
         ids, hashes = self._ids_and_hashes(staged)
         dup = self.key_index.duplicates(ids, batch_no, hashes)
         if not dup.any():
-            return staged, pa.table({})
+            return staged, pa.table({}), (ids, hashes)
         dropped, kept, start = [], [], 0
         for f in staged:
             mine = np.flatnonzero(dup[start:start + f.keys.num_rows])
@@ -302,7 +302,7 @@ class IngestJob:
                 dropped.append(f.keys.take(pa.array(mine)))
                 f = restage_without(f, mine, self.events_uri, batch_no)
             kept.append(f)
-        return kept, pa.concat_tables(dropped)
+        return kept, pa.concat_tables(dropped), self._ids_and_hashes(kept)
 
     def _as_rejects(self, rows: pa.Table, reason: str) -> pa.Table:
         """Valid rows -> `REJECT_FILE_SCHEMA` rows with their original bytes and `reason`."""
