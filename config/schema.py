@@ -109,6 +109,9 @@ class IngestConfig(Section):
     max_batch_attempts: int = Field(3, ge=1, description="runs that may try one planned batch before it is an error")
     batch_rules: BatchRulesConfig = Field(default_factory=BatchRulesConfig)
     build_data_docs: bool = True
+    data_docs_interval_s: float = Field(
+        30.0, ge=0, description="Data Docs are rendered at most this often (validations wait and are rendered "
+        "together; always at the end of a run)")
 
 
 class SimulatorConfig(Section):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,7 @@ class ExpectationGate:
         self._undocumented: list = []  # validation results not rendered into Data Docs yet
         self._docs: threading.Thread | None = None
         self._docs_error: BaseException | None = None
+        self._last_render = -float("inf")  # time.monotonic() of the last render's start
 
     def _open(self, gx_root: str) -> None:
         """Open (or create) the file-backed project and (re)write the gate's suite, validation and checkpoint."""
@@ -163,18 +165,25 @@ class ExpectationGate:
                   for r in run.results if not r.success]
         return GateResult(success=not failed, failed=failed)
 
-    def start_docs(self) -> None:
-        """Render the validations since the last call (and the suite and the index) into Data Docs, in a thread.
+    def start_docs(self, force: bool = False) -> None:
+        """Render the validations not rendered yet (and the suite and the index) into Data Docs, in a thread.
 
         Incremental, because re-rendering every stored validation would grow with the lake's age; in a thread,
-        because rendering is seconds of templating that can run while the batch's rows are written (delta-rs
-        releases the GIL). GX is not used by two threads at once: `validate` and `finish_docs` wait for it."""
-        self._wait_docs()
+        because rendering is a few hundred ms of templating that can run while the batch's rows are committed.
+        At most one render per `ingest.data_docs_interval_s` unless `force`: a follower committing batch after
+        batch would otherwise spend a core on HTML; the validations wait and are rendered together (nothing
+        is skipped: they are stored at validation). GX is not used by two threads at once: `validate` and
+        `finish_docs` wait for a render."""
         if not self.cfg.build_data_docs or not self._undocumented:
             return
+        if not force and (self._docs is not None or
+                          time.monotonic() - self._last_render < self.cfg.data_docs_interval_s):
+            return
+        self._wait_docs()
         targets = [ExpectationSuiteIdentifier(name=SUITE), *self._undocumented]
         self._undocumented = []
         self._docs_error = None
+        self._last_render = time.monotonic()
 
         def render() -> None:
             try:
@@ -193,7 +202,8 @@ class ExpectationGate:
                 raise self._docs_error
 
     def finish_docs(self) -> str | None:
-        """Wait for the Data Docs being rendered; returns the index page's URL (None when docs are off)."""
+        """Render what is left and wait for it; returns the index page's URL (None when docs are off)."""
+        self.start_docs(force=True)
         self._wait_docs()
         if not self.cfg.build_data_docs:
             return None

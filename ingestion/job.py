@@ -391,6 +391,7 @@ class IngestJob:
                     # Data Docs render while the loop sleeps: a file landing meanwhile waits for the rest of the
                     # render only if it arrives before the render ends, not for a whole render plus a poll.
                     report.batches += self._run_pending(on_batch, await_docs=False).batches
+                    self.gate.start_docs()  # validations waiting for their render get it once the interval passed
                     stop.wait(self.cfg.ingest.poll_interval_s)
             except KeyboardInterrupt:
                 log.info("follow mode stopped")

@@ -1,0 +1,36 @@
+"""The GX gate's Data Docs: rendered at most once per interval while a run goes on, everything at its end."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from config.schema import IngestConfig
+from ingestion.batch_stats import batch_statistics, file_statistics
+from ingestion.contract import EventTimeBounds
+from ingestion.expectations import ExpectationGate
+from ingestion.staging import to_events
+from tests.ingestion.lake_checks import good_event
+
+
+def statistics(cfg: IngestConfig) -> dict:
+    rows = pa.Table.from_pylist([good_event(i) for i in range(5)])
+    rows = rows.append_column("source_file", pa.array(["a"] * 5)).append_column("source_offset", pa.array(range(5)))
+    return batch_statistics([file_statistics(to_events(rows, batch_no=1))], 0, cfg)
+
+
+def rendered_batches(gx_root) -> set[str]:
+    pages = (gx_root / "gx" / "uncommitted" / "data_docs").rglob("*.html")
+    return {part for page in pages for part in page.parts if part.startswith("ingest-batch-")}
+
+
+def test_data_docs_wait_for_their_interval_and_the_end_of_the_run_renders_the_rest(tmp_path):
+    cfg = IngestConfig(data_docs_interval_s=3600)
+    gate = ExpectationGate(str(tmp_path), cfg)
+    bounds = EventTimeBounds.from_config(cfg)
+    for batch in (1, 2, 3):
+        assert gate.validate(statistics(cfg), batch, bounds, 1_800_000_000_000).success
+        gate.start_docs()
+    gate._wait_docs()
+    assert rendered_batches(tmp_path) == {"ingest-batch-1"}  # 2 and 3 came within the interval
+    assert gate.finish_docs() is not None
+    assert rendered_batches(tmp_path) == {"ingest-batch-1", "ingest-batch-2", "ingest-batch-3"}
