@@ -31,7 +31,8 @@ def value_groups() -> dict[str, tuple[float, float]]:
                                                                               DEFAULT_VALUE_RANGE.high)}
 
 
-def _scalar(value: pa.Scalar):
+def scalar(value: pa.Scalar):
+    """An Arrow scalar as Python, None when null (an aggregate over no values)."""
     return value.as_py() if value.is_valid else None
 
 
@@ -48,10 +49,10 @@ def file_statistics(rows: pa.Table) -> dict:
     return {
         "rows": rows.num_rows,
         "nulls": {name: rows[name].null_count for name in (*REQUIRED_FIELDS, *_NULLABLE)},
-        "min_ids": {name: _scalar(pc.min(rows[name])) for name in POSITIVE_ID_FIELDS},
-        "ts_us": (_scalar(ts["min"]), _scalar(ts["max"])),
-        "event_id_chars": (_scalar(eid_chars["min"]), _scalar(eid_chars["max"])),
-        "max_request_id_chars": _scalar(pc.max(pc.utf8_length(rows["request_id"]))),
+        "min_ids": {name: scalar(pc.min(rows[name])) for name in POSITIVE_ID_FIELDS},
+        "ts_us": (scalar(ts["min"]), scalar(ts["max"])),
+        "event_id_chars": (scalar(eid_chars["min"]), scalar(eid_chars["max"])),
+        "max_request_id_chars": scalar(pc.max(pc.utf8_length(rows["request_id"]))),
         "actions": dict(zip(actions.to_pylist(), counts.to_pylist())),
         "non_finite_values": rows.num_rows - value.null_count - pc.sum(pc.is_finite(value), min_count=0).as_py(),
         "values": {g: (lo, hi) for g, lo, hi in zip(*(by_group[c].to_pylist()

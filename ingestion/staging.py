@@ -29,7 +29,7 @@ import ray
 from deltalake.transaction import AddAction
 
 import storage
-from ingestion.batch_stats import file_statistics
+from ingestion.batch_stats import file_statistics, scalar
 from ingestion.contract import EVENTS_PARTITION_BY, EVENTS_SCHEMA, TS_TYPE, day_strings
 from ingestion.dedup import hash_ids
 from ingestion.parse import parse_landing_files
@@ -76,15 +76,12 @@ def _delta_stats(rows: pa.Table) -> str:
     low, high = {}, {}
     for name in _BOUNDED:
         bounds = pc.min_max(rows[name])
-        lo, hi = _stat(_scalar(bounds["min"])), _stat(_scalar(bounds["max"]))
+        lo, hi = _stat(scalar(bounds["min"])), _stat(scalar(bounds["max"]))
         if lo is not None and hi is not None:
             low[name], high[name] = lo, hi
     return json.dumps({"numRecords": rows.num_rows, "minValues": low, "maxValues": high,
                        "nullCount": {name: rows[name].null_count for name in _DATA_SCHEMA.names}})
 
-
-def _scalar(value: pa.Scalar):
-    return value.as_py() if value.is_valid else None
 
 
 def write_data_files(events: pa.Table, table_uri: str, batch_no: int) -> list[AddAction]:
@@ -112,7 +109,7 @@ def read_data_files(actions: list[AddAction], table_uri: str) -> pa.Table:
     parts = []
     for a in actions:
         rows = pq.read_table(f"{root}/{a.path}", filesystem=fs, schema=_DATA_SCHEMA)
-        parts.append(rows.append_column("dt", pa.array([a.partition_values["dt"]] * rows.num_rows, pa.string())))
+        parts.append(rows.append_column("dt", pa.repeat(pa.scalar(a.partition_values["dt"]), rows.num_rows)))
     return (pa.concat_tables(parts) if parts else EVENTS_SCHEMA.empty_table()).select(EVENTS_SCHEMA.names)
 
 
