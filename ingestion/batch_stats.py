@@ -5,7 +5,7 @@ a minimum or a maximum, so each parse task computes them over the rows it writes
 kernels, no GX import in the worker) and the driver merges the files' dictionaries (`batch_statistics`): the
 merged row equals what the same code computes over the whole batch at once (a test holds them equal). The one
 statistic that spans files, repeated event_ids, is counted by the driver over the batch's kept ids
-(`repeated_ids`).
+(`repeated_ids`, over the hashes the parse tasks sorted).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ingestion.contract import ACTIONS, DEFAULT_VALUE_RANGE, REQUIRED_FIELDS, VA
 POSITIVE_ID_FIELDS = ("user_id", "item_id", "author_id")
 if TYPE_CHECKING:  # parse tasks import this module: no pydantic models, no pandas there (0.35 s per cold worker)
     from config.schema import IngestConfig
+    from ingestion.dedup import SortedHashes
 
 _NULLABLE = ("author_id", "request_id", "value")  # optional contract fields (their null rates may be bounded)
 
@@ -116,20 +117,21 @@ def batch_statistics(parts: list[dict], repeated_event_ids: int, cfg: IngestConf
     return stats
 
 
-def repeated_ids(ids: pa.ChunkedArray | pa.Array, hashes: np.ndarray) -> int:
-    """How many of `ids` repeat an earlier one; `hashes` are their `dedup.hash_ids`.
+def repeated_ids(ids: pa.ChunkedArray | pa.Array, keys: SortedHashes) -> int:
+    """How many of `ids` repeat an earlier one; `keys` are their `dedup.hash_ids`, sorted.
 
     Equal ids hash equally, so ids whose hash is unique are unique; only rows sharing a hash are compared.
 
-    >>> from ingestion.dedup import hash_ids
+    >>> from ingestion.dedup import SortedHashes, hash_ids
     >>> ids = pa.array(["a", "b", "a", "c", "a"])
-    >>> repeated_ids(ids, hash_ids(ids)), repeated_ids(ids, np.zeros(5, np.uint64))  # all hashes colliding
-    (2, 2)
+    >>> repeated_ids(ids, SortedHashes(hash_ids(ids)))
+    2
+    >>> repeated_ids(ids, SortedHashes(np.zeros(5, np.uint64)))  # every hash colliding
+    2
     """
-    ordered = np.sort(hashes)
-    if not (ordered[1:] == ordered[:-1]).any():
+    if not keys.repeats():
         return 0
-    _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(keys.hashes, return_inverse=True, return_counts=True)
     suspects = np.flatnonzero(counts[inverse] > 1)
     picked = ids.take(pa.array(suspects))
     return len(picked) - len(pc.unique(picked))

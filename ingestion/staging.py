@@ -31,7 +31,7 @@ from deltalake.transaction import AddAction
 import storage
 from ingestion.batch_stats import file_statistics, scalar
 from ingestion.contract import EVENTS_PARTITION_BY, EVENTS_SCHEMA, TS_TYPE, day_strings
-from ingestion.dedup import hash_ids
+from ingestion.dedup import SortedHashes, hash_ids
 from ingestion.parse import parse_landing_files
 
 _DATA_SCHEMA = pa.schema([f for f in EVENTS_SCHEMA if f.name not in EVENTS_PARTITION_BY])  # dt is in the path
@@ -125,7 +125,7 @@ class StagedFile:
     name: str
     rejects: pa.Table  # parse.REJECT_FILE_SCHEMA
     keys: pa.Table  # KEY_COLUMNS of each valid row, in line order
-    hashes: np.ndarray  # dedup.hash_ids of keys["event_id"]
+    hashes: SortedHashes  # of keys["event_id"], sorted here so the driver only merges the files' runs
     data_files: list[AddAction]
     statistics: dict  # batch_stats.file_statistics of the rows written
 
@@ -135,8 +135,8 @@ def stage_file(name: str, options: dict, table_uri: str, batch_no: int) -> Stage
     valid, rejects = parse_landing_files([name], **options)
     events = to_events(valid, batch_no)
     data_files = write_data_files(events, table_uri, batch_no) if events.num_rows else []
-    return StagedFile(name, rejects, valid.select(KEY_COLUMNS), hash_ids(valid["event_id"]), data_files,
-                      file_statistics(events))
+    return StagedFile(name, rejects, valid.select(KEY_COLUMNS), SortedHashes(hash_ids(valid["event_id"])),
+                      data_files, file_statistics(events))
 
 
 def restage_without(staged: StagedFile, drop: np.ndarray, table_uri: str, batch_no: int) -> StagedFile:
@@ -148,7 +148,8 @@ def restage_without(staged: StagedFile, drop: np.ndarray, table_uri: str, batch_
     delete_data_files(staged.data_files, table_uri)
     keep = np.ones(staged.keys.num_rows, dtype=bool)
     keep[drop] = False
-    return StagedFile(staged.name, staged.rejects, staged.keys.filter(pa.array(keep)), staged.hashes[keep],
+    return StagedFile(staged.name, staged.rejects, staged.keys.filter(pa.array(keep)),
+                      SortedHashes(staged.hashes.hashes[keep]),
                       data_files, file_statistics(events))
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestion import dedup
-from ingestion.dedup import EventKeyIndex
+from ingestion.dedup import EventKeyIndex, SortedHashes
 
 IDS = st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=30)
 
@@ -47,12 +47,12 @@ def test_duplicates_match_a_plain_set(tmp_path_factory, monkeypatch, collide, ba
     committed: list[list[str]] = []
     for batch_no, ids in enumerate(batches, start=1):
         column = pa.chunked_array([pa.array(ids, pa.string())])
-        keys = dedup.hash_ids(column)
+        keys = SortedHashes(dedup.hash_ids(column))
         mask = index.duplicates(column, batch_no, keys)
         assert mask.tolist() == reference(committed, ids)
         kept = [i for i, dup in zip(ids, mask) if not dup]
         commit(path, batch_no, kept)
-        index.committed(keys[~mask], batch_no)
+        index.committed(SortedHashes(keys.hashes[~mask]), batch_no)
         committed.append(kept)
 
 
@@ -64,4 +64,16 @@ def test_a_redone_batch_sees_only_earlier_batches(tmp_path):
     for ids, batch_no, expected in ((["c", "a", "d", "d"], 3, [True, True, False, True]),
                                     (["c", "a", "d"], 2, [False, True, False])):
         column = pa.array(ids)
-        assert index.duplicates(column, batch_no, dedup.hash_ids(column)).tolist() == expected
+        assert index.duplicates(column, batch_no, SortedHashes(dedup.hash_ids(column))).tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=12), max_size=6))
+def test_merged_sorted_parts_equal_one_stable_sort_of_the_whole(parts):
+    """Parse tasks sort their own file's hashes; merging them must give exactly what sorting the batch gives."""
+    arrays = [np.array(p, np.uint64) for p in parts]
+    merged = SortedHashes.concat([SortedHashes(a) for a in arrays])
+    whole = np.concatenate(arrays) if arrays else np.zeros(0, np.uint64)
+    assert merged.hashes.tolist() == whole.tolist()
+    assert merged.order.tolist() == np.argsort(whole, kind="stable").tolist()
+    assert merged.values.tolist() == sorted(whole.tolist())

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from config.schema import IngestConfig
 from ingestion.batch_stats import batch_statistics, file_statistics, repeated_ids
 from ingestion.contract import ACTIONS, EVENTS_PARTITION_BY, EVENTS_SCHEMA, EventTimeBounds
-from ingestion.dedup import hash_ids
+from ingestion.dedup import SortedHashes, hash_ids
 from ingestion.lake import commit_once, open_or_create
 from ingestion.parse import FileLimits
 from ingestion.staging import read_data_files, restage_without, stage_file, to_events, write_data_files
@@ -61,7 +61,7 @@ def test_statistics_merged_from_files_equal_the_statistics_of_the_whole_batch(ro
     events = to_events(raw_table(rows), batch_no=3)
     bounds = sorted({0, len(rows), *(c for c in cuts if c < len(rows))})
     parts = [file_statistics(events.slice(a, b - a)) for a, b in itertools.pairwise(bounds)]
-    ids, hashes = events["event_id"], hash_ids(events["event_id"])
+    ids, hashes = events["event_id"], SortedHashes(hash_ids(events["event_id"]))
     merged = batch_statistics(parts, repeated_ids(ids, hashes), cfg)
     whole = batch_statistics([file_statistics(events)], len(rows) - len(set(r["event_id"] for r in rows)), cfg)
     assert differing(merged, whole) == []
@@ -117,7 +117,8 @@ def test_a_file_staged_again_without_rows_keeps_the_others_and_removes_its_old_f
     assert staged.keys.num_rows == 20 and staged.statistics["rows"] == 20
     again = restage_without(staged, np.array([0, 7, 19]), table_path, batch_no=1)
     kept = [f"e{i}" for i in range(20) if i not in (0, 7, 19)]
-    assert again.keys["event_id"].to_pylist() == kept and again.hashes.tolist() == hash_ids(pa.array(kept)).tolist()
+    assert again.keys["event_id"].to_pylist() == kept
+    assert again.hashes.hashes.tolist() == hash_ids(pa.array(kept)).tolist()
     assert again.statistics["rows"] == 17
     assert sorted(read_data_files(again.data_files, table_path)["event_id"].to_pylist()) == sorted(kept)
     assert len(unreferenced_data_files(table_path)) == len(again.data_files)  # written, not committed yet
@@ -127,6 +128,6 @@ def test_a_file_staged_again_without_rows_keeps_the_others_and_removes_its_old_f
 
 def test_repeated_ids_are_counted_exactly_when_hashes_collide():
     ids = pa.array(["a", "b", "a", "a", "c", "b"])
-    assert repeated_ids(ids, hash_ids(ids)) == 3
-    assert repeated_ids(ids, np.zeros(6, np.uint64)) == 3  # every hash equal: the strings decide
-    assert repeated_ids(pa.array(["a", "b"]), np.zeros(2, np.uint64)) == 0
+    assert repeated_ids(ids, SortedHashes(hash_ids(ids))) == 3
+    assert repeated_ids(ids, SortedHashes(np.zeros(6, np.uint64))) == 3  # every hash equal: the strings decide
+    assert repeated_ids(pa.array(["a", "b"]), SortedHashes(np.zeros(2, np.uint64))) == 0
