@@ -77,3 +77,22 @@ def test_merged_sorted_parts_equal_one_stable_sort_of_the_whole(parts):
     assert merged.hashes.tolist() == whole.tolist()
     assert merged.order.tolist() == np.argsort(whole, kind="stable").tolist()
     assert merged.values.tolist() == sorted(whole.tolist())
+
+
+def test_a_failed_background_merge_is_raised_by_the_next_probe_and_loses_no_run(tmp_path, monkeypatch):
+    path = tmp_path / "events"
+    commit(path, 0, [])
+    index = EventKeyIndex(DeltaTable(str(path)))
+    for batch_no, ids in ((1, ["a", "b"]), (2, ["c", "d"])):
+        column = pa.array(ids)
+        keys = SortedHashes(dedup.hash_ids(column))
+        assert not index.duplicates(column, batch_no, keys).any()
+        commit(path, batch_no, ids)
+        if batch_no == 2:  # the second equal-sized run is merged in the thread: make that fail
+            monkeypatch.setattr(dedup.np, "sort", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+        index.committed(keys, batch_no)
+    column = pa.array(["a", "d", "e"])
+    with pytest.raises(MemoryError, match="no room"):
+        index.duplicates(column, 3, SortedHashes(dedup.hash_ids(column)))
+    monkeypatch.undo()
+    assert index.duplicates(column, 3, SortedHashes(dedup.hash_ids(column))).tolist() == [True, True, False]
