@@ -112,6 +112,9 @@ class IngestConfig(Section):
     data_docs_interval_s: float = Field(
         30.0, ge=0, description="Data Docs are rendered at most this often (validations wait and are rendered "
         "together; always at the end of a run)")
+    data_docs_index_validations: int = Field(
+        200, ge=1, description="the Data Docs index lists this many of the newest batch validations (every "
+        "validation keeps its own page); GX reads each listed result at every render")
 
 
 class SimulatorConfig(Section):

@@ -141,6 +141,7 @@ class ExpectationGate:
         cfg = self.cfg
         self.ctx = gx.get_context(mode="file", project_root_dir=gx_root)
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self._bound_docs_index()
         source = self.ctx.data_sources.add_or_update_pandas("landing")
         asset = source.add_dataframe_asset("batch_statistics")
         batch_definition = asset.add_batch_definition_whole_dataframe("ingestion_batch")
@@ -149,6 +150,28 @@ class ExpectationGate:
             gx.ValidationDefinition(name=SUITE, data=batch_definition, suite=expectations))
         self.checkpoint = self.ctx.checkpoints.add_or_update(
             gx.Checkpoint(name=SUITE, validation_definitions=[vd], result_format={"result_format": "BASIC"}))
+
+    def _bound_docs_index(self) -> None:
+        """List only the newest `data_docs_index_validations` validations on the Data Docs index page.
+
+        GX's index builder reads every stored validation result it lists at each render: a follower committing a
+        batch every few seconds would spend ever more of a core on it, and a validation waits for a running
+        render. Its `validation_results_limit` bounds that; GX also applies the same limit to the section that
+        renders validation pages, so that section is given none: every validation still gets its page, whatever
+        its age. The profiling section (unused here) is turned off: it lists every stored result again. What
+        stays linear is GX listing the stored results' keys (about 0.1 s per 1,000 per listing, two listings per
+        render; docs/scaling.md)."""
+        sites = self.ctx.list_data_docs_sites()
+        for name, site in sites.items():
+            wanted = {**site,
+                      "site_index_builder": {**site.get("site_index_builder", {}),
+                                             "class_name": "DefaultSiteIndexBuilder",
+                                             "validation_results_limit": self.cfg.data_docs_index_validations},
+                      "site_section_builders": {**site.get("site_section_builders", {}),
+                                                "validations": {"validation_results_limit": 0},
+                                                "profiling": "None"}}  # none here; it re-lists every result
+            if wanted != site:
+                self.ctx.update_data_docs_site(name, wanted)
 
     def validate(self, statistics: dict[str, float | None], batch_no: int, bounds: EventTimeBounds,
                  now_ms: int) -> GateResult:

@@ -34,3 +34,19 @@ def test_data_docs_wait_for_their_interval_and_the_end_of_the_run_renders_the_re
     assert rendered_batches(tmp_path) == {"ingest-batch-1"}  # 2 and 3 came within the interval
     assert gate.finish_docs() is not None
     assert rendered_batches(tmp_path) == {"ingest-batch-1", "ingest-batch-2", "ingest-batch-3"}
+
+
+def test_the_docs_index_lists_only_the_newest_validations_and_every_validation_keeps_its_page(tmp_path):
+    """GX reads every validation the index lists at each render: the index is bounded, the pages are not."""
+    cfg = IngestConfig(data_docs_interval_s=3600, data_docs_index_validations=2)
+    gate = ExpectationGate(str(tmp_path), cfg)
+    bounds = EventTimeBounds.from_config(cfg)
+    for batch in (1, 2, 3, 4):
+        assert gate.validate(statistics(cfg), batch, bounds, 1_800_000_000_000).success
+    index = gate.finish_docs()
+    assert rendered_batches(tmp_path) == {f"ingest-batch-{b}" for b in (1, 2, 3, 4)}
+    listed = (tmp_path / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").read_text()
+    assert index is not None and [b for b in (1, 2, 3, 4) if f"ingest-batch-{b}/" in listed] == [3, 4]
+    ExpectationGate(str(tmp_path), cfg)  # opening the project again keeps the bound, and does not stack it
+    site = gate.ctx.list_data_docs_sites()["local_site"]
+    assert site["site_index_builder"]["validation_results_limit"] == 2
