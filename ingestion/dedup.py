@@ -1,18 +1,17 @@
 """Which event_ids of a batch the lake already holds, or the batch repeats, against a compact key index.
 
-The index keeps a 64-bit hash (DuckDB's `hash`) of every event_id the lake committed in earlier batches,
-sorted, and each batch's own sorted hashes beside them. A batch's ids are hashed and probed against it: no hash
-in common means no id in common (equal ids hash equally), so the common case never reads the lake. Hashes in common (a
+The index keeps a 64-bit hash (DuckDB's `hash`) of every event_id the lake committed in earlier batches, sorted,
+and each batch's own sorted hashes beside them. A batch's ids are hashed and probed against it: no hash in common
+means no id in common (equal ids hash equally), so the common case never reads the lake. Hashes in common (a
 redelivered event, or rarely two ids sharing a hash) are settled exactly: the event_ids of only the batches
 those hashes came from are read back and compared as strings. Repeats inside the batch are found the same
 way, and the first occurrence in (file, line) order is the one kept.
 
-The index is built from the lake the first time a run needs it (16 bytes per event: 8 in the runs, 8 in its batch's
-array) and extended with each
-batch the run commits, so a follow-mode run reads the lake's event_ids once, not once per batch. It is a few
-sorted runs, not one sorted array: a batch's sorted hashes are added as a run, and runs are merged like a binary
-counter (at most ~log2(batches) runs; each hash is copied O(log batches) times in all). Inserting 1M hashes into
-one sorted array cost ~0.7 s per batch (`np.insert`).
+The index is built from the lake the first time a run needs it (16 bytes per event: 8 in the runs, 8 in its
+batch's array) and extended with each batch the run commits, so a follow-mode run reads the lake's event_ids
+once, not once per batch. It is a few sorted runs, not one sorted array: a batch's sorted hashes are added as a
+run, and runs are merged like a binary counter (at most ~log2(batches) runs; each hash is copied O(log batches)
+times in all). Inserting 1M hashes into one sorted array cost ~0.7 s per batch (`np.insert`).
 
 A batch's hashes are sorted where they are made: each parse task sorts its file's (`SortedHashes`) and the driver
 merges the files' sorted runs (`SortedHashes.concat`, timsort: 15 ms for 10 x 100,000 hashes against 85 ms sorting
@@ -142,12 +141,13 @@ class EventKeyIndex:
             ("ingest_batch", ">=", self.upto), ("ingest_batch", "<", batch_no)])
         if rows.num_rows:
             keys, batches = hash_ids(rows["event_id"]), rows["ingest_batch"].to_numpy()
-            order = np.lexsort((keys, batches))
-            keys, batches = keys[order], batches[order]
+            order = np.lexsort((keys, batches))  # by batch, then hash: each batch's sorted hashes are a slice
+            by_batch, batches = keys[order], batches[order]
             starts = np.flatnonzero(np.diff(batches, prepend=batches[0] - 1))
             for start, stop in zip(starts, [*starts[1:], len(keys)]):
-                self._add_batch(int(batches[start]), keys[start:stop])
-                self._merge_runs()
+                self.by_batch[int(batches[start])] = by_batch[start:stop]
+            self.runs.append(np.sort(keys))  # one run for all the batches read
+            self._merge_runs()
         self.upto = batch_no
 
     def committed(self, keys: SortedHashes, batch_no: int) -> None:
