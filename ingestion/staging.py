@@ -93,7 +93,9 @@ def write_data_files(events: pa.Table, table_uri: str, batch_no: int) -> list[Ad
         rows = events if len(days) == 1 else events.filter(pc.equal(events["dt"], day))
         data = rows.select(_DATA_SCHEMA.names).cast(_DATA_SCHEMA)
         buffer = io.BytesIO()
-        pq.write_table(data, buffer, compression="snappy", use_dictionary=_DICTIONARY)
+        # Parquet min/max only where Delta keeps bounds too: string bounds (random event_ids) skip nothing, and
+        # computing them was a fifth of the write (15 -> 12.5 ms per 100,000 rows).
+        pq.write_table(data, buffer, compression="snappy", use_dictionary=_DICTIONARY, write_statistics=_BOUNDED)
         relative = f"dt={day}/part-b{batch_no:08d}-{uuid.uuid4()}.parquet"
         fs.create_dir(f"{root}/dt={day}", recursive=True)
         with fs.open_output_stream(f"{root}/{relative}") as out:
