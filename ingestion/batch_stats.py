@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -122,6 +121,7 @@ def repeated_ids(ids: pa.ChunkedArray | pa.Array, keys: SortedHashes) -> int:
 
     Equal ids hash equally, so ids whose hash is unique are unique; only rows sharing a hash are compared.
 
+    >>> import numpy as np
     >>> from ingestion.dedup import SortedHashes, hash_ids
     >>> ids = pa.array(["a", "b", "a", "c", "a"])
     >>> repeated_ids(ids, SortedHashes(hash_ids(ids)))
@@ -129,9 +129,8 @@ def repeated_ids(ids: pa.ChunkedArray | pa.Array, keys: SortedHashes) -> int:
     >>> repeated_ids(ids, SortedHashes(np.zeros(5, np.uint64)))  # every hash colliding
     2
     """
-    if not keys.repeats():
+    suspects = keys.sharing()
+    if not suspects.size:
         return 0
-    _, inverse, counts = np.unique(keys.hashes, return_inverse=True, return_counts=True)
-    suspects = np.flatnonzero(counts[inverse] > 1)
     picked = ids.take(pa.array(suspects))
     return len(picked) - len(pc.unique(picked))

@@ -53,6 +53,8 @@ class SortedHashes:
     >>> whole = SortedHashes.concat(parts)
     >>> whole.order.tolist(), whole.values.tolist()  # equal hashes stay in row order
     ([1, 3, 4, 0, 2], [1, 1, 3, 5, 5])
+    >>> whole.sharing().tolist()  # rows whose hash another row has (5 at rows 0 and 2, 1 at rows 1 and 3)
+    [0, 1, 2, 3]
     """
 
     def __init__(self, hashes: np.ndarray, order: np.ndarray | None = None, values: np.ndarray | None = None):
@@ -69,9 +71,17 @@ class SortedHashes:
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def repeats(self) -> bool:
-        """Whether any hash occurs twice (only then can an id)."""
-        return bool((self.values[1:] == self.values[:-1]).any())
+    def sharing(self) -> np.ndarray:
+        """Row positions (ascending) whose hash another row shares: the only rows whose id can repeat one.
+
+        From the sort already made (no second sort): a sorted value equal to a neighbour marks its row."""
+        same = self.values[1:] == self.values[:-1]
+        if not same.any():
+            return np.zeros(0, np.int64)
+        shared = np.zeros(len(self.values), dtype=bool)
+        shared[1:] |= same
+        shared[:-1] |= same
+        return np.sort(self.order[shared])
 
     @classmethod
     def concat(cls, parts: list[SortedHashes]) -> SortedHashes:
@@ -201,9 +211,8 @@ class EventKeyIndex:
                 ("ingest_batch", "in", sources)])["event_id"]
             found = pc.is_in(ids.take(pa.array(shared)), value_set=known)
             dup[shared[found.to_numpy(zero_copy_only=False)]] = True
-        if keys.repeats():  # only rows whose hash repeats can repeat an id
-            _, inverse, counts = np.unique(keys.hashes, return_inverse=True, return_counts=True)
-            suspects = np.flatnonzero(counts[inverse] > 1)
+        suspects = keys.sharing()
+        if suspects.size:
             firsts = np.zeros(suspects.size, dtype=bool)
             firsts[_first_occurrences(ids.take(pa.array(suspects)))] = True
             dup[suspects[~firsts]] = True

@@ -343,7 +343,8 @@ def _parse_chunk(content: bytes, starts: np.ndarray, ends: np.ndarray, first_lin
     for i in np.flatnonzero(bad).tolist():
         out.reject(content[starts[i]:ends[i]], int(starts[i]), int(line_nos[i]), reasons[i])
     if not bad.any():  # the usual chunk: no copy of its rows
-        return out.add_valid(table, starts, line_nos)
+        out.add_valid(table, starts, line_nos)
+        return
     keep = ~bad
     out.add_valid(table.filter(pa.array(keep)), starts[keep], line_nos[keep])
 
