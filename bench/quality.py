@@ -183,6 +183,9 @@ def summarise_seeds(per_seed: dict[str, dict]) -> dict:
     out["auc_over_time"] = [{**p, "auc": round(sum(r["auc_over_time"][i]["auc"] for r in runs) / len(runs), 4)}
                             for i, p in enumerate(runs[0]["auc_over_time"])]
     out["candidates"], out["prior"], out["config"] = runs[0]["candidates"], runs[0]["prior"], runs[0]["config"]
+    if all("click_logit_terms" in r for r in runs):
+        out["click_logit_terms"] = {term: round(sum(r["click_logit_terms"]["terms"][term] for r in runs) / len(runs), 3)
+                                    for term in runs[0]["click_logit_terms"]["terms"]}
     return out
 
 
@@ -241,8 +244,9 @@ def plot(name: str, series: dict[str, list[dict]], task: str, oracle: list[dict]
 
 
 def run_dataset(name: str, args) -> dict:
-    from training.oracle import oracle_auc_on_samples
+    from training.oracle import click_logit_terms, oracle_auc_on_samples, oracle_candidates
     from training.ranking import train_ranking
+    from training.stream import PredictionLog
 
     cfg = dataset_config(name, args.events, args.set)
     info = prepare(name, cfg)
@@ -262,6 +266,9 @@ def run_dataset(name: str, args) -> dict:
         if kept:
             out[kind] = summarise_seeds(kept)
     artifacts = {}
+    # What each model learned of each click-logit term, fitted over the stream's second half (after most learning).
+    terms_scope = (oracle_candidates(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"),
+                                     from_sample=info["requests"] // 2)[0] if name == "simulator" else None)
     kinds = list(args.models) + (["zenith-shared"] if "zenith" in args.models and not args.skip_similarity else [])
     for kind in kinds:
         per_seed = dict(out[kind]["seeds"]) if kind in out else {}
@@ -283,6 +290,12 @@ def run_dataset(name: str, args) -> dict:
                 "tasks": {t: {k: v[k] for k in ("auc", "gauc", "logloss", "ne", "calibration")}
                           for t, v in m["progressive"].items()},
                 "auc_over_time": m["auc_over_time"], "config": training}
+            if terms_scope is not None:
+                fit = click_logit_terms(terms_scope, PredictionLog.read(f"{run.run_dir}/predictions", (task,)))
+                per_seed[str(seed)]["click_logit_terms"] = fit
+                shares = ", ".join(f"{k} {v:.2f}" for k, v in fit["terms"].items())
+                print(f"{kind:>9} seed {seed}: second half AUC {fit['auc']:.4f} (oracle {fit['oracle_auc']:.4f}); "
+                      f"its click logit on the true terms: {shares}; R2 {fit['r2']:.2f}", flush=True)
             out[kind] = summarise_seeds(per_seed)
             _save(name, out)  # a model's figures survive a later model's failure or a stopped run
             print(f"{kind:>9} seed {seed}: AUC {whole['auc']:.4f} GAUC {whole['gauc']:.4f} logloss "
@@ -295,6 +308,10 @@ def run_dataset(name: str, args) -> dict:
         oracle, oracle_series = ceiling["auc"], ceiling["auc_over_time"]
         out["oracle_auc"], out["oracle_auc_over_time"] = oracle, oracle_series
         out["oracle_matched"], out["oracle_candidates"] = ceiling["matched"], ceiling["candidates"]
+        if "auc_without" in ceiling:  # the ceiling of a model blind to one term of the click logit, per term
+            out["oracle_auc_without"] = ceiling["auc_without"]
+            blind = ", ".join(f"{k} {v:.4f}" for k, v in ceiling["auc_without"].items())
+            print(f"   oracle AUC without one term: {blind}")
         if "auc_without_hype" in ceiling:
             out["oracle_auc_without_hype"] = ceiling["auc_without_hype"]
             out["oracle_auc_over_time_without_hype"] = ceiling["auc_over_time_without_hype"]

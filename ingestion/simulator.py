@@ -5,8 +5,10 @@
 Writes contract events as JSON-lines files into a landing folder (atomically, via `LandingWriter`),
 optionally with extra malformed lines mixed in, and next to them, under `simulator.oracle_dir`:
 - `p_click.parquet`: every impression's TRUE click probability (event_id, ts, request_id, user_id,
-  item_id, position, p_click, clicked, hype_logit), so the best possible AUC is known (`oracle_auc`). `clicked`
-  is the drawn outcome: in the last seconds of the stream a drawn click can fall after the log's end;
+  item_id, position, p_click, clicked, and each term of the click logit as `<term>_logit`), so the best possible
+  AUC is known (`oracle_auc`) and what a model learned of each term can be measured
+  (`training.oracle.click_logit_terms`). `clicked` is the drawn outcome: in the last seconds of the stream a
+  drawn click can fall after the log's end;
 - `items.parquet`: item_id, author_id, kind (live/video), topic, popularity;
 - `summary.json`: what was written (also returned by `simulate` and printed by the CLI).
 
@@ -39,7 +41,7 @@ from config import add_config_args, from_args
 from config.schema import SimulatorConfig
 from ingestion.contract import ACTION_INDEX, ACTIONS, REQUIRED_FIELDS
 from ingestion.landing import LandingWriter
-from ingestion.simulator_world import World, concat_events, take_events
+from ingestion.simulator_world import LOGIT_TERMS, World, concat_events, take_events
 
 # A step simulates ~TARGET_REQUESTS requests at once (numpy cost is per step, so fewer, fuller steps are
 # faster), but never more than MAX_STEP_S of simulated time: the momentum window is 5 minutes.
@@ -58,9 +60,10 @@ MALFORMED_KINDS = ("broken_json", "truncated", "missing_field", "wrong_type", "n
 ORACLE_SCHEMA = pa.schema([
     ("event_id", pa.string()), ("ts", pa.int64()), ("request_id", pa.string()), ("user_id", pa.int64()),
     ("item_id", pa.int64()), ("position", pa.int8()), ("p_click", pa.float64()), ("clicked", pa.bool_()),
-    # The item's hidden hype term of the click logit at the impression (an OU process with a 20-minute memory that
-    # no feature shows directly): sigmoid(logit(p_click) - hype_logit) is the ceiling of a model blind to it.
-    ("hype_logit", pa.float64()),
+    # The click logit's terms at the impression (simulator_world.LOGIT_TERMS; logit(p_click) = bias + their sum).
+    # The hidden hype (an OU process with a 20-minute memory that no feature shows directly) among them:
+    # sigmoid(logit(p_click) - hype_logit) is the ceiling of a model blind to it.
+    *((f"{term}_logit", pa.float64()) for term in LOGIT_TERMS),
 ])
 
 
@@ -98,7 +101,7 @@ class _Chunk:
             self.event_id.take(imp), pa.array(self.ts[imp]), self.request_id.take(imp),
             pa.array(ev["user"][imp] + 1), pa.array(ev["item"][imp] + 1), pa.array(ev["position"][imp]),
             pa.array(ev["p_click"][imp].astype(np.float64)), pa.array(ev["clicked"][imp]),
-            pa.array(ev["hype"][imp].astype(np.float64)),
+            *(pa.array(ev["terms"][imp, i].astype(np.float64)) for i in range(len(LOGIT_TERMS))),
         ], schema=ORACLE_SCHEMA)
 
 

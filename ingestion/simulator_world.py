@@ -63,7 +63,10 @@ ENGAGEMENTS = ("like", "comment", "share", "follow", "gift")
 ENGAGEMENT_CODES = np.array([ACTION_INDEX[a] for a in ENGAGEMENTS], np.int8)
 GIFT_TIERS = np.array([1.0, 5.0, 10.0, 30.0, 99.0, 199.0, 520.0, 1314.0])
 
-COLUMNS = ("t", "user", "item", "action", "request", "value", "p_click", "hype", "clicked", "position")
+# The click logit's terms, as each impression's `terms` row (the oracle writes them, so an evaluation can ask
+# which of them a model learned); the logit is CLICK_BIAS + their sum.
+LOGIT_TERMS = ("affinity", "short_term", "follow", "item", "trend", "hype", "position")
+COLUMNS = ("t", "user", "item", "action", "request", "value", "p_click", "terms", "clicked", "position")
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -219,9 +222,9 @@ class World:
         avail = np.concatenate([live_now, np.ones(self.n_items - self.n_streamers, bool)]).astype(float)
         users, ts = self._requests(t0, t1)
         items = self._policy(users, avail, live_now)
-        p_click, personal = self._click_model(users, ts, items)
+        p_click, personal, terms = self._click_model(users, ts, items)
         clicked = rng.random(p_click.shape) < p_click
-        events, watch_by_request = self._outcomes(users, ts, items, p_click, clicked, personal)
+        events, watch_by_request = self._outcomes(users, ts, items, p_click, terms, clicked, personal)
         self._continue_sessions(users, ts, clicked, watch_by_request)
         self._update(t0, t1, users[np.nonzero(clicked)[0]], items[clicked], events)
         self.n_requests += len(users)
@@ -279,9 +282,9 @@ class World:
             items[dup] = draw_rows(avail[None], 0, rng.random(int(dup.sum())))
         return items
 
-    def _click_model(self, users, ts, items) -> tuple[np.ndarray, np.ndarray]:
-        """True click probability per impression, and the personal part of its logit (reused for
-        how long and how warmly a clicking user engages)."""
+    def _click_model(self, users, ts, items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """True click probability per impression, the personal part of its logit (reused for how long and how
+        warmly a clicking user engages), and the logit's terms [B, K, len(LOGIT_TERMS)]."""
         vec = self.item_vec[items]
         affinity = np.einsum("bd,bkd->bk", self.theta[users], vec)
         decay = np.exp(-(ts - self.short_t[users]) / SHORT_TERM_S)
@@ -292,9 +295,12 @@ class World:
         personal = W_AFFINITY * affinity + W_SHORT * short_aff + W_FOLLOW * follows
         logit = (CLICK_BIAS + personal + self.item_logit[items] + W_TREND * self.trend[items]
                  + self.hype[items] + self.position_logit)
-        return sigmoid(logit), personal + 2.0 * follows  # following also deepens engagement
+        terms = np.stack([W_AFFINITY * affinity, W_SHORT * short_aff, W_FOLLOW * follows, self.item_logit[items],
+                          W_TREND * self.trend[items], self.hype[items],
+                          np.broadcast_to(self.position_logit, items.shape)], axis=-1)
+        return sigmoid(logit), personal + 2.0 * follows, terms  # following also deepens engagement
 
-    def _outcomes(self, users, ts, items, p_click, clicked, personal) -> tuple[dict, np.ndarray]:
+    def _outcomes(self, users, ts, items, p_click, terms, clicked, personal) -> tuple[dict, np.ndarray]:
         """Impressions for every slot; for clicked ones a click, a view with seconds watched, and
         likes / comments / shares / follows / gifts at realistic conditional rates."""
         rng, (B, K) = self.rng, items.shape
@@ -302,7 +308,8 @@ class World:
         impressions = {"t": np.repeat(ts, K), "user": np.repeat(users, K), "item": items.ravel(),
                        "action": np.full(B * K, ACTION_INDEX["impression"], np.int8),
                        "request": np.repeat(req, K), "value": np.full(B * K, np.nan),
-                       "p_click": p_click.ravel().astype(np.float32), "hype": self.hype[items].ravel(),
+                       "p_click": p_click.ravel().astype(np.float32),
+                       "terms": terms.reshape(B * K, len(LOGIT_TERMS)).astype(np.float32),
                        "clicked": clicked.ravel(),
                        "position": np.tile(np.arange(K, dtype=np.int8), B)}
         b, k = np.nonzero(clicked)
@@ -334,7 +341,8 @@ class World:
         outcomes = {"t": np.concatenate([t_click, t_click + watch, t_engaged]), "user": u[src],
                     "item": it[src], "action": action,
                     "request": req[b][src], "value": np.concatenate([np.full(n, np.nan), watch, gift_value]),
-                    "p_click": np.full(m, np.nan, np.float32), "hype": np.full(m, np.nan),
+                    "p_click": np.full(m, np.nan, np.float32),
+                    "terms": np.full((m, len(LOGIT_TERMS)), np.nan, np.float32),
                     "clicked": np.zeros(m, bool),
                     "position": np.full(m, -1, np.int8)}
         return concat_events([impressions, outcomes]), np.bincount(b, weights=watch, minlength=B)

@@ -14,6 +14,7 @@ from config import load
 from ingestion.contract import EventTimeBounds, check_event
 from ingestion.landing import LandingWriter
 from ingestion.simulator import auc, main, oracle_auc, read_oracle, simulate
+from ingestion.simulator_world import CLICK_BIAS, LOGIT_TERMS
 
 # A small, dense world: enough traffic per item for momentum to be measurable in ~1 s of simulation.
 SMALL = ["simulator.events=40000", "simulator.users=800", "simulator.streamers=100",
@@ -101,6 +102,11 @@ def test_oracle_is_complete_calibrated_and_informative(clean, events):
     assert np.isfinite(hype).all() and 0.3 < hype.std() < 1.0
     blind = 1 / (1 + np.exp(-(np.log(oracle["p_click"] / (1 - oracle["p_click"])) - hype)))
     assert auc(oracle["clicked"].to_numpy(), blind.to_numpy()) < best
+    # Every term of the click logit is written, and with the bias they make up the logit exactly.
+    terms = oracle[[f"{term}_logit" for term in LOGIT_TERMS]].to_numpy()
+    logit = np.log(oracle["p_click"] / (1 - oracle["p_click"])).to_numpy()
+    np.testing.assert_allclose(CLICK_BIAS + terms.sum(1), logit, atol=1e-4)
+    assert (terms.std(0) > 0).all(), "a term that never varies says nothing"
 
 
 def _split(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:

@@ -93,7 +93,9 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     logits = model(encode(rows, feats))
     assert logits.shape[:1] == (8,) and np.isfinite(logits.detach().numpy()).all()
 
-    from training.oracle import oracle_auc_on_samples
+    from ingestion.simulator_world import LOGIT_TERMS
+    from training.oracle import click_logit_terms, oracle_auc_on_samples, oracle_candidates
+    from training.stream import PredictionLog
 
     # The ceiling on the same rows, whole and per time slice (the slices the run's own AUC-over-time uses).
     ceiling = oracle_auc_on_samples(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"),
@@ -101,6 +103,15 @@ def test_one_pass_scores_each_request_once_and_writes_an_artifact(sim_lake):
     assert ceiling["matched"] == ceiling["candidates"] == m["candidates"]
     assert ceiling["auc"] > m["progressive"]["click"]["auc"]
     assert [p["ts"] for p in ceiling["auc_over_time"]] == [p["ts"] for p in m["auc_over_time"]]
+    # Per term: the ceiling blind to it (the item's popularity and liveness are a large term), and the model's
+    # logit fitted on the terms over every candidate it was measured on.
+    assert set(ceiling["auc_without"]) == set(LOGIT_TERMS)
+    assert ceiling["auc_without"]["item"] < ceiling["auc"]
+    joined, _ = oracle_candidates(cfg.simulator.oracle_dir, cfg.lake.table("samples_ranking"),
+                                  from_sample=prior["requests"])
+    fit = click_logit_terms(joined, PredictionLog.read(f"{run.run_dir}/predictions", ("click",)))
+    assert fit["candidates"] == m["candidates"] and set(fit["terms"]) == set(LOGIT_TERMS)
+    assert 0 < fit["r2"] <= 1
 
 
 def assert_round_robin(predictions: Path, t, requests: int) -> None:
