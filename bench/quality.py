@@ -39,7 +39,7 @@ from pathlib import Path
 
 import config
 from ray_jobs.runtime import init_ray
-from training.ranking_models import CONTENDERS
+from training.ranking_models import CONTENDERS, config_keys_not_read_by
 
 RESULTS = Path("bench/results")
 ROOT = Path("data/bench/quality")
@@ -135,7 +135,8 @@ def _short(value, width: int = 60) -> str:
 
 
 def mergeable(earlier: dict, data: dict, training: dict) -> dict:
-    """The models of an earlier record measured on `data` with `training`; says why the others are dropped."""
+    """The models of an earlier record measured on `data` with `training` (the keys each model reads); says why the
+    others are dropped."""
     if not any(kind in earlier for kind in MODELS):
         return {}
     why = differences(earlier.get("data") or {}, data)
@@ -146,7 +147,9 @@ def mergeable(earlier: dict, data: dict, training: dict) -> dict:
     for kind in MODELS:
         if kind not in earlier:
             continue
-        why = differences(earlier[kind].get("config") or {}, training)
+        unread = config_keys_not_read_by(kind)
+        why = differences({k: v for k, v in (earlier[kind].get("config") or {}).items() if k not in unread},
+                          {k: v for k, v in training.items() if k not in unread})
         if why:
             print(f"   not merging the earlier {kind}: its training config differs in {'; '.join(why)}", flush=True)
         else:

@@ -255,7 +255,7 @@ class TrainingConfig(Section):
         "hstu / genrank candidate tokens also carry what dlrm and zenith see: the user id and windowed stats, hour "
         "of day, history length and recency, the candidate's share of the history (models/heads.py RankerConfig); "
         "false: the history and the candidate's stats only"))
-    sequence_head_dense: bool = Field(False, description=(
+    sequence_head_dense: bool = Field(True, description=(
         "hstu / genrank task heads also read the candidate's stats and the side features beside the candidate "
         "state (models/heads.py RankerConfig.head_dense)"))
     position_bias_slots: int = Field(0, ge=0, description=(

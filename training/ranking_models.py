@@ -48,6 +48,7 @@ class Ranker:
     unused_parameters: bool = False  # a step may leave parameters without gradients (DDP must look for them)
     aux_loss: Callable[[nn.Module], torch.Tensor] | None = None  # added to the task BCE of the last forward
     comparison_only: bool = False  # trained by benchmarks for a side comparison, not a contender
+    reads: tuple[str, ...] = ()  # training config keys that only some rankers read (this one reads these)
 
 
 def _input_spec(feats: RankingFeatures, t: TrainingConfig) -> RankingInputSpec:
@@ -90,10 +91,11 @@ def _moe_balance(model: Zenith) -> torch.Tensor:
 
 
 _ZENITH = (Zenith, ZenithConfig, RankingInputSpec)
+_SEQUENCE_KEYS = ("sequence_side_features", "sequence_head_dense")
 RANKERS: dict[str, Ranker] = {
     "dlrm": Ranker(_dlrm, (DLRM, DLRMConfig, RankingInputSpec)),
-    "hstu": Ranker(_sequence(HSTURanking), (HSTURanking, RankerConfig)),
-    "genrank": Ranker(_sequence(GenRank), (GenRank, RankerConfig)),
+    "hstu": Ranker(_sequence(HSTURanking), (HSTURanking, RankerConfig), reads=_SEQUENCE_KEYS),
+    "genrank": Ranker(_sequence(GenRank), (GenRank, RankerConfig), reads=_SEQUENCE_KEYS),
     "zenith": Ranker(_zenith(ZenithConfig.zenith), _ZENITH),
     # Zenith++'s MoE leaves unchosen experts without gradients in a step.
     "zenith++": Ranker(_zenith(ZenithConfig.zenith_pp), _ZENITH, unused_parameters=True, aux_loss=_moe_balance),
@@ -108,6 +110,11 @@ def ranker(kind: str) -> Ranker:
     if kind not in RANKERS:
         raise ValueError(f"training.model must be one of {list(RANKERS)}, got {kind!r}")
     return RANKERS[kind]
+
+
+def config_keys_not_read_by(kind: str) -> set[str]:
+    """Training config keys that only other rankers read: a change in them does not change a `kind` run."""
+    return {key for r in RANKERS.values() for key in r.reads} - set(ranker(kind).reads)
 
 
 def build_ranker(kind: str, feats: RankingFeatures, t: TrainingConfig, base_rates: Sequence[float] | None = None):

@@ -36,6 +36,16 @@ def test_models_of_the_same_data_and_config_are_merged_the_others_named(capsys):
     assert mergeable({}, DATA, training) == {} and capsys.readouterr().out == ""  # nothing to merge, nothing to say
 
 
+def test_a_flag_only_the_sequence_rankers_read_does_not_keep_other_models_out(capsys):
+    earlier_config = comparable_config(TrainingConfig(sequence_head_dense=False))
+    now = comparable_config(TrainingConfig(sequence_head_dense=True))
+    earlier = {"data": DATA, "dlrm": {"auc": 0.8, "config": earlier_config},
+               "genrank": {"auc": 0.79, "config": earlier_config}}
+    assert mergeable(earlier, DATA, now) == {"dlrm": earlier["dlrm"]}
+    said = capsys.readouterr().out
+    assert "genrank: its training config differs in sequence_head_dense (False then, True now)" in said
+
+
 def test_differences_names_nested_keys_with_both_values():
     assert differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 4}) == ["b.c (2 then, 3 now)",
                                                                                    "d (None then, 4 now)"]
