@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.crash --stage samples
 	$(BIN)/python -m bench.quality_retrieval --dataset ml-1m
 	$(BIN)/python -m bench.quality --dataset all
+	$(BIN)/python -m bench.oracle_terms
 	$(BIN)/python -m bench.train_fault --lake data/bench/quality/ml-100k/lake --model dlrm --kill-after 60 --every 25 \
 		--set training.batch_size=32 --set training.max_hist_len=64
 	$(BIN)/python -m bench.retrieval --dataset all
