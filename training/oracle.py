@@ -102,9 +102,9 @@ def click_logit_terms(joined: pa.Table, pred: pa.Table) -> dict:
     `joined` is `oracle_candidates`' table; `pred` a run's progressive scores (`training.stream.PredictionLog`:
     sample_no, p_click, ... with each request's candidates in slot order). Returns {"terms": {term: coefficient},
     "r2": share of the model logit's variance the terms explain, "candidates": rows fitted}, and where `joined` has
-    the labels, the model's "auc" and the "oracle_auc" on those rows. A coefficient of 1
-    means the model moves with the term one for one, as the truth does; hype, which no feature shows, is expected
-    near 0.
+    the labels, the model's "auc" and the "oracle_auc" on those rows. A coefficient of 1 means the model moves
+    with the term one for one, as the truth does; hype, which no feature shows directly (the windowed click counts
+    reveal some of it), is expected well below 1.
 
     >>> joined = pa.table({"sample_no": [0, 0, 1, 1, 2, 2], "slot": [0, 1, 0, 1, 0, 1],
     ...                    "a_logit": [0.0, 1.0, 2.0, 0.5, 1.5, 3.0], "b_logit": [1.0, 0.0, 1.0, 2.0, 0.0, 1.0]})
