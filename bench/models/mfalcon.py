@@ -45,9 +45,11 @@ def best_time(fn, repeats: int, *args):
 
 def one_user(n: int, m: int, cfg: RankerConfig, seed: int = 0) -> RankingInputs:
     g = torch.Generator().manual_seed(seed)
+    # the user side as the model reads it (a trained ranker with side features has a user table and user stats)
     inp = random_ranking_inputs(batch_size=1, hist_len=n, num_candidates=m, num_items=cfg.num_items,
-                                num_authors=cfg.num_authors, num_actions=cfg.num_actions,
-                                item_dense_dim=cfg.cand_dense_dim, generator=g)
+                                num_authors=cfg.num_authors, num_users=max(cfg.num_users, 1),
+                                num_actions=cfg.num_actions, item_dense_dim=cfg.cand_dense_dim,
+                                user_dense_dim=cfg.user_dense_dim, generator=g)
     return replace(inp, hist_lengths=torch.tensor([n]), num_candidates=torch.tensor([m]))
 
 

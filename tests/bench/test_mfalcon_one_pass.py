@@ -41,3 +41,13 @@ def test_an_artifact_replaces_the_random_models(tmp_path):
     assert [(r["model"], r["n"]) for r in rows] == [("genrank", 8)]
     assert rows[0]["weights"] == f"trained ({tmp_path / 'gr'})"
     assert rows[0]["max_abs_diff_vs_one_pass"] < 1e-4
+
+
+def test_an_artifact_with_side_features_gets_the_user_side_it_reads(tmp_path):
+    # a ranker trained with feature parity and the heads' stats path: a user table and 5 user stats
+    cfg = RankerConfig(**{**CFG.__dict__, "num_users": 30, "user_dense_dim": 5, "request_context": True,
+                          "head_dense": True})
+    torch.manual_seed(0)
+    save_artifact(tmp_path / "gr", GenRank(cfg), cfg)
+    rows = mfalcon.run(None, **SHAPE, artifact=str(tmp_path / "gr"))
+    assert rows[0]["max_abs_diff_vs_one_pass"] < 1e-4 and rows[0]["max_abs_diff"] < 1e-4
