@@ -292,13 +292,13 @@ class World:
         short_aff = np.einsum("bd,bkd->bk", short, vec)
         author = self.item_author[items]
         follows = (self.follows[users][:, None, :] == author[:, :, None]).any(-1)
-        personal = W_AFFINITY * affinity + W_SHORT * short_aff + W_FOLLOW * follows
-        logit = (CLICK_BIAS + personal + self.item_logit[items] + W_TREND * self.trend[items]
-                 + self.hype[items] + self.position_logit)
-        terms = np.stack([W_AFFINITY * affinity, W_SHORT * short_aff, W_FOLLOW * follows, self.item_logit[items],
-                          W_TREND * self.trend[items], self.hype[items],
-                          np.broadcast_to(self.position_logit, items.shape)], axis=-1)
-        return sigmoid(logit), personal + 2.0 * follows, terms  # following also deepens engagement
+        terms = [W_AFFINITY * affinity, W_SHORT * short_aff, W_FOLLOW * follows, self.item_logit[items],
+                 W_TREND * self.trend[items], self.hype[items], np.broadcast_to(self.position_logit, items.shape)]
+        personal = terms[0] + terms[1] + terms[2]
+        logit = CLICK_BIAS + personal  # then the other terms, one at a time: the sum's rounding fixes every event
+        for term in terms[3:]:
+            logit = logit + term
+        return sigmoid(logit), personal + 2.0 * follows, np.stack(terms, axis=-1)  # following deepens engagement
 
     def _outcomes(self, users, ts, items, p_click, terms, clicked, personal) -> tuple[dict, np.ndarray]:
         """Impressions for every slot; for clicked ones a click, a view with seconds watched, and
