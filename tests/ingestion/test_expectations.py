@@ -1,4 +1,5 @@
-"""The GX gate's Data Docs: rendered at most once per interval while a run goes on, everything at its end."""
+"""The GX gate: each expectation fails the batch that breaks its bound and only that one; a statistic that may be
+null passes when null. Its Data Docs: rendered at most once per interval while a run goes on, everything at its end."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pyarrow as pa
 from config.schema import IngestConfig
 from ingestion.batch_stats import batch_statistics, file_statistics
 from ingestion.contract import EventTimeBounds
-from ingestion.expectations import ExpectationGate
+from ingestion.expectations import ExpectationGate, suite
 from ingestion.staging import to_events
 from tests.ingestion.lake_checks import good_event
 
@@ -50,3 +51,34 @@ def test_the_docs_index_lists_only_the_newest_validations_and_every_validation_k
     ExpectationGate(str(tmp_path), cfg)  # opening the project again keeps the bound, and does not stack it
     site = gate.ctx.list_data_docs_sites()["local_site"]
     assert site["site_index_builder"]["validation_results_limit"] == 2
+
+
+def test_every_expectation_fails_the_batch_that_breaks_its_bound_and_no_other(tmp_path):
+    """The suite mixes aggregate and per-row expectations (`suite`): each must see its own statistic."""
+    cfg = IngestConfig(build_data_docs=False, batch_rules={"max_null_rate": {"author_id": 0.5},
+                                                           "action_share_bounds": {"click": [0.01, 0.9]}})
+    gate = ExpectationGate(str(tmp_path), cfg)
+    bounds = EventTimeBounds.from_config(cfg)
+    now_ms = 1_800_000_000_000
+    parameters = {"min_ts_ms": bounds.min_ts_ms, "max_ts_ms": now_ms + bounds.max_future_ms}
+    good = statistics(cfg)
+    assert gate.validate(good, 0, bounds, now_ms).success
+    rules = suite(cfg)
+    for batch, rule in enumerate(rules, start=1):
+        low, high = (parameters[v["$PARAMETER"]] if isinstance(v, dict) else v
+                     for v in (rule.min_value, rule.max_value))
+        broken = {**good, rule.column: low - 1 if low is not None else high + 1}
+        result = gate.validate(broken, batch, bounds, now_ms)
+        assert not result.success and len(result.failed) == 1, (rule.column, result.failed)
+        assert f"column={rule.column}," in result.failed[0]
+    nullable = [r.column for r in rules if r.expectation_type == "expect_column_values_to_be_between"]
+    assert {"null_rate_author_id", "share_click", "min_value_gift", "min_author_id"} <= set(nullable)
+    assert gate.validate({**good, **dict.fromkeys(nullable)}, len(rules) + 1, bounds, now_ms).success
+
+
+def test_a_batch_without_rows_fails_its_gate(tmp_path):
+    cfg = IngestConfig(build_data_docs=False)
+    gate = ExpectationGate(str(tmp_path), cfg)
+    empty = batch_statistics([], 0, cfg)
+    result = gate.validate(empty, 1, EventTimeBounds.from_config(cfg), 1_800_000_000_000)
+    assert not result.success and any("column=rows," in name for name in result.failed)

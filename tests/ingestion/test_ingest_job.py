@@ -128,7 +128,7 @@ def test_follow_mode_picks_up_files_as_they_arrive(lake):
     assert [b.files for b in report.batches] == [1, 1] and len(batches) == 2
 
 
-@pytest.mark.parametrize("config_file", ["expectations/events_batch.json", "checkpoints/events_batch.json",
+@pytest.mark.parametrize("config_file", ["expectations/events_batch.json", "validation_definitions/events_batch.json",
                                          "great_expectations.yml"])
 def test_a_gx_project_file_emptied_by_a_kill_is_rebuilt(lake, config_file):
     # A run killed while GX rewrote its project files (as the crash trials caught once) leaves one empty.
