@@ -122,9 +122,10 @@ class SemanticIdIndex:
     item i; row 0, padding, is ignored); every row must be a distinct tuple (use `with_collision_code`).
 
     - `items`: hash set item integer -> dense item id (verification at the end, `item_of`);
-    - `children[l]`: [prefixes of l codes, T_l] int64, the valid prefixes as a table: entry [r, t] is the row
-      of prefix r extended by code t among the prefixes of l + 1 codes (at the last level: the dense item
-      id), -1 where that extension is no valid prefix. Row 0 of `children[0]` is the empty prefix.
+    - `children[l]`: [prefixes of l codes + 1, T_l] int64, the valid prefixes as a table: entry [r, t] is the
+      row of prefix r extended by code t among the prefixes of l + 1 codes (at the last level: the dense item
+      id), -1 where that extension is no valid prefix. Row 0 of `children[0]` is the empty prefix. The last
+      row is all -1: an invalid prefix (row -1) indexes it, so extending a beam needs no check of its own.
 
     Choice (MODELS.md §7 says "a hash set of valid prefixes" per step): verifying every step with hash sets
     probes each (beam, code) expansion, W x T lookups per level; the table gives each beam its row once and
@@ -133,7 +134,7 @@ class SemanticIdIndex:
 
     >>> idx = SemanticIdIndex(torch.tensor([[0, 0], [1, 0], [1, 1]]), radices=(2, 2))
     >>> idx.item_of(torch.tensor([1, 3, 2])).tolist(), idx.children[0].tolist(), idx.children[1].tolist()
-    ([1, 2, -1], [[-1, 0]], [[1, 2]])
+    ([1, 2, -1], [[-1, 0], [-1, -1]], [[1, 2], [-1, -1]])
     >>> idx.prefix_rows(torch.tensor([[1, 1], [0, 1]])).tolist()   # item 2; (0, 1) is no valid prefix
     [2, -1]
     """
@@ -153,7 +154,7 @@ class SemanticIdIndex:
                 _, child = torch.unique(prefix_values(values, self.radices, level + 1), return_inverse=True)
             else:
                 child = item_ids
-            table_l = torch.full((int(row.max()) + 1, t), -1, dtype=torch.long, device=values.device)
+            table_l = torch.full((int(row.max()) + 2, t), -1, dtype=torch.long, device=values.device)
             table_l[row, codes[:, level]] = child
             self.children.append(table_l)
             row = child
@@ -166,8 +167,7 @@ class SemanticIdIndex:
     def extend(self, level: int, rows: torch.Tensor) -> torch.Tensor:
         """[..., T_level]: the row (dense item id at the last level) of each prefix row extended by each code
         of `level`, -1 where invalid; rows of -1 (invalid prefixes) extend to -1 everywhere."""
-        out = self.children[level][rows.clamp(min=0)]
-        return out.masked_fill((rows < 0)[..., None], -1)
+        return self.children[level][rows]  # row -1 is the table's last row, all -1
 
     def prefix_rows(self, codes: torch.Tensor) -> torch.Tensor:
         """Row of each prefix [..., l] of l codes (its dense item id for full tuples), -1 if it is no valid prefix."""
