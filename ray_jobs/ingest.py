@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     job = IngestJob(cfg)
     report = job.follow(args.max_seconds, on_batch=_feature_pusher(cfg) if args.push_features else None) \
         if args.follow else job.run_once()
+    # What follows is no work: the report, then Ray's shutdown at exit (crash trials tell it from the docs phase).
+    logging.getLogger("ingestion").info("phase shutdown")
     print_report(report)
     return 2 if report.failed else 0
 
