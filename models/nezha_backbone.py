@@ -56,7 +56,7 @@ class CausalBackbone(nn.Module):
         return self._run(x, lengths, None)
 
     def _run(self, x: torch.Tensor, lengths: torch.Tensor, kv: list | None) -> torch.Tensor:
-        b, n, _ = x.shape
+        n = x.shape[1]
         pos = torch.arange(n, device=x.device)[None]
         valid = pos < lengths[:, None]
         if self.kind == "hstu":
