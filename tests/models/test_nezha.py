@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import nezha_backbone
 from models.nezha import NezhaConfig, NezhaRetriever, recent
 from models.nezha_backbone import CausalBackbone
 
@@ -42,6 +43,33 @@ def test_cached_steps_equal_full_recompute(kind):
     for j in range(3):
         out, cache = bb.step(x[rows, lengths + j][:, None], cache)
         torch.testing.assert_close(out[:, 0], full[rows, lengths + j], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["hstu", "transformer"])
+@pytest.mark.parametrize("rows, copy_up_to, layout", [([0, 0, 0, 1, 1, 1], 0, "prompt"),
+                                                      ([0, 0, 0, 1, 1, 1], 10**9, "kv"), ([1, 0, 1, 1], 0, "kv")],
+                         ids=["beams_sharing_prompts", "beams_copying_prompts", "any_order"])
+def test_cached_steps_after_reordering_equal_full_recompute(kind, rows, copy_up_to, layout, monkeypatch):
+    """Rows that continue a prompt (as beams do), each with its own generated tokens, in beam search's layout (W per
+    request, in order; the prompts shared or, below the size where sharing pays, copied) or in any order (copied)."""
+    monkeypatch.setattr(nezha_backbone, "_COPY_PROMPTS_UP_TO", copy_up_to)
+    torch.manual_seed(1)
+    bb = CausalBackbone(kind, d_model=16, num_blocks=2, num_heads=2, max_len=12, dropout=0.0).eval()
+    lengths, rows = torch.tensor([5, 3]), torch.tensor(rows)
+    prompt = torch.randn(2, 5, 16) * (torch.arange(5)[None, :] < lengths[:, None])[..., None]
+    _, cache = bb.prefill(prompt, lengths)
+    cache = bb.reorder(cache, rows)
+    assert layout in cache
+    tails = torch.randn(len(rows), 3, 16)  # each row's own generated tokens
+    for j in range(3):
+        out, cache = bb.step(tails[:, j][:, None], cache)
+        for r, req in enumerate(rows.tolist()):
+            n = int(lengths[req])
+            seq = torch.cat([prompt[req, :n], tails[r, : j + 1]])[None]
+            full = bb(seq, torch.tensor([n + j + 1]))
+            torch.testing.assert_close(out[r, 0], full[0, -1], atol=1e-5, rtol=1e-4)
+        if j == 0:
+            cache = bb.reorder(cache, torch.arange(len(rows)))  # a reorder between steps keeps each row's tokens
 
 
 @pytest.mark.parametrize("kind", ["hstu", "transformer"])
