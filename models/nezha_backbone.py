@@ -116,14 +116,20 @@ class CausalBackbone(nn.Module):
                 and torch.equal(req, torch.arange(requests, device=req.device).repeat_interleave(w))):
             return {**cache, "req": req, "w": w, "pos": cache["pos"][rows],
                     "gen": [(k[rows], v[rows]) for k, v in cache["gen"]]}
-        t = cache["gen"][0][0].shape[2] if cache["gen"] else 0
         pos = cache["pos"][rows]
-        key_pos = torch.cat([torch.arange(s, device=pos.device).expand(len(rows), s),
-                             pos[:, None] - t + torch.arange(t, device=pos.device)], dim=1)
+        key_pos, mask = CausalBackbone._keys(cache["prompt_mask"], req, pos, cache["gen"][0][0].shape[2])
         return {"kv": [(torch.cat([k_p[req], k_g[rows]], 2), torch.cat([v_p[req], v_g[rows]], 2))
                        for (k_p, v_p), (k_g, v_g) in zip(cache["prompt"], cache["gen"])],
-                "mask": torch.cat([cache["prompt_mask"][req], cache["prompt_mask"].new_ones(len(rows), t)], dim=1),
-                "key_pos": key_pos, "pos": pos}
+                "mask": mask, "key_pos": key_pos, "pos": pos}
+
+    @staticmethod
+    def _keys(prompt_mask: torch.Tensor, req: torch.Tensor, pos: torch.Tensor, t: int) -> tuple[torch.Tensor, ...]:
+        """Per row, the positions [R, S + t] and validity of its keys: its request's prompt (positions 0..S-1,
+        padding masked out), then its t generated tokens, the last at position pos - 1."""
+        s = prompt_mask.shape[1]
+        key_pos = torch.cat([torch.arange(s, device=pos.device).expand(len(pos), s),
+                             pos[:, None] - t + torch.arange(t, device=pos.device)], dim=1)
+        return key_pos, torch.cat([prompt_mask[req], prompt_mask.new_ones(len(pos), t)], dim=1)
 
     def _qkv_step(self, i: int, x: torch.Tensor) -> tuple:
         """Block i's (block, u or None, q, k, v [R, H, 1, D], score scale) for one new token per row."""
@@ -161,10 +167,8 @@ class CausalBackbone(nn.Module):
             return self._step_copied(x, cache)
         pos, req, w = cache["pos"], cache["req"], cache["w"]
         b, s = cache["prompt_mask"].shape
-        t = cache["gen"][0][0].shape[2] + 1 if cache["gen"] else 1  # generated tokens, this one included
-        key_pos = torch.cat([torch.arange(s, device=x.device).expand(len(x), s),
-                             pos[:, None] - t + 1 + torch.arange(t, device=x.device)], dim=1)
-        mask = torch.cat([cache["prompt_mask"][req], cache["prompt_mask"].new_ones(len(x), t)], dim=1)
+        # This token's key, at position pos, joins the generated ones.
+        key_pos, mask = self._keys(cache["prompt_mask"], req, pos + 1, cache["gen"][0][0].shape[2] + 1)
         new_gen = []
         for i, ((k_p, v_p), (k_g, v_g)) in enumerate(zip(cache["prompt"], cache["gen"])):
             block, u, q, k, v, scale = self._qkv_step(i, x)
