@@ -77,6 +77,19 @@ def test_event_id_hashes_are_the_same_in_every_process():
     assert here == there
 
 
+def test_the_warm_up_task_imports_the_parser_in_a_worker_that_had_not():
+    """Ray ships a remote function by value; the warm-up must import the parser itself, not just run."""
+    from ray import cloudpickle
+
+    from ingestion.staging import _loaded
+
+    code = ("import pickle, sys; task = pickle.loads(sys.stdin.buffer.read()); before = 'ingestion.parse' in "
+            "sys.modules; task(); print(before, 'ingestion.parse' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(_loaded._function),
+                         capture_output=True, check=True).stdout.decode().split()
+    assert out == ["False", "True"]
+
+
 def test_committed_data_files_read_and_skip_as_delta_own_writes(tmp_path):
     rows = [{**good_event(i), "ts": good_event(i)["ts"] + (i % 3) * DAY_MS} for i in range(300)]
     events = to_events(raw_table(rows), batch_no=7)
