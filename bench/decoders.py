@@ -3,14 +3,15 @@
     python -m bench.decoders                                   # Beauty's shape: 12,101 items, 3 x 256 codes
     python -m bench.decoders --items 17000 --requests 100
 
-Latency depends on the model's shape (items, codebooks, width, depth, beam), not on its training, so this
-times an untrained NEZHA retriever (HSTU backbone) with random distinct semantic IDs (3 x 256 codes plus a
-collision code) over random histories: a quick, quiet-machine companion to `bench/retrieval.py`, whose
-quality figures need the trained models. Per decoder (verified every step): mean ms per `retrieve` call at
-batch 1 and batch 32 (one torch thread, k=10, beam 20), with every-step verification done two ways in the
-same run: the prefix table, one gather per beam (`SemanticIdIndex.extend`, what the decoders use), and the
-baseline that probes a hash set of valid prefixes once per (beam, code) expansion. Then the NEZHA vs beam
-search ratio for larger backbones (`--sizes`, d_model x blocks), since it grows with a backbone step's cost.
+Latency depends on the model's shape (items, codebooks, width, depth, beam), not on its training, so this times
+an untrained NEZHA retriever (HSTU backbone, the configured draft cell) with random distinct semantic IDs (3 x
+256 codes plus a collision code) over random histories: a quick, quiet-machine companion to
+`bench/retrieval.py`, whose quality figures need the trained models. Per decoder (verified every step): mean ms
+per `retrieve` call at batch 1 and batch 32 (one torch thread, k=10, beam 20), with every-step verification done
+two ways in the same run: the prefix table, one gather per beam (`SemanticIdIndex.extend`, what the decoders
+use), and the baseline that probes a hash set of valid prefixes once per (beam, code) expansion. Then the NEZHA
+vs beam search ratio for larger backbones (`--sizes`, d_model x blocks), since it grows with a backbone step's
+cost.
 Writes bench/results/decoders.json.
 """
 
@@ -27,6 +28,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from config.schema import GenerativeRetrieverConfig
 from models.nezha import NezhaConfig, NezhaRetriever
 from models.semantic_ids import IntHashSet, SemanticIdIndex, prefix_values, radix_products, with_collision_code
 
@@ -51,13 +53,13 @@ def probe_every_expansion(self: SemanticIdIndex, level: int, rows: torch.Tensor)
     return valid.get(expansions).masked_fill((rows < 0)[..., None], -1)
 
 
-def model_of_shape(items: int, codebook: int, levels: int, seed: int, d_model: int = 64, blocks: int = 2
-                   ) -> NezhaRetriever:
+def model_of_shape(items: int, codebook: int, levels: int, seed: int, d_model: int = 64, blocks: int = 2,
+                   draft_cell: str = GenerativeRetrieverConfig().draft_cell) -> NezhaRetriever:
     g = torch.Generator().manual_seed(seed)
     codes = with_collision_code(torch.randint(codebook, (items, levels), generator=g))
     radices = (codebook,) * levels + (int(codes[:, -1].max()) + 1,)
     cfg = NezhaConfig(num_items=items, codebook_sizes=radices, dropout=0.0, d_model=d_model, num_blocks=blocks,
-                      num_heads=max(d_model // 32, 2))
+                      num_heads=max(d_model // 32, 2), draft_cell=draft_cell)
     model = NezhaRetriever(cfg).eval()
     model.set_semantic_ids(torch.cat([codes.new_zeros(1, levels + 1), codes]))
     return model

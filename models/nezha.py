@@ -6,7 +6,8 @@ would make the prompt L times longer; the codes still carry the semantic ID), pl
 (`item_embeddings`), an embedding of the item itself. Two heads share it:
 - NEZHA: the prompt ends with L placeholder tokens SP_1..SP_L; one pass gives h_0 (last history
   token) and h_1..h_L; the draft head computes s_1 = h_0, logits_l = Linear_l(h_l + s_l),
-  s_{l+1} = RNNCell_l(Emb_l(t_l), s_l); decoding is one pass plus a beam search over L cheap steps.
+  s_{l+1} = cell_l(Emb_l(t_l), s_l) (the paper's RNNCell, or a GRUCell: `draft_cell`); decoding is one
+  pass plus a beam search over L cheap steps.
 - the baseline: an ordinary autoregressive LM over the codes (t_1 from h_0, then one cached backbone
   step per generated code), decoded by beam search with the full backbone.
 Both are trained jointly with teacher forcing: loss = Σ_l CE(draft) + ar_weight · Σ_l CE(LM); optionally each
@@ -41,6 +42,9 @@ from models.nezha_decode import BeamResult, beam_search
 from models.semantic_ids import SemanticIdIndex
 
 DECODERS = ("nezha", "beam")
+# The draft head's transition s_{l+1} = cell(Emb_l(t_l), s_l): the paper's RNNCell, or (our choice) a GRUCell, whose
+# gates let the chosen code reshape the state instead of only adding to it before a tanh.
+DRAFT_CELLS = {"rnn": nn.RNNCell, "gru": nn.GRUCell}
 
 
 @dataclass
@@ -59,6 +63,7 @@ class NezhaConfig:
     # A history token also carries an embedding of the item itself, not only of its codes (items that share
     # codes stay apart; `init_from_item_table` can start it from a dense retriever's items).
     item_embeddings: bool = False
+    draft_cell: str = "rnn"  # "rnn" | "gru": the draft head's cell carrying the codes chosen so far
 
 
 def recent(history: torch.Tensor, lengths: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +107,10 @@ class NezhaRetriever(nn.Module):
                                        variant=cfg.hstu_variant)
         self.draft_out = nn.ModuleList(nn.Linear(d, t) for t in sizes)
         self.draft_emb = nn.ModuleList(nn.Embedding(t, d) for t in sizes[:-1])
-        self.draft_rnn = nn.ModuleList(nn.RNNCell(d, d) for _ in sizes[:-1])
+        if cfg.draft_cell not in DRAFT_CELLS:
+            raise ValueError(f"draft_cell must be one of {tuple(DRAFT_CELLS)}, got {cfg.draft_cell!r}")
+        cell = DRAFT_CELLS[cfg.draft_cell]
+        self.draft_rnn = nn.ModuleList(cell(d, d) for _ in sizes[:-1])
         self.lm_out = nn.ModuleList(nn.Linear(d, t) for t in sizes)
         self._index: tuple[torch.Tensor, SemanticIdIndex] | None = None
 

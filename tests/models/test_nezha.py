@@ -83,8 +83,9 @@ def test_backbone_is_causal(kind):
     assert torch.allclose(a[0, :5], b[0, :5], atol=1e-6) and not torch.allclose(a[0, 5:], b[0, 5:])
 
 
-def test_draft_head_shapes_and_teacher_forcing():
-    model = _model()
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_draft_head_shapes_and_teacher_forcing(cell):
+    model = _model(draft_cell=cell)
     h0, hs = torch.randn(4, 16), torch.randn(4, 3, 16)
     codes = torch.tensor([[0, 1, 1], [3, 2, 0], [1, 0, 1], [2, 2, 1]])
     logits = model.draft_logits(h0, hs, codes)
@@ -94,6 +95,22 @@ def test_draft_head_shapes_and_teacher_forcing():
     changed = model.draft_logits(h0, hs, other)
     assert torch.equal(logits[0], changed[0]) and torch.equal(logits[1], changed[1])
     assert not torch.allclose(logits[2], changed[2])
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_draft_decoding_steps_equal_the_teacher_forced_draft_head(cell):
+    model = _model(draft_cell=cell)
+    assert isinstance(model.draft_rnn[0], {"rnn": nn.RNNCell, "gru": nn.GRUCell}[cell])
+    hist, lengths, target = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]), torch.tensor([3, 2]), torch.tensor([6, 7])
+    codes = model.semantic_ids[target]
+    with torch.no_grad():
+        hx = model.item_tokens(hist)
+        states = model._at(model._run(hx, lengths, model.placeholders[None]), lengths, model.levels + 1)
+        forced = [F.log_softmax(lg, -1) for lg in model.draft_logits(states[:, 0], states[:, 1:], codes)]
+        first, step = model._nezha_start(hx, lengths)
+        torch.testing.assert_close(first, forced[0])
+        for level in (1, 2):  # each step extends the previous call's rows with the true code
+            torch.testing.assert_close(step(level, torch.arange(2), codes[:, level - 1]), forced[level])
 
 
 def test_losses_and_lm_teacher_forcing_match_cached_decoding():

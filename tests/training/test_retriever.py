@@ -225,3 +225,28 @@ def test_decoder_benchmark_runs_at_a_tiny_shape(tmp_path):
     assert set(record["decoders"]) == {"nezha_table", "beam_table", "nezha_probe", "beam_probe"}
     (row,) = record["backbone_scaling"]
     assert row["d_model"] == 16 and row["speedup_b1"] > 0 and row["speedup_b32"] > 0
+
+
+def test_limits_benchmark_measures_decoding_and_codes_at_a_tiny_shape(tmp_path):
+    from bench import retrieval_limits
+
+    table = torch.stack([torch.arange(13.0), torch.zeros(13)], 1)  # item i scores i; row 0 is padding
+    users = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert retrieval_limits.recall_at_10(users, table, torch.tensor([12, 1])) == (0.5, 0.5)  # ranks 1 and 12
+    lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
+    (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
+    cfg = RetrievalConfig(max_history=5, dense={"max_epochs": 1, "d_model": 16},
+                          generative={"codebooks": [4, 4], "blocks": 1, "d_model": 16, "max_epochs": 1,
+                                      "eval_users": 10})
+    out = training.retrieval.pipeline.run(cfg, RunOptions(dataset=str(tmp_path / "Ring.txt"), threads=None))
+    training.retrieval.pipeline.save(tmp_path / "nezha", out, dense_folder=tmp_path / "dense")
+    assert retrieval_limits.main(["--dataset", str(tmp_path / "Ring.txt"), "--dense", str(tmp_path / "dense"),
+                                  "--nezha", str(tmp_path / "nezha"), "--widths", "2", "--users", "20",
+                                  "--set", "retrieval.max_history=5", "--set", "retrieval.generative.codebooks=[4,4]",
+                                  "--out", str(tmp_path / "limits.json")]) == 0
+    record = json.loads((tmp_path / "limits.json").read_text())
+    assert [row["beam"] for row in record["decoding"]] == [2, 11] and record["decoding"][-1]["exhaustive"]
+    assert set(record["codes"]) >= {"dense", "unit_rows", "rebuilt_from_codes", "rebuilt_relative_error"}
+    # the codes the benchmark rebuilt are the ones the pipeline gave the retriever (same config, same seed)
+    assert record["codes"]["semantic_ids"]["radices"] == list(out["sid"].radices)
+    assert 0 < record["codes"]["rebuilt_relative_error"] <= 1

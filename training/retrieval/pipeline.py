@@ -119,7 +119,7 @@ def run(cfg: RetrievalConfig, opts: RunOptions) -> dict[str, Any]:
     model, model_config = build_nezha(split.num_items, sid, seed=opts.seed, backbone=g.backbone, d_model=g.d_model,
                                       num_blocks=g.blocks, num_heads=g.heads, max_history=cfg.max_history,
                                       dropout=g.dropout, beam_size=g.beam_size, ar_weight=g.ar_weight,
-                                      item_embeddings=g.history_item_embeddings)
+                                      item_embeddings=g.history_item_embeddings, draft_cell=g.draft_cell)
     if g.init_from_codebooks:
         if sid.codebooks is not None and sid.codebooks[0].shape[1] == g.d_model:
             model.init_from_codebooks(sid.codebooks)
