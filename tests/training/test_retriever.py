@@ -170,9 +170,9 @@ def test_entrypoint_writes_an_artifact_that_retrieves_after_loading(tmp_path):
     assert torch.equal(fresh.retrieve(hist, lengths, k=5)[0], model.retrieve(hist, lengths, k=5)[0])
 
 
-def test_pipeline_saves_the_dense_retriever_it_trained_as_serving_dense_channel(tmp_path):
-    from serving.retriever import RetrievalChannels
-
+def _ring_artifacts(tmp_path) -> dict:
+    """A tiny ring dataset at tmp_path / Ring.txt and the pipeline's run on it, saved as tmp_path / nezha (the
+    retriever) and tmp_path / dense (the dense retriever it trained); returns the run."""
     lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
     (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
     cfg = RetrievalConfig(max_history=5, dense={"max_epochs": 1, "d_model": 16},
@@ -180,6 +180,13 @@ def test_pipeline_saves_the_dense_retriever_it_trained_as_serving_dense_channel(
                                       "eval_users": 10})
     out = training.retrieval.pipeline.run(cfg, RunOptions(dataset=str(tmp_path / "Ring.txt"), threads=None))
     training.retrieval.pipeline.save(tmp_path / "nezha", out, dense_folder=tmp_path / "dense")
+    return out
+
+
+def test_pipeline_saves_the_dense_retriever_it_trained_as_serving_dense_channel(tmp_path):
+    from serving.retriever import RetrievalChannels
+
+    out = _ring_artifacts(tmp_path)  # tmp_path / Ring.txt, tmp_path / nezha, tmp_path / dense
     dense, manifest = load_artifact(tmp_path / "dense")
     assert type(dense).__name__ == "SASRec" and manifest.metadata["item_vocab"][1:] == list(range(101, 112))
     assert manifest.metrics["test"]["hr@10"] == out["dense_result"]["test"]["hr@10"]
@@ -233,13 +240,7 @@ def test_limits_benchmark_measures_decoding_and_codes_at_a_tiny_shape(tmp_path):
     table = torch.stack([torch.arange(13.0), torch.zeros(13)], 1)  # item i scores i; row 0 is padding
     users = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     assert retrieval_limits.recall_at_10(users, table, torch.tensor([12, 1])) == (0.5, 0.5)  # ranks 1 and 12
-    lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
-    (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
-    cfg = RetrievalConfig(max_history=5, dense={"max_epochs": 1, "d_model": 16},
-                          generative={"codebooks": [4, 4], "blocks": 1, "d_model": 16, "max_epochs": 1,
-                                      "eval_users": 10})
-    out = training.retrieval.pipeline.run(cfg, RunOptions(dataset=str(tmp_path / "Ring.txt"), threads=None))
-    training.retrieval.pipeline.save(tmp_path / "nezha", out, dense_folder=tmp_path / "dense")
+    out = _ring_artifacts(tmp_path)  # tmp_path / Ring.txt, tmp_path / nezha, tmp_path / dense
     assert retrieval_limits.main(["--dataset", str(tmp_path / "Ring.txt"), "--dense", str(tmp_path / "dense"),
                                   "--nezha", str(tmp_path / "nezha"), "--widths", "2", "--users", "20",
                                   "--set", "retrieval.max_history=5", "--set", "retrieval.generative.codebooks=[4,4]",
