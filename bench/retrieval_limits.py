@@ -31,20 +31,18 @@ import torch
 import config
 from bench.record import RESULTS, machine
 from training.artifact import load_artifact
+from training.metrics import hit_rate, ndcg, target_ranks
 from training.retrieval.data import leave_one_out, load_sequences
+from training.retrieval.dense import next_item_queries, padded_rows
 from training.retrieval.generative import evaluate_decoder, test_rows
 from training.retrieval.semantic_ids import build_semantic_ids, item_embeddings
 
 
 def recall_at_10(users: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """(R@10, N@10) of `targets` when items are ranked by users @ table.T (row 0, padding, never ranked)."""
-    scores = users @ table.T
-    scores[:, 0] = float("-inf")
-    top = scores.topk(min(10, scores.shape[1]), dim=1).indices
-    hit = top == targets[:, None]
-    rank = hit.float().argmax(1)
-    found = hit.any(1)
-    return float(found.float().mean()), float((found / torch.log2(rank.float() + 2)).mean())
+    """(R@10, N@10) of `targets` when items are ranked by users @ table.T, as the dense evaluation ranks them (row
+    0, padding, never ranked; ties count against the target, so items sharing a rebuilt row are not flattered)."""
+    ranks = target_ranks(users @ table.T, targets)
+    return hit_rate(ranks, 10), ndcg(ranks, 10)
 
 
 def code_ceiling(dense_dir: str, split, rows: np.ndarray, generative, seed: int) -> dict:
@@ -57,18 +55,10 @@ def code_ceiling(dense_dir: str, split, rows: np.ndarray, generative, seed: int)
         raise ValueError(f"{generative.sid_method} codes have no centroids in the table's space: no rebuilt rows")
     rebuilt = sum(book[sid.table[:, level]] for level, book in enumerate(sid.codebooks))
     rebuilt[0] = 0
-    data = split.test
-    users, targets = [], []
     with torch.no_grad():
-        for s in range(0, len(rows), 256):
-            r = rows[s: s + 256]
-            ln = data.lengths[r]
-            width = int(ln.max())
-            states = dense(torch.from_numpy(data.items[r, :width]), torch.from_numpy(data.times[r, :width]),
-                           torch.from_numpy(ln))
-            users.append(states[torch.arange(len(r)), torch.from_numpy(ln) - 2])  # the last history token
-            targets.append(torch.from_numpy(data.targets[r]))
-    users, targets = torch.cat(users), torch.cat(targets)
+        users = torch.cat([next_item_queries(dense, *padded_rows(split.test, rows[s: s + 256], table.device))
+                           for s in range(0, len(rows), 256)])
+    targets = torch.from_numpy(split.test.targets[rows])
     out = {"semantic_ids": sid.stats,
            "rebuilt_relative_error": float(((rebuilt[1:] - unit[1:]).norm(dim=1)).mean())}
     for name, tab in (("dense", table), ("unit_rows", unit), ("rebuilt_from_codes", rebuilt)):

@@ -85,7 +85,7 @@ class RetrievalTrainConfig(LoopConfig):
             raise ValueError(f"softmax must be one of {SOFTMAXES}, got {self.softmax!r}")
 
 
-def _tensors(data: SequenceBatch, rows: np.ndarray,
+def padded_rows(data: SequenceBatch, rows: np.ndarray,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of a padded set as tensors on `device`, trimmed to the longest of them."""
     lengths = data.lengths[rows]
@@ -103,9 +103,13 @@ def score_next_items(model: SequentialRetriever, items: torch.Tensor, times: tor
     Position `lengths - 1` is the target slot (`SequenceBatch`): it only lends its time to the token
     before it (as that token's query time), and causal attention keeps its item id out of the state.
     """
-    states = model(items, times, lengths)
-    last = states[torch.arange(len(lengths)), lengths - 2]
-    return last @ model.item_embeddings().T
+    return next_item_queries(model, items, times, lengths) @ model.item_embeddings().T
+
+
+def next_item_queries(model: SequentialRetriever, items: torch.Tensor, times: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+    """The vectors [B, d] that `score_next_items` scores items against: the states at the last history token."""
+    return model(items, times, lengths)[torch.arange(len(lengths)), lengths - 2]
 
 
 def _scored_batches(model: SequentialRetriever, data: SequenceBatch, batch_size: int):
@@ -117,7 +121,7 @@ def _scored_batches(model: SequentialRetriever, data: SequenceBatch, batch_size:
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start: start + batch_size]
-            yield rows, score_next_items(model, *_tensors(data, rows, device))
+            yield rows, score_next_items(model, *padded_rows(data, rows, device))
     finally:
         model.train(was_training)
 
@@ -193,7 +197,7 @@ def _steps(model: SequentialRetriever, rows: SequenceBatch,
     trainable = np.flatnonzero(rows.lengths >= 2)  # a row needs a next item to learn from
 
     def step(batch: np.ndarray) -> dict[str, torch.Tensor]:
-        items, times, lengths = _tensors(rows, trainable[batch], device)
+        items, times, lengths = padded_rows(rows, trainable[batch], device)
         if cfg.softmax == "full":
             return {"loss": full_softmax(model, items, times, lengths)}
         if cfg.softmax == "sampled_per_sequence":
