@@ -215,3 +215,46 @@ class SettingsBoard:
 
     def behind(self) -> list[str]:
         return [f for f in self.expected if f in self.followers and self.followers[f][0] != self.token]
+
+
+class StageDeployment:
+    """What the Retriever and Ranker deployments share: one model slot, the batch wait of their `@serve.batch`
+    method `_batched`, and in cascade mode (serving.mode) the settings board the Ingress replicas follow instead
+    of a model loaded here. A subclass sets `stage`, `does` (what it does itself, for split mode's error) and
+    `default_batch_size`, and calls `_init_stage(cascade)` in its constructor."""
+
+    stage: str
+    does: str
+    default_batch_size: int
+
+    def _init_stage(self, cascade: bool) -> None:
+        self.board = SettingsBoard() if cascade else None
+        self.slot = ModelSlot(self.stage)
+        self.batch_wait = BusyBatchWait(self._batched)
+
+    def _published(self, user_config: dict[str, Any]) -> bool:
+        """Cascade mode: hand `user_config` to the Ingress replicas (True: nothing to load here). Otherwise apply
+        this replica's torch threads and batching and return False."""
+        if self.board is not None:
+            self.board.publish(user_config)
+            return True
+        if user_config.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
+            import torch  # here, not at the top: the split-mode Ingress imports this module and runs no model
+
+            torch.set_num_threads(int(user_config["torch_threads"]))
+        self.batch_wait.configure(user_config, default_size=self.default_batch_size)
+        return False
+
+    async def follow(self, follower: str, applied: str) -> tuple[str, dict]:
+        """Cascade mode: this deployment's user_config, once it differs from `applied` (SettingsBoard.follow)."""
+        if self.board is None:
+            raise StageUnavailable(f"split mode: the {self.stage.title()} {self.does} itself")
+        return await self.board.follow(follower, applied)
+
+    async def settings_behind(self) -> list[str]:
+        """Cascade mode: the Ingress replicas that have not applied this user_config yet (SettingsBoard.behind)."""
+        return self.board.behind() if self.board is not None else []
+
+    async def loaded(self) -> dict[str, str | None]:
+        """The version of the model answering now (a failed reload leaves the old one)."""
+        return {"version": self.slot.version}

@@ -26,7 +26,7 @@ from features.online import FeatureStoreUnavailable, OnlineFeatureClient
 from features.spec import FeatureStoreSpec
 from models.heads import SequenceRanker
 from models.mfalcon import MFalconScorer
-from serving.common import BusyBatchWait, ModelSlot, SettingsBoard, StageUnavailable, platform_config, resolve
+from serving.common import ModelSlot, StageDeployment, StageUnavailable, platform_config, resolve
 from serving.lookup import CandidateCache, UserFeatures, batch_rows, default_candidates
 from training.artifact import load_artifact
 from training.ranking_batch import RankingFeatures, encode
@@ -79,7 +79,7 @@ async def load_ranker(slot: ModelSlot, artifact: str | None, weights: dict[str, 
 
 
 @serve.deployment
-class Ranker:
+class Ranker(StageDeployment):
     """Reads the candidates' features (its own online client: one hop less per request) and scores them.
 
     Concurrent requests are batched with `@serve.batch` (one encode and one M-FALCON call for the batch).
@@ -90,25 +90,22 @@ class Ranker:
     version that scored it. In cascade mode (serving.mode) it loads nothing: the Ingress replicas follow its
     user_config (`follow`) and rank in process (serving.cascade)."""
 
+    stage, does, default_batch_size = "ranker", "ranks", 8
+
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = args or {}
         self.cfg = platform_config(self.args)
-        self.board = SettingsBoard() if self.cfg.serving.mode == "cascade" else None
+        self._init_stage(self.cfg.serving.mode == "cascade")
         self.stat_names = FeatureStoreSpec.from_config(self.cfg.features).stat_names
-        self.slot = ModelSlot("ranker")
         self.client: OnlineFeatureClient | None = None
         self.candidates: CandidateCache | None = None
         self.store_error: str | None = None
         self.overrides: list[str] | None = None
-        self.batch_wait = BusyBatchWait(self._batched)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = user_config or {}
-        if self.board is not None:
-            return self.board.publish(uc)
-        if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
-            torch.set_num_threads(int(uc["torch_threads"]))
-        self.batch_wait.configure(uc, default_size=8)
+        if self._published(uc):
+            return
         overrides = list(uc.get("overrides") or [])
         item_ttl_s = float(uc.get("item_cache_ttl_s", 0.0))
         if overrides != self.overrides or self.client is None:
@@ -124,12 +121,6 @@ class Ranker:
             self.candidates = CandidateCache(self.client, item_ttl_s)
         weights = uc.get("task_weights") or self.cfg.serving.task_weights
         await load_ranker(self.slot, resolve(uc.get("artifact"), self.args), weights, uc)
-
-    async def follow(self, follower: str, applied: str) -> tuple[str, dict]:
-        """Cascade mode: this deployment's user_config, once it differs from `applied` (SettingsBoard.follow)."""
-        if self.board is None:
-            raise StageUnavailable("split mode: the Ranker ranks itself")
-        return await self.board.follow(follower, applied)
 
     async def rank(self, user_id: int, item_ids: list[int], request_ts_ms: int,
                    user: UserFeatures | None = None) -> dict[str, Any]:
@@ -182,10 +173,3 @@ class Ranker:
             problems.append(f"ranker: feature store unavailable ({self.store_error})")
         return problems
 
-    async def settings_behind(self) -> list[str]:
-        """Cascade mode: the Ingress replicas that have not applied this user_config yet (SettingsBoard.behind)."""
-        return self.board.behind() if self.board is not None else []
-
-    async def loaded(self) -> dict[str, str | None]:
-        """The version of the model answering now (a failed reload leaves the old one)."""
-        return {"version": self.slot.version}

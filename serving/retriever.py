@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from serving.common import BusyBatchWait, ModelSlot, SettingsBoard, StageUnavailable, platform_config, resolve
+from serving.common import StageDeployment, StageUnavailable, platform_config, resolve
 from training.artifact import load_artifact
 
 
@@ -121,7 +121,7 @@ def channels_key(uc: dict[str, Any], args: dict[str, Any]) -> tuple[str, str | N
 
 
 @serve.deployment
-class Retriever:
+class Retriever(StageDeployment):
     """Requests are batched with `@serve.batch`: one model call for up to batch_size concurrent users.
 
     user_config: artifact (path: the generative retriever), dense_artifact (optional: the dense channel), decoder,
@@ -130,28 +130,19 @@ class Retriever:
     loaded in a thread while the old one keeps answering, then swapped in (no failed request). In cascade mode
     (serving.mode) it loads nothing: the Ingress replicas follow its user_config and retrieve in process."""
 
+    stage, does, default_batch_size = "retriever", "retrieves", 16
+
     def __init__(self, args: dict[str, Any] | None = None):
         self.args = args or {}
-        self.board = SettingsBoard() if platform_config(self.args).serving.mode == "cascade" else None
-        self.slot = ModelSlot("retriever")
-        self.batch_wait = BusyBatchWait(self._batched)
+        self._init_stage(platform_config(self.args).serving.mode == "cascade")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         uc = user_config or {}
-        if self.board is not None:
-            return self.board.publish(uc)
-        if uc.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
-            torch.set_num_threads(int(uc["torch_threads"]))
-        self.batch_wait.configure(uc, default_size=16)
+        if self._published(uc):
+            return
         decoder = uc.get("decoder", "nezha")
         # Explicitly none: answer StageUnavailable (the ingress serves trending items).
         await self.slot.load(channels_key(uc, self.args), lambda key: RetrievalChannels(*key, decoder))
-
-    async def follow(self, follower: str, applied: str) -> tuple[str, dict]:
-        """Cascade mode: this deployment's user_config, once it differs from `applied` (SettingsBoard.follow)."""
-        if self.board is None:
-            raise StageUnavailable("split mode: the Retriever retrieves itself")
-        return await self.board.follow(follower, applied)
 
     async def retrieve(self, history: list[tuple[int, int]], now_ms: int, k: int,
                        exclude: list[int]) -> dict[str, Any]:
@@ -167,14 +158,6 @@ class Retriever:
         got = await self.batch_wait.run(model.retrieve, [r[0] for r in requests], [r[1] for r in requests],
                                         [r[2] for r in requests], [r[3] for r in requests])
         return [{"channels": channels, "version": model.version, "batch": len(requests)} for channels in got]
-
-    async def settings_behind(self) -> list[str]:
-        """Cascade mode: the Ingress replicas that have not applied this user_config yet (SettingsBoard.behind)."""
-        return self.board.behind() if self.board is not None else []
-
-    async def loaded(self) -> dict[str, str | None]:
-        """The version of the model answering now (a failed reload leaves the old one)."""
-        return {"version": self.slot.version}
 
     async def check(self) -> list[str]:
         return [] if self.board is not None else self.slot.problems()
