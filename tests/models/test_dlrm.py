@@ -10,20 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.dlrm import DLRM, CrossLayer, DLRMConfig
-from models.features import FeatureEmbedder, RankingInputSpec, fold_ids, ranking_bce
-from models.inputs import RankingInputs, random_ranking_inputs
-
-SPEC = RankingInputSpec(num_users=50, num_items=100, num_authors=20, num_actions=9, embed_dim=8)
-
+from models.features import FeatureEmbedder, fold_ids, ranking_bce
+from tests.models.ranker_checks import (
+    SPEC,
+    check_candidates_scored_independently,
+    check_shapes_and_loss,
+    fitted_loss_ratio,
+)
+from tests.models.ranker_checks import ranking_inputs as inputs
 
 
 def make_model(rank: int | None = None, num_tasks: int = 2) -> DLRM:
     torch.manual_seed(0)
     return DLRM(DLRMConfig(SPEC, num_tasks=num_tasks, cross_layers=2, cross_rank=rank, mlp_dims=(32,)))
-
-
-def inputs(seed: int = 0, b: int = 4, c: int = 8, n: int = 16) -> RankingInputs:
-    return random_ranking_inputs(b, n, c, generator=torch.Generator().manual_seed(seed))
 
 
 # ---- shared front end -------------------------------------------------------------------------
@@ -99,13 +98,7 @@ def test_ranking_bce_masks_and_weights_tasks():
     rank=st.sampled_from([None, 3]), seed=st.integers(0, 1000),
 )
 def test_shapes_and_dtypes(b, c, n, rank, seed):
-    model = make_model(rank, num_tasks=3)
-    x = inputs(seed, b, c, n)
-    out = model(x)
-    assert out.shape == (b, c, 3) and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    loss = model.loss(x, torch.zeros(b, c, 3))
-    assert loss.dim() == 0 and torch.isfinite(loss)
+    check_shapes_and_loss(make_model(rank, num_tasks=3), inputs(seed, b, c, n), torch.zeros(b, c, 3))
 
 
 def test_cross_layer_formula_and_low_rank_is_smaller():
@@ -117,27 +110,9 @@ def test_cross_layer_formula_and_low_rank_is_smaller():
 
 @pytest.mark.parametrize("rank", [None, 4])
 def test_candidates_are_scored_independently(rank):
-    model, x = make_model(rank), inputs(2)
-    base = model(x)
-    j = 3  # request 0 has all C candidates; change everything about its candidate j
-    items, authors, dense = x.cand_item_ids.clone(), x.cand_author_ids.clone(), x.cand_dense.clone()
-    items[0, j], authors[0, j], dense[0, j] = 99, 19, 5.0
-    out = model(dataclasses.replace(x, cand_item_ids=items, cand_author_ids=authors, cand_dense=dense))
-    others = x.candidate_mask().clone()
-    others[0, j] = False
-    assert not torch.allclose(out[0, j], base[0, j])
-    assert torch.allclose(out[others], base[others], atol=1e-6)
+    check_candidates_scored_independently(make_model(rank), inputs(2), j=3, atol=1e-6)
 
 
 def test_overfits_a_tiny_batch():
-    model, x = make_model(), inputs(3)
     labels = (torch.rand(4, 8, 2, generator=torch.Generator().manual_seed(1)) < 0.5).float()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    first = None
-    for _ in range(150):
-        loss = model.loss(x, labels)
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.2 * first
+    assert fitted_loss_ratio(make_model(), inputs(3), labels, steps=150, lr=1e-2) < 0.2

@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from models.features import RankingInputSpec, ranking_bce
-from models.inputs import RankingInputs, random_ranking_inputs
+from models.features import ranking_bce
 from models.zenith import Zenith, ZenithConfig, token_similarity, with_variant
 from models.zenith_layers import (
     RetokenisedFusion,
@@ -20,8 +19,14 @@ from models.zenith_layers import (
     TokenwiseMoE,
     TokenwiseSwiGLU,
 )
+from tests.models.ranker_checks import (
+    SPEC,
+    check_candidates_scored_independently,
+    check_shapes_and_loss,
+    fitted_loss_ratio,
+)
+from tests.models.ranker_checks import ranking_inputs as inputs
 
-SPEC = RankingInputSpec(num_users=50, num_items=100, num_authors=20, num_actions=9, embed_dim=8)
 VARIANTS = ["zenith", "zenith++", "shared"]
 
 
@@ -33,10 +38,6 @@ def make_model(variant: str, num_tasks: int = 2, **kw) -> Zenith:
     return Zenith(with_variant(base, variant))
 
 
-def inputs(seed: int = 0, b: int = 4, c: int = 8, n: int = 16) -> RankingInputs:
-    return random_ranking_inputs(b, n, c, generator=torch.Generator().manual_seed(seed))
-
-
 # ---- model level ------------------------------------------------------------------------------
 
 
@@ -46,13 +47,7 @@ def inputs(seed: int = 0, b: int = 4, c: int = 8, n: int = 16) -> RankingInputs:
     n=st.integers(1, 8), seed=st.integers(0, 1000),
 )
 def test_shapes_and_dtypes(variant, b, c, n, seed):
-    model = make_model(variant, num_tasks=3)
-    x = inputs(seed, b, c, n)
-    out = model(x)
-    assert out.shape == (b, c, 3) and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
-    loss = model.loss(x, torch.ones(b, c, 3))
-    assert loss.dim() == 0 and torch.isfinite(loss)
+    check_shapes_and_loss(make_model(variant, num_tasks=3), inputs(seed, b, c, n), torch.ones(b, c, 3))
 
 
 def test_retokenised_fusion_can_change_the_token_count():
@@ -66,17 +61,8 @@ def test_retokenised_fusion_can_change_the_token_count():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_candidates_are_scored_independently(variant):
-    model, x = make_model(variant), inputs(2)
-    base = model(x)
-    j = 5  # request 0 has all C candidates; change everything about its candidate j
-    items, authors, dense = x.cand_item_ids.clone(), x.cand_author_ids.clone(), x.cand_dense.clone()
-    items[0, j], authors[0, j], dense[0, j] = 99, 19, 5.0
-    out = model(dataclasses.replace(x, cand_item_ids=items, cand_author_ids=authors, cand_dense=dense))
-    others = x.candidate_mask().clone()
-    others[0, j] = False
-    assert not torch.allclose(out[0, j], base[0, j])
     # MoE packing may put rows in other buffer slots, hence a float tolerance rather than equality.
-    assert torch.allclose(out[others], base[others], atol=1e-5)
+    check_candidates_scored_independently(make_model(variant), inputs(2), j=5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -117,17 +103,8 @@ def test_token_similarity_one_value_per_layer_in_range(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_overfits_a_tiny_batch(variant):
-    model, x = make_model(variant), inputs(3)
     labels = (torch.rand(4, 8, 2, generator=torch.Generator().manual_seed(1)) < 0.5).float()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    first = None
-    for _ in range(150):
-        loss = model.loss(x, labels)
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.2 * first
+    assert fitted_loss_ratio(make_model(variant), inputs(3), labels, steps=150, lr=1e-2) < 0.2
 
 
 # ---- token-wise weights are really per token --------------------------------------------------
