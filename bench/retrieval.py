@@ -37,7 +37,7 @@ from config.schema import RetrievalConfig
 from training.retrieval.data import eval_histories
 from training.retrieval.dense import evaluate
 from training.retrieval.generative import measure_latency, test_rows
-from training.retrieval.pipeline import RunOptions, run
+from training.retrieval.pipeline import RunOptions, run, save
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "retrieval.json"
@@ -73,8 +73,12 @@ def dense_latency(model, split, batch: int, requests: int = 200, k: int = 10) ->
     return float(np.mean(times))
 
 
-def bench_dataset(cfg: RetrievalConfig, opts: RunOptions, requests: int, channel_users: int) -> dict:
+def bench_dataset(cfg: RetrievalConfig, opts: RunOptions, requests: int, channel_users: int,
+                  save_to: str | None = None) -> dict:
     out = run(cfg, opts)
+    # Kept so that a record's model can be examined later (bench.retrieval_limits --nezha) or served.
+    artifact = save(Path(save_to) / f"{Path(opts.dataset).name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}", out).folder \
+        if save_to else None
     model, split, result = out["model"], out["split"], out["result"]
     torch.set_num_threads(1)  # latency on one core, as the retriever would run in a serving replica
     rows: dict[str, dict] = {}
@@ -111,7 +115,7 @@ def bench_dataset(cfg: RetrievalConfig, opts: RunOptions, requests: int, channel
              "stopped": result.stopped, "train_seconds": result.train_seconds,
              "dense_train": {k: out["dense_result"].get(k)
                              for k in ("best_epoch", "epochs", "stopped", "train_seconds", "valid")},
-             "pipeline_seconds": out["seconds"]}
+             "pipeline_seconds": out["seconds"], "artifact": artifact}
     return entry
 
 
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--save", default=None, metavar="FOLDER",
+                        help="also save each dataset's NEZHA artifact under FOLDER (for bench.retrieval_limits)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     retrieval = config.from_args(args).retrieval
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                           threads=args.threads, test_decoders=tuple(DECODERS.values()), test_users=args.test_users,
                           end_users=args.end_users)
         t0 = time.perf_counter()
-        results[ds] = bench_dataset(retrieval, opts, args.requests, args.channel_users)
+        results[ds] = bench_dataset(retrieval, opts, args.requests, args.channel_users, args.save)
         results[ds]["wall_seconds"] = time.perf_counter() - t0
         results[ds]["command"] = "python -m bench.retrieval " + " ".join(sys.argv[1:] if argv is None else argv)
         results[ds]["date"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -12,6 +12,7 @@ def test_retrieval_benchmark_writes_every_row_and_the_channels(tmp_path):
     (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "retrieval.json"
     rc = retrieval.main(["--dataset", str(tmp_path / "Ring.txt"), "--out", str(out), "--requests", "2",
+                         "--save", str(tmp_path / "saved"),
                          "--channel-users", "20", "--set", "retrieval.max_history=6",
                          "--set", "retrieval.dense.d_model=16", "--set", "retrieval.dense.max_epochs=2",
                          "--set", "retrieval.generative.d_model=16", "--set", "retrieval.generative.max_epochs=1",
@@ -29,3 +30,9 @@ def test_retrieval_benchmark_writes_every_row_and_the_channels(tmp_path):
     assert set(channels["latency_ms_b1"]) == {"generative", "dense", "all_channels"}
     assert channels["latency_ms_b1"]["all_channels"] >= channels["latency_ms_b1"]["generative"] > 0
     assert entry["config"]["dense"]["max_epochs"] == 2 and entry["dense_train"]["epochs"] == 2
+    # --save keeps the benchmarked NEZHA: it loads, and its recorded test figure is the row's
+    from training.artifact import load_artifact
+
+    model, manifest = load_artifact(entry["artifact"])
+    assert type(model).__name__ == "NezhaRetriever"
+    assert manifest.metrics["test"]["nezha_step"]["r10"] == entry["nezha"]["r10"]
