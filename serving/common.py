@@ -239,7 +239,7 @@ class StageDeployment:
             self.board.publish(user_config)
             return True
         if user_config.get("torch_threads"):  # Serve's defaults leave torch on all cores; one thread scales better
-            import torch  # here, not at the top: the split-mode Ingress imports this module and runs no model
+            import torch  # here, not at the top: serving.deploy (a CLI) imports this module and needs no torch
 
             torch.set_num_threads(int(user_config["torch_threads"]))
         self.batch_wait.configure(user_config, default_size=self.default_batch_size)
