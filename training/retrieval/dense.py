@@ -86,7 +86,7 @@ class RetrievalTrainConfig(LoopConfig):
 
 
 def padded_rows(data: SequenceBatch, rows: np.ndarray,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of a padded set as tensors on `device`, trimmed to the longest of them."""
     lengths = data.lengths[rows]
     width = int(lengths.max())
