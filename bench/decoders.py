@@ -1,11 +1,13 @@
 """Decoder latency at a dataset's shape: NEZHA vs backbone beam search, prefix table vs per-expansion probes.
 
-    python -m bench.decoders                                   # Beauty's shape: 12,101 items, 3 x 256 codes
+    python -m bench.decoders              # Beauty's shape, the configured codes: 256 balanced clusters + item head
+    python -m bench.decoders --levels 3 --no-item-head --no-balanced      # the earlier shape: 3 x 256 codes
     python -m bench.decoders --items 17000 --requests 100
 
 Latency depends on the model's shape (items, codebooks, width, depth, beam), not on its training, so this times
-an untrained NEZHA retriever (HSTU backbone, the configured draft cell) with random distinct semantic IDs (3 x
-256 codes plus a collision code) over random histories: a quick, quiet-machine companion to
+an untrained NEZHA retriever (HSTU backbone, the configured draft cell and item head) with random distinct
+semantic IDs (the configured number of levels of 256 codes, balanced or not, plus a collision code) over random
+histories: a quick, quiet-machine companion to
 `bench/retrieval.py`, whose quality figures need the trained models. Per decoder (verified every step): mean ms
 per `retrieve` call at batch 1 and batch 32 (one torch thread, k=10, beam 20), with every-step verification done
 two ways in the same run: the prefix table, one gather per beam (`SemanticIdIndex.extend`, what the decoders
@@ -33,6 +35,7 @@ from models.nezha import NezhaConfig, NezhaRetriever
 from models.semantic_ids import IntHashSet, SemanticIdIndex, prefix_values, radix_products, with_collision_code
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decoders.json"
+DEFAULTS = GenerativeRetrieverConfig()
 
 
 def probe_every_expansion(self: SemanticIdIndex, level: int, rows: torch.Tensor) -> torch.Tensor:
@@ -54,12 +57,17 @@ def probe_every_expansion(self: SemanticIdIndex, level: int, rows: torch.Tensor)
 
 
 def model_of_shape(items: int, codebook: int, levels: int, seed: int, d_model: int = 64, blocks: int = 2,
-                   draft_cell: str = GenerativeRetrieverConfig().draft_cell) -> NezhaRetriever:
+                   draft_cell: str = DEFAULTS.draft_cell, item_head: bool = DEFAULTS.item_head,
+                   balanced: bool = DEFAULTS.balanced) -> NezhaRetriever:
     g = torch.Generator().manual_seed(seed)
-    codes = with_collision_code(torch.randint(codebook, (items, levels), generator=g))
+    if balanced:  # every code used by ceil(items / codebook) items or one fewer, as balanced k-means leaves them
+        raw = torch.stack([torch.randperm(items, generator=g) % codebook for _ in range(levels)], dim=1)
+    else:
+        raw = torch.randint(codebook, (items, levels), generator=g)
+    codes = with_collision_code(raw)
     radices = (codebook,) * levels + (int(codes[:, -1].max()) + 1,)
     cfg = NezhaConfig(num_items=items, codebook_sizes=radices, dropout=0.0, d_model=d_model, num_blocks=blocks,
-                      num_heads=max(d_model // 32, 2), draft_cell=draft_cell)
+                      num_heads=max(d_model // 32, 2), draft_cell=draft_cell, item_head=item_head)
     model = NezhaRetriever(cfg).eval()
     model.set_semantic_ids(torch.cat([codes.new_zeros(1, levels + 1), codes]))
     return model
@@ -89,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=12101, help="catalogue size (Beauty: 12,101)")
     parser.add_argument("--codebook", type=int, default=256)
-    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--levels", type=int, default=len(DEFAULTS.codebooks),
+                        help="code levels before the collision code")
+    parser.add_argument("--item-head", action=argparse.BooleanOptionalAction, default=DEFAULTS.item_head,
+                        help="the last level scored by the items' own rows (the configured default)")
+    parser.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=DEFAULTS.balanced,
+                        help="codes used equally often, as balanced k-means leaves them (the configured default)")
     parser.add_argument("--requests", type=int, default=50, help="timed calls per decoder and batch size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", default="64x2,128x4,256x4,512x8",
@@ -97,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as a serving replica runs it
-    model = model_of_shape(args.items, args.codebook, args.levels, args.seed)
+    shape = {"item_head": args.item_head, "balanced": args.balanced}
+    model = model_of_shape(args.items, args.codebook, args.levels, args.seed, **shape)
     rows = {}
     for check in ("table", "probe"):
         patch = (mock.patch.object(SemanticIdIndex, "extend", probe_every_expansion) if check == "probe"
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     scaling = []
     for size in filter(None, args.sizes.split(",")):
         d, blocks = (int(v) for v in size.split("x"))
-        sized = model_of_shape(args.items, args.codebook, args.levels, args.seed, d_model=d, blocks=blocks)
+        sized = model_of_shape(args.items, args.codebook, args.levels, args.seed, d_model=d, blocks=blocks, **shape)
         row = {"d_model": d, "blocks": blocks, "parameters": sum(p.numel() for p in sized.parameters())}
         for decoder in ("nezha", "beam"):
             row.update({f"{decoder}_{k}": v for k, v in time_batches(sized, decoder, args.requests, args.seed).items()})
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backbone {size}: {row}", flush=True)
     out = {"command": "python -m bench.decoders " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.now(UTC).isoformat(timespec="seconds"), "items": args.items,
-           "radices": list(model.cfg.codebook_sizes), "beam": model.cfg.beam_size, "k": 10, "history": 50,
+           "radices": list(model.cfg.codebook_sizes), **shape, "beam": model.cfg.beam_size, "k": 10, "history": 50,
            "torch_threads": 1, "decoders": rows, "speedups": speedup,
            "backbone_scaling": scaling}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -341,9 +341,12 @@ class GenerativeRetrieverConfig(Section):
 
     item_source: Literal["model", "attributes", "both"] = "model"
     sid_method: Literal["rq-kmeans", "rq-vae"] = "rq-kmeans"
-    codebooks: list[int] = Field(default_factory=lambda: [256, 256, 256], min_length=1,
+    # One level of 256 balanced clusters (~48 items each on Beauty), then the item head over a cluster's items (below):
+    # the 2026-12-05 default. The earlier 3 x 256 unbalanced codes: `codebooks=[256,256,256] balanced=false
+    # item_head=false`.
+    codebooks: list[int] = Field(default_factory=lambda: [256], min_length=1,
                                  description="codes per level, before the collision code")
-    balanced: bool = False
+    balanced: bool = True
     backbone: Literal["hstu", "transformer"] = "hstu"
     d_model: int = Field(64, gt=0)
     blocks: int = Field(2, gt=0)
@@ -378,6 +381,12 @@ class GenerativeRetrieverConfig(Section):
     # and .0473 -> .0534 (seed 1), validation +.005 / +.006; NEZHA decoding +6% (batch 1) / +12% (batch 32) slower.
     # The full recipe (distillation + refit): Beauty .0644 -> .0666 (N@10 .0324 -> .0349), Sports .0354 -> .0378.
     draft_cell: Literal["rnn", "gru"] = "gru"
+    # The last level (the collision code) scored by each item's own output row, started at the dense item table
+    # (models/nezha.py NezhaConfig.item_head). Beauty, the full recipe on the same teacher and 10,000 test users:
+    # test R@10 .0666 -> .0895, N@10 .0349 -> .0464 (3 x 256 codes without it -> 256 balanced clusters with it),
+    # level with the dense teacher (.0892 / .0426). It costs NEZHA its speed-up: with two levels there is one
+    # backbone step for it to save, so NEZHA and beam search take about the same time (BENCHMARKS.md).
+    item_head: bool = True
 
 
 RetrievalChannel = Literal["generative", "dense", "trending"]

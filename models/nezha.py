@@ -64,6 +64,12 @@ class NezhaConfig:
     # codes stay apart; `init_from_item_table` can start it from a dense retriever's items).
     item_embeddings: bool = False
     draft_cell: str = "rnn"  # "rnn" | "gru": the draft head's cell carrying the codes chosen so far
+    # Our choice (not in the paper): the last level (the collision code, numbering the items of a prefix) is scored
+    # by each item's own output row, of the draft head and of the LM, instead of one row per code. A code's row is
+    # shared by every prefix, so below the first levels it can only score a direction shared by unrelated items;
+    # with one k-means level of balanced clusters (codebooks (256,), ~48 items each) the second step is a softmax
+    # over the chosen cluster's items, as a dense retriever's over the catalogue.
+    item_head: bool = False
 
 
 def recent(history: torch.Tensor, lengths: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +111,18 @@ class NezhaRetriever(nn.Module):
         self.backbone = CausalBackbone(cfg.backbone, d, cfg.num_blocks, cfg.num_heads,
                                        max_len=cfg.max_history + self.levels, dropout=cfg.dropout,
                                        variant=cfg.hstu_variant)
-        self.draft_out = nn.ModuleList(nn.Linear(d, t) for t in sizes)
+        if cfg.item_head and self.levels < 2:
+            raise ValueError("item_head needs at least two levels: codes, then the items of each prefix")
+        code_sizes = sizes[:-1] if cfg.item_head else sizes  # levels scored by one output row per code
+        self.draft_out = nn.ModuleList(nn.Linear(d, t) for t in code_sizes)
         self.draft_emb = nn.ModuleList(nn.Embedding(t, d) for t in sizes[:-1])
         if cfg.draft_cell not in DRAFT_CELLS:
             raise ValueError(f"draft_cell must be one of {tuple(DRAFT_CELLS)}, got {cfg.draft_cell!r}")
         cell = DRAFT_CELLS[cfg.draft_cell]
         self.draft_rnn = nn.ModuleList(cell(d, d) for _ in sizes[:-1])
-        self.lm_out = nn.ModuleList(nn.Linear(d, t) for t in sizes)
+        self.lm_out = nn.ModuleList(nn.Linear(d, t) for t in code_sizes)
+        # item_head: the items' output rows, [0] the draft head's, [1] the LM's
+        self.item_out = nn.ModuleList(nn.Embedding(cfg.num_items + 1, d) for _ in range(2)) if cfg.item_head else None
         self._index: tuple[torch.Tensor, SemanticIdIndex] | None = None
 
     # ---- semantic IDs -------------------------------------------------------------------------
@@ -156,6 +167,18 @@ class NezhaRetriever(nn.Module):
         self.item_emb.weight.copy_(table.to(code_sum) - code_sum)
         self.item_emb.weight[0] = 0
 
+    @torch.no_grad()
+    def init_item_head(self, table: torch.Tensor) -> None:
+        """Start both heads' item output rows at `table` [num_items + 1, d_model] (a dense retriever's items), so the
+        last step starts as the dense model's ranking of the prefix's items."""
+        if self.item_out is None:
+            raise ValueError("this model has no item head (NezhaConfig.item_head=False)")
+        for out in self.item_out:
+            if tuple(table.shape) != tuple(out.weight.shape):
+                raise ValueError(f"item table is {tuple(table.shape)}, the item head is {tuple(out.weight.shape)}")
+            out.weight.copy_(table)
+            out.weight[0] = 0
+
     def index(self) -> SemanticIdIndex:
         """Hash sets of the current table, rebuilt whenever the buffer changed (e.g. after loading)."""
         table = self.semantic_ids
@@ -196,12 +219,41 @@ class NezhaRetriever(nn.Module):
         return torch.stack([self.code_emb[i](codes[..., i]) + self.step_type[i]
                             for i in range(codes.shape[-1])], dim=-2)
 
+    # ---- output heads -------------------------------------------------------------------------
+    def level_logits(self, head: int, level: int, x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        """Logits [N, T_level] of `level`'s codes from states x [N, d]; head 0 is the draft head, 1 the LM.
+
+        With `item_head` the last level scores the items of each row's prefix (`prefix`: its row in the index, from
+        `prefix_rows` or `prefix_follower`) by their output rows; a code naming no item gets -1e9, finite so that a
+        zero soft target times its log-probability stays 0."""
+        if self.item_out is None or level < self.levels - 1:
+            return (self.draft_out, self.lm_out)[head][level](x)
+        items = self.index().extend(level, prefix)  # [N, T]: dense item ids, -1 where the code names none
+        rows = self.item_out[head](items.clamp(min=0))
+        return torch.bmm(rows, x[:, :, None]).squeeze(-1).masked_fill(items < 0, -1e9)
+
+    def prefix_rows(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """The index row of each target's prefix before the last level (what the item head needs), else None."""
+        return self.index().prefix_rows(codes[:, :-1]) if self.item_out is not None else None
+
+    def prefix_follower(self, batch: int, device: torch.device):
+        """For decoding: `follow(level, parent, codes)` returns each beam's prefix row after its code at
+        level - 1, following the beams from the root (None without an item head, which alone needs it)."""
+        if self.item_out is None:
+            return lambda level, parent, codes: None
+        index, rows = self.index(), [torch.zeros(batch, dtype=torch.long, device=device)]
+
+        def follow(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+            rows[0] = index.extend(level - 1, rows[0][parent]).gather(1, codes[:, None]).squeeze(1)
+            return rows[0]
+        return follow
+
     # ---- training -----------------------------------------------------------------------------
     def draft_logits(self, h0: torch.Tensor, hs: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher-forced draft head: h0 [B, d], placeholder states hs [B, L, d], true codes [B, L]."""
-        s, out = h0, []
+        s, out, prefix = h0, [], self.prefix_rows(codes)
         for level in range(self.levels):
-            out.append(self.draft_out[level](hs[:, level] + s))
+            out.append(self.level_logits(0, level, hs[:, level] + s, prefix))
             if level < self.levels - 1:
                 s = self.draft_rnn[level](self.draft_emb[level](codes[:, level]), s)
         return out
@@ -230,7 +282,8 @@ class NezhaRetriever(nn.Module):
         if self.cfg.ar_weight > 0:
             tail = self.lm_tail(codes[:, :-1])
             states = self._at(self._run(hx, lengths, tail), lengths, self.levels)
-            out["lm"] = sum(level_loss(self.lm_out[i](states[:, i]), i) for i in range(self.levels))
+            prefix = self.prefix_rows(codes)
+            out["lm"] = sum(level_loss(self.level_logits(1, i, states[:, i], prefix), i) for i in range(self.levels))
         return out
 
     def loss(self, history: torch.Tensor, lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -242,12 +295,13 @@ class NezhaRetriever(nn.Module):
         states = self._at(self._run(hx, lengths, self.placeholders[None]), lengths, self.levels + 1)
         h0, hs = states[:, 0], states[:, 1:]
         state = {"s": h0, "req": torch.arange(len(h0), device=h0.device)}
+        follow = self.prefix_follower(len(h0), h0.device)
 
         def step(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
             s = self.draft_rnn[level - 1](self.draft_emb[level - 1](codes), state["s"][parent])
             req = state["req"][parent]
             state["s"], state["req"] = s, req
-            return F.log_softmax(self.draft_out[level](hs[req, level] + s), dim=-1)
+            return F.log_softmax(self.level_logits(0, level, hs[req, level] + s, follow(level, parent, codes)), dim=-1)
 
         return F.log_softmax(self.draft_out[0](hs[:, 0] + h0), dim=-1), step
 
@@ -256,12 +310,13 @@ class NezhaRetriever(nn.Module):
         x = (hx + self.pos_emb(pos)[None]) * (pos[None, :] < lengths[:, None])[..., None].to(hx.dtype)
         out, cache = self.backbone.prefill(x, lengths)
         state = {"cache": cache}
+        follow = self.prefix_follower(len(out), out.device)
 
         def step(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
             cache = self.backbone.reorder(state["cache"], parent)
             tok = self.code_emb[level - 1](codes) + self.step_type[level - 1] + self.pos_emb(cache["pos"])
             y, state["cache"] = self.backbone.step(tok[:, None], cache)
-            return F.log_softmax(self.lm_out[level](y[:, 0]), dim=-1)
+            return F.log_softmax(self.level_logits(1, level, y[:, 0], follow(level, parent, codes)), dim=-1)
 
         h0 = out[torch.arange(len(out), device=out.device), lengths - 1]
         return F.log_softmax(self.lm_out[0](h0), dim=-1), step

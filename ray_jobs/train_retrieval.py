@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = Path(args.dataset).name.split(".")[0] if args.dataset not in DATASETS else args.dataset
     folder = Path(args.out) / f"{retrieval.dense.model}-{dataset}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     manifest = save_dense(folder, model, model_config, result.to_dict(), args.dataset, data.item_vocab,
-                          retrieval.model_dump())
+                          retrieval.model_dump(), selected_state=result.selected_state)
     metrics = manifest.metrics
     print(json.dumps({"artifact": str(folder), "version": manifest.version, **metrics}, indent=1))
     return 0

@@ -7,6 +7,8 @@
       metadata.json            feature / vocabulary metadata (e.g. dense item id -> source item id)
       metrics.json             the metrics the model was trained to
       semantic_ids.safetensors optional: the item -> semantic-ID table of a retrieval model
+      selected.safetensors     optional: the weights validation selected, before a refit on the validation
+                               items (a teacher whose validation scores are not leaked: training.retrieval)
 
 The folder may be local or remote (`s3://bucket/artifacts/x`, through `storage`). A remote artifact is
 written file by file with the manifest last, so a reader never finds a manifest whose files are missing;
@@ -63,6 +65,8 @@ from training.ranking_models import RANKERS
 FORMAT_VERSION = 1
 MANIFEST, CONFIG, WEIGHTS = "manifest.json", "config.json", "weights.safetensors"
 METADATA, METRICS, SEMANTIC_IDS = "metadata.json", "metrics.json", "semantic_ids.safetensors"
+SELECTED = "selected.safetensors"
+WEIGHT_SETS = ("final", "selected")
 
 REQUIRED_FILES = frozenset({CONFIG, WEIGHTS, METADATA, METRICS})
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -211,8 +215,10 @@ def _write_json(path: Path, value: Any) -> None:
 
 def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: dict | None = None,
                   metrics: dict | None = None, *, name: str | None = None,
-                  semantic_ids: torch.Tensor | None = None) -> Manifest:
-    """Write `model` as an artifact folder; returns its manifest.
+                  semantic_ids: torch.Tensor | None = None,
+                  selected_weights: dict[str, torch.Tensor] | None = None) -> Manifest:
+    """Write `model` as an artifact folder; returns its manifest. `selected_weights`: a second state dict of the
+    same model (the epoch validation selected, before a refit), loaded with `load_artifact(..., weights="selected")`.
 
     `config` must rebuild the model: `type(model)(config)` for a dataclass, `type(model)(**config)`
     for a dict (checked here by building it, so a wrong config fails at save time, not in serving).
@@ -233,6 +239,8 @@ def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: d
     if expected != got:
         wrong = sorted(set(expected.items()) ^ set(got.items()))[:4]
         raise ValueError(f"config does not rebuild this model: state dict keys or shapes differ, e.g. {wrong}")
+    if selected_weights is not None and {k: tuple(v.shape) for k, v in selected_weights.items()} != got:
+        raise ValueError("selected_weights are not a state dict of this model (keys or shapes differ)")
     metadata, metrics = dict(metadata or {}), dict(metrics or {})
 
     remote = storage.is_remote(folder)
@@ -247,6 +255,8 @@ def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: d
         _write_json(tmp / METRICS, metrics)
         if semantic_ids is not None:
             save_file({"semantic_ids": semantic_ids.detach().cpu().contiguous()}, str(tmp / SEMANTIC_IDS))
+        if selected_weights is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in selected_weights.items()}, str(tmp / SELECTED))
         created = datetime.now(UTC)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         version = f"{name or model_class.lower()}-{created:%Y%m%dT%H%M%SZ}-{files[WEIGHTS][:8]}"
@@ -266,8 +276,10 @@ def save_artifact(folder: str | Path, model: nn.Module, config: Any, metadata: d
                     semantic_ids)
 
 
-def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
-    """Rebuild the model of an artifact folder (in eval mode, on `device`) and read its manifest.
+def load_artifact(folder: str | Path, device: str | torch.device = "cpu",
+                  weights: str = "final") -> tuple[nn.Module, Manifest]:
+    """Rebuild the model of an artifact folder (in eval mode, on `device`) and read its manifest; `weights`
+    "selected" loads the selected weights kept beside the final ones (an error if the artifact has none).
 
     The manifest must list exactly the folder's files and each one's sha256 must match, so a half-copied,
     edited or padded artifact fails loudly, naming the file, instead of serving wrong weights.
@@ -281,9 +293,11 @@ def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tup
         _check_listed(str(folder), manifest.get("files"), storage.list_files(str(folder), recursive=True))
         with tempfile.TemporaryDirectory(prefix="artifact-") as local:
             storage.download_dir(str(folder), local)
-            model, manifest = load_artifact(local, device)
+            model, manifest = load_artifact(local, device, weights)
         manifest.folder = str(folder)
         return model, manifest
+    if weights not in WEIGHT_SETS:
+        raise ValueError(f"weights must be one of {WEIGHT_SETS}, got {weights!r}")
     folder = Path(folder)
     if not (folder / MANIFEST).exists():
         raise FileNotFoundError(f"{folder}: no {MANIFEST} (not an artifact, or still being written)")
@@ -297,7 +311,13 @@ def load_artifact(folder: str | Path, device: str | torch.device = "cpu") -> tup
     stored = json.loads((folder / CONFIG).read_text())
     config = decode_config(stored["config"])
     model = build_model(stored["model_class"], config)
-    load_model(model, str(folder / WEIGHTS), strict=True, device=str(device))
+    if weights == "selected":
+        if SELECTED not in manifest["files"]:
+            raise ValueError(f"{folder}: no {SELECTED} (the model was not refitted after selection, or was saved "
+                             "before selected weights were kept)")
+        model.load_state_dict(load_file(str(folder / SELECTED), device=str(device)), strict=True)
+    else:
+        load_model(model, str(folder / WEIGHTS), strict=True, device=str(device))
     model.to(device).eval()
     semantic_ids = None
     if SEMANTIC_IDS in manifest["files"]:

@@ -97,9 +97,9 @@ def test_draft_head_shapes_and_teacher_forcing(cell):
     assert not torch.allclose(logits[2], changed[2])
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru"])
-def test_draft_decoding_steps_equal_the_teacher_forced_draft_head(cell):
-    model = _model(draft_cell=cell)
+@pytest.mark.parametrize("cell, item_head", [("rnn", False), ("gru", False), ("gru", True)])
+def test_draft_decoding_steps_equal_the_teacher_forced_draft_head(cell, item_head):
+    model = _model(draft_cell=cell, item_head=item_head)
     assert isinstance(model.draft_rnn[0], {"rnn": nn.RNNCell, "gru": nn.GRUCell}[cell])
     hist, lengths, target = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]), torch.tensor([3, 2]), torch.tensor([6, 7])
     codes = model.semantic_ids[target]
@@ -113,32 +113,68 @@ def test_draft_decoding_steps_equal_the_teacher_forced_draft_head(cell):
             torch.testing.assert_close(step(level, torch.arange(2), codes[:, level - 1]), forced[level])
 
 
-def test_losses_and_lm_teacher_forcing_match_cached_decoding():
-    model = _model()
+@pytest.mark.parametrize("item_head", [False, True])
+def test_losses_and_lm_teacher_forcing_match_cached_decoding(item_head):
+    model = _model(item_head=item_head)
     hist, lengths, target = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]), torch.tensor([3, 2]), torch.tensor([6, 7])
     parts = model.losses(hist, lengths, target)
     assert set(parts) == {"nezha", "lm"} and all(torch.isfinite(v) for v in parts.values())
     model.loss(hist, lengths, target).backward()
-    for part in (model.draft_out, model.draft_rnn, model.lm_out, model.backbone, model.code_emb):
+    heads = (model.item_out,) if item_head else ()
+    for part in (model.draft_out, model.draft_rnn, model.lm_out, model.backbone, model.code_emb, *heads):
         assert all(p.grad is not None for p in part.parameters())
     # the LM's teacher-forced logits equal what the cached beam decoder computes step by step
     codes = model.semantic_ids[target]
     with torch.no_grad():
         hx = model.item_tokens(hist)
         states = model._at(model._run(hx, lengths, model.lm_tail(codes[:, :-1])), lengths, 3)
+        forced = [F.log_softmax(model.level_logits(1, level, states[:, level], model.prefix_rows(codes)), -1)
+                  for level in range(3)]
         first, step = model._beam_start(hx, lengths)
-        torch.testing.assert_close(first, F.log_softmax(model.lm_out[0](states[:, 0]), -1))
-        lp2 = step(1, torch.arange(2), codes[:, 0])
-        torch.testing.assert_close(lp2, F.log_softmax(model.lm_out[1](states[:, 1]), -1), atol=1e-5, rtol=1e-4)
-        lp3 = step(2, torch.arange(2), codes[:, 1])
-        torch.testing.assert_close(lp3, F.log_softmax(model.lm_out[2](states[:, 2]), -1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(first, forced[0])
+        for level in (1, 2):
+            lp = step(level, torch.arange(2), codes[:, level - 1])
+            torch.testing.assert_close(lp, forced[level], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backbone", ["hstu", "transformer"])
+def test_item_head_scores_the_prefix_items_by_their_own_rows():
+    """The last level's logit of code t is the state's dot product with the output row of the item that the prefix
+    extended by t names; codes naming no item are out of reach (and carry no NaN into a soft cross-entropy)."""
+    model = _model(num_items=15, item_head=True)
+    assert len(model.draft_out) == len(model.lm_out) == 2  # one output row per code only below the last level
+    table = torch.randn(16, 16)
+    model.init_item_head(table)
+    assert torch.equal(model.item_out[0].weight[1:], table[1:])
+    assert torch.equal(model.item_out[1].weight[0], torch.zeros(16))
+    codes = model.semantic_ids[1:]
+    prefix = model.prefix_rows(codes)
+    x = torch.randn(15, 16)
+    for head in (0, 1):
+        with torch.no_grad():
+            logits = model.level_logits(head, 2, x, prefix)
+        for i in range(15):
+            for t in range(RADICES[2]):
+                items = [j for j in range(1, 16) if model.semantic_ids[j, :2].tolist() == codes[i, :2].tolist()
+                         and int(model.semantic_ids[j, 2]) == t]
+                want = float(x[i] @ table[items[0]]) if items else -1e9
+                assert float(logits[i, t]) == pytest.approx(want, rel=1e-5, abs=1e-4)
+    soft = [torch.full((2, t), 1.0 / t) for t in RADICES]
+    soft[2] = F.one_hot(codes[:2, 2], RADICES[2]).float()
+    parts = model.losses(torch.tensor([[1, 2], [3, 0]]), torch.tensor([2, 1]), torch.tensor([1, 2]), soft, 0.5)
+    assert all(torch.isfinite(v) for v in parts.values())
+    with pytest.raises(ValueError, match="item table is"):
+        model.init_item_head(torch.randn(16, 8))
+    with pytest.raises(ValueError, match="no item head"):
+        _model().init_item_head(table)
+    with pytest.raises(ValueError, match="at least two levels"):
+        NezhaRetriever(NezhaConfig(num_items=3, codebook_sizes=(4,), d_model=8, item_head=True))
+
+
+@pytest.mark.parametrize("backbone, item_head", [("hstu", False), ("transformer", False), ("hstu", True)])
 @pytest.mark.parametrize("decoder", ["nezha", "beam"])
 @pytest.mark.parametrize("verify", ["step", "end"])
-def test_decoders_return_only_valid_distinct_unexcluded_items(backbone, decoder, verify):
-    model = _model(backbone, num_items=15)
+def test_decoders_return_only_valid_distinct_unexcluded_items(backbone, item_head, decoder, verify):
+    model = _model(backbone, num_items=15, item_head=item_head)
     hist = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 0, 0, 0, 0, 0, 0, 0], [10, 11, 0, 0, 0, 0, 0, 0]])
     lengths = torch.tensor([8, 1, 2])
     exclude = [{1, 2, 3}, set(), {10, 11, 12, 13}]

@@ -51,6 +51,31 @@ def test_retrieval_round_trip_gives_identical_scores(tmp_path, kind):
     assert torch.equal(loaded.score_all(*batch), model.score_all(*batch))
 
 
+def test_selected_weights_are_kept_beside_the_final_ones(tmp_path):
+    """A refitted retriever keeps the weights validation selected: `weights="selected"` loads them, the default the
+    final ones; an artifact without them says so, and a state dict of another shape is refused at save time."""
+    model, config = build_retrieval_model("sasrec", num_items=40, d_model=16, max_len=12, seed=3)
+    selected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    save_artifact(tmp_path / "a", model, config, selected_weights=selected)
+    batch = retrieval_batch()
+    final, _ = load_artifact(tmp_path / "a")
+    chosen, _ = load_artifact(tmp_path / "a", weights="selected")
+    assert torch.equal(final.score_all(*batch), model.score_all(*batch))
+    assert all(torch.equal(v, selected[k]) for k, v in chosen.state_dict().items())
+    assert not chosen.training and not torch.equal(chosen.score_all(*batch), final.score_all(*batch))
+    save_artifact(tmp_path / "b", model, config)
+    with pytest.raises(ValueError, match=r"no selected\.safetensors"):
+        load_artifact(tmp_path / "b", weights="selected")
+    with pytest.raises(ValueError, match=r"weights must be one of"):
+        load_artifact(tmp_path / "b", weights="best")
+    with pytest.raises(ValueError, match="selected_weights are not a state dict"):
+        save_artifact(tmp_path / "c", model, config, selected_weights={"x": torch.zeros(1)})
+
+
 def test_dlrm_round_trip_with_nested_dataclass_and_tuple(tmp_path):
     spec = RankingInputSpec(num_users=50, num_items=100, num_authors=20, embed_dim=8)
     config = DLRMConfig(spec, num_tasks=2, cross_rank=4, mlp_dims=(32, 16))

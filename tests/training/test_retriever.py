@@ -1,6 +1,8 @@
 """Generative retriever job: data formats, semantic IDs, training, artifact round trip, the entrypoint."""
 
 import json
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import training.retrieval.pipeline
 import training.retrieval.semantic_ids
 from config.schema import RetrievalConfig
 from ray_jobs import train_retriever as train_retriever_job
-from training.artifact import load_artifact
+from training.artifact import load_artifact, save_artifact
 from training.retrieval.data import (
     leave_one_out,
     load_sequences,
@@ -197,14 +199,44 @@ def test_pipeline_saves_the_dense_retriever_it_trained_as_serving_dense_channel(
     assert all(101 <= i <= 111 for items, _ in got.values() for i in items)
 
 
+def test_pipeline_selects_on_the_dense_models_selected_weights_and_refits_on_its_final_ones(tmp_path, monkeypatch):
+    """The dense model was refitted on the validation items, so validation selects a NEZHA built from, and taught by,
+    its selected weights; the refit trains one built from the final weights, which the run keeps. The same holds
+    when the dense model is loaded from its artifact."""
+    out = _ring_artifacts(tmp_path)
+    assert out["result"].refit["selection_teacher"] == "selected"
+    dense_final, _ = load_artifact(tmp_path / "dense")
+    dense_selected, _ = load_artifact(tmp_path / "dense", weights="selected")
+    seen = {}
+
+    def capture(model, split, cfg, teacher=None, refit=None):
+        seen.update(model=model, teacher=teacher, refit=refit)
+        return SimpleNamespace(refit={"epochs": 1})
+
+    monkeypatch.setattr(training.retrieval.pipeline, "train_retriever", capture)
+    cfg = RetrievalConfig(max_history=5, generative={"codebooks": [4, 4], "blocks": 1, "d_model": 16})
+    opts = RunOptions(dataset=str(tmp_path / "Ring.txt"), item_model=str(tmp_path / "dense"), threads=None)
+    run = training.retrieval.pipeline.run(cfg, opts)
+    teacher, (refit_model, refit_teacher) = seen["teacher"], seen["refit"]
+    assert all(torch.equal(v, dense_selected.state_dict()[k]) for k, v in teacher.state_dict().items())
+    assert all(torch.equal(v, dense_final.state_dict()[k]) for k, v in refit_teacher.state_dict().items())
+    assert run["model"] is refit_model is not seen["model"] and torch.equal(run["sid"].table, refit_model.semantic_ids)
+    sid_of = training.retrieval.pipeline._nezha(cfg, opts, 11, dense_selected, None)[2]
+    assert torch.equal(seen["model"].semantic_ids, sid_of.table)
+    # a dense model kept without selected weights: one model, selected and refitted, its teacher the final one
+    save_artifact(tmp_path / "plain", dense_final, load_artifact(tmp_path / "dense")[1].config)
+    run = training.retrieval.pipeline.run(cfg, replace(opts, item_model=str(tmp_path / "plain")))
+    assert seen["refit"] is None and run["model"] is seen["model"]
+
+
 def test_pipeline_starts_the_retriever_at_the_centroids_when_they_fit(tmp_path, monkeypatch, caplog):
     lines = [" ".join(map(str, [u, *((np.arange(7) + u) % 11 + 101)])) for u in range(1, 31)]
     (tmp_path / "Ring.txt").write_text("\n".join(lines) + "\n")
     seen = {}
 
-    def capture(model, split, cfg, teacher=None):  # the model as training would receive it
+    def capture(model, split, cfg, teacher=None, refit=None):  # the model as training would receive it
         seen["code_emb"] = model.code_emb[0].weight.detach().clone()
-        return None
+        return SimpleNamespace(refit={})  # nothing refitted: the pipeline keeps the model it selected
 
     monkeypatch.setattr(training.retrieval.pipeline, "train_retriever", capture)
     opts = RunOptions(dataset=str(tmp_path / "Ring.txt"), threads=None)

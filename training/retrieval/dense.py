@@ -178,6 +178,7 @@ def train_retrieval(model: SequentialRetriever, split: LeaveOneOut, cfg: Retriev
     log.info("%s best epoch %d: valid hr@10 %.4f, test hr@10 %.4f ndcg@10 %.4f", name, result.best_epoch,
              result.valid.get("hr@10", float("nan")), result.test["hr@10"], result.test["ndcg@10"])
     if initial is not None and result.best_epoch > 0:
+        result.selected_state = copy.deepcopy(model.state_dict())
         lengths, step = _steps(model, split.train_with_validation(), cfg)
         refit = refit_epochs(model, initial, cfg, result.best_epoch, lengths, step, f"{name}-refit")
         test = evaluate_both_protocols(model, split.test, cfg.eval_batch_size)

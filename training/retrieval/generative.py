@@ -147,39 +147,46 @@ def test_rows(n: int, users: int | None, seed: int = 0) -> np.ndarray | None:
 
 
 def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTrainConfig | None = None,
-                    name: str = "nezha", teacher: torch.nn.Module | None = None) -> TrainResult:
+                    name: str = "nezha", teacher: torch.nn.Module | None = None,
+                    refit: tuple[NezhaRetriever, torch.nn.Module | None] | None = None) -> TrainResult:
     """Train with early stopping on validation HR@10 (NEZHA, verified each step), restore the best
     epoch (with `refit_with_validation`: refit for that many epochs on training + validation items), then
     evaluate `cfg.test_decoders` on the test users under both protocols. `teacher`: a dense retriever
-    (`score_all`) whose item distributions NEZHA distils with `cfg.distill_weight`."""
+    (`score_all`) whose item distributions NEZHA distils with `cfg.distill_weight`.
+
+    `refit`: (model, teacher) that the refit trains, from its current weights, instead of `model` and `teacher`,
+    and that is then tested: a NEZHA built on a dense retriever refitted on the validation items, when `model` and
+    `teacher` come from that retriever's selected weights, so that validation is not scored by a teacher that saw
+    its items (training.retrieval.pipeline). The caller keeps using `refit[0]` when `result.refit` is set."""
     cfg = cfg or RetrieverTrainConfig()
     device = torch.device(cfg.device)
     model.to(device)
-    initial = copy.deepcopy(model.state_dict()) if cfg.refit_with_validation else None
+    refit_model, refit_teacher = refit or (model, teacher)
+    initial = copy.deepcopy(refit_model.state_dict()) if cfg.refit_with_validation else None
     samples = prefix_samples(split.train, model.cfg.max_history)
     eval_rows = np.random.default_rng(cfg.seed + 1).permutation(len(split.valid))[: cfg.eval_users]
     log.info("%s: %d training samples, %d parameters", name, len(samples),
              sum(p.numel() for p in model.parameters()))
 
-    distill = teacher is not None and cfg.distill_weight > 0
-    if distill:
-        teacher.to(device).eval()
-        table, radices = model.semantic_ids, list(model.cfg.codebook_sizes)
+    def step_on(net: NezhaRetriever, tutor: torch.nn.Module | None, rows_of):
+        distill = tutor is not None and cfg.distill_weight > 0
+        if distill:
+            tutor.to(device).eval()
+        table, radices = net.semantic_ids, list(net.cfg.codebook_sizes)
 
-    def soft_targets(hist: torch.Tensor, ln: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor] | None:
-        if not distill:
-            return None
-        with torch.no_grad():
-            positions = torch.arange(hist.shape[1], device=device).expand_as(hist)
-            probs = torch.softmax(teacher.score_all(hist, positions, ln) / cfg.distill_temperature, dim=-1)
-            return code_distributions(probs, table, table[target], radices)
+        def soft_targets(hist: torch.Tensor, ln: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor] | None:
+            if not distill:
+                return None
+            with torch.no_grad():
+                positions = torch.arange(hist.shape[1], device=device).expand_as(hist)
+                probs = torch.softmax(tutor.score_all(hist, positions, ln) / cfg.distill_temperature, dim=-1)
+                return code_distributions(probs, table, table[target], radices)
 
-    def step_on(rows_of):
         def step(rows: np.ndarray) -> dict[str, torch.Tensor]:
             hist, ln = _rows(rows_of.items, rows_of.lengths, rows, device)
             target = torch.from_numpy(rows_of.targets[rows]).to(device)
-            parts = model.losses(hist, ln, target, soft_targets(hist, ln, target), cfg.distill_weight)
-            loss = parts["nezha"] + model.cfg.ar_weight * parts.get("lm", 0.0)
+            parts = net.losses(hist, ln, target, soft_targets(hist, ln, target), cfg.distill_weight)
+            loss = parts["nezha"] + net.cfg.ar_weight * parts.get("lm", 0.0)
             return {"loss": loss, **{f"loss_{key}": value for key, value in parts.items()}}
         return step
 
@@ -187,17 +194,21 @@ def train_retriever(model: NezhaRetriever, split: LeaveOneOut, cfg: RetrieverTra
         valid = evaluate_decoder(model, split.valid, "nezha_step", cfg.k, rows=eval_rows)
         return (valid["r10"], valid["n10"]), valid
 
-    result = train_epochs(model, cfg, samples.lengths, step_on(samples), validate, name)
+    result = train_epochs(model, cfg, samples.lengths, step_on(model, teacher, samples), validate, name)
     if initial is not None and result.best_epoch > 0:
         rows = test_rows(len(split.test), cfg.test_users, cfg.seed)
         selected = evaluate_decoder(model, split.test, "nezha_step", cfg.k, rows=rows)
         log.info("%s selected (epoch %d) test nezha_step: %s", name, result.best_epoch, selected)
         refit_rows = prefix_samples(split.train_with_validation(), model.cfg.max_history)
-        refit = refit_epochs(model, initial, cfg, result.best_epoch, refit_rows.lengths, step_on(refit_rows),
-                             f"{name}-refit")
-        result.refit = {"epochs": refit.epochs, "train_seconds": refit.train_seconds,
-                        "selected_test": {"nezha_step": selected}}
-        result.train_seconds += refit.train_seconds
+        model = refit_model.to(device)
+        run = refit_epochs(model, initial, cfg, result.best_epoch, refit_rows.lengths,
+                           step_on(model, refit_teacher, refit_rows), f"{name}-refit")
+        result.refit = {"epochs": run.epochs, "train_seconds": run.train_seconds,
+                        "selected_test": {"nezha_step": selected},
+                        # whose weights taught and built the model validation scored: the dense model's selected
+                        # ones, or the same (refitted) ones as the refit's
+                        "selection_teacher": "selected" if refit else "final"}
+        result.train_seconds += run.train_seconds
     for decoder in cfg.test_decoders:
         t0 = time.perf_counter()
         rows = test_rows(len(split.test), cfg.end_users if decoder.endswith("_end") else cfg.test_users, cfg.seed)

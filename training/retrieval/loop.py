@@ -67,9 +67,13 @@ class TrainResult:
     test: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     refit: dict[str, Any] = field(default_factory=dict)  # a refit after selection (dense.py), if any
+    # The weights validation selected, kept when a refit replaced them (saved beside the final ones); not in to_dict
+    selected_state: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, selected_state=None))  # not deep-copying the weights only to drop them
+        del out["selected_state"]
+        return out
 
 
 class BestEpoch:
