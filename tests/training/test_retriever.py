@@ -283,3 +283,29 @@ def test_limits_benchmark_measures_decoding_and_codes_at_a_tiny_shape(tmp_path):
     # the codes the benchmark rebuilt are the ones the pipeline gave the retriever (same config, same seed)
     assert record["codes"]["semantic_ids"]["radices"] == list(out["sid"].radices)
     assert 0 < record["codes"]["rebuilt_relative_error"] <= 1
+
+
+def test_paired_benchmark_compares_both_models_on_the_same_users(tmp_path):
+    from bench import retrieval_paired
+    from training.retrieval.dense import evaluate
+    from training.retrieval.generative import test_rows
+
+    same = retrieval_paired.paired(np.array([1.0, 0.0, 1.0]), np.array([1.0, 0.0, 1.0]), 50, 0)
+    assert same["difference"] == 0 and same["ci95"] == [0, 0]
+    better = retrieval_paired.paired(np.ones(40), np.zeros(40), 50, 0)
+    assert better["difference"] == 1 and better["ci95"] == [1, 1]
+    _ring_artifacts(tmp_path)  # tmp_path / Ring.txt, tmp_path / nezha, tmp_path / dense
+    assert retrieval_paired.main(["--dataset", str(tmp_path / "Ring.txt"), "--nezha", str(tmp_path / "nezha"),
+                                  "--dense", str(tmp_path / "dense"), "--users", "20", "--resamples", "50",
+                                  "--out", str(tmp_path / "paired.json")]) == 0
+    record = json.loads((tmp_path / "paired.json").read_text())
+    assert record["users"] == 20 and set(record) >= {"nothing_excluded", "seen_excluded"}
+    # each side's mean is what that model's own evaluation gives on the same users
+    nezha, _ = load_artifact(tmp_path / "nezha")
+    dense, _ = load_artifact(tmp_path / "dense")
+    split = leave_one_out(load_sequences(str(tmp_path / "Ring.txt"), str(tmp_path)), max_len=6)
+    rows = test_rows(len(split.test), 20)
+    row = record["nothing_excluded"]
+    assert row["r10"]["nezha"] == round(evaluate_decoder(nezha, split.test, rows=rows)["r10"], 4)
+    assert row["r10"]["dense"] == round(evaluate(dense, split.test.select(rows), ks=(10,))["hr@10"], 4)
+    assert row["r10"]["ci95"][0] <= row["r10"]["difference"] <= row["r10"]["ci95"][1]

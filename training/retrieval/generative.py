@@ -103,15 +103,12 @@ def _bad_ids(items: torch.Tensor, num_items: int) -> int:
     return int(((items < 0) | (items > num_items)).sum() + repeats.sum())
 
 
-def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = "nezha_step", k: int = 10,
-                     batch_size: int = 256, rows: np.ndarray | None = None,
-                     beam_size: int | None = None, seen_excluded: bool = False) -> dict[str, float]:
-    """R@5/10, N@5/10 of `data.targets` in the top-k of `decoder` ("nezha_step", "beam_end", ...), the
-    share of final beams naming no item before verification, and of returned ids that name no item.
-
-    `seen_excluded`: each user's earlier items (`data.seen`) are excluded by the decoder itself (the beam widens by
-    up to k for them, as on the serving path), and users whose target is one of them are not counted ("users").
-    """
+def decoder_ranks(model: NezhaRetriever, data: SequenceBatch, decoder: str = "nezha_step", k: int = 10,
+                  batch_size: int = 256, rows: np.ndarray | None = None, beam_size: int | None = None,
+                  seen_excluded: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(rows, ranks, counts): the rows of `data` that count (see `evaluate_decoder`), in the order decoded, the rank
+    of each one's target among `decoder`'s top-k (k where it is not among them), and the counts of final beams,
+    of beams naming no item before verification, and of returned ids naming no item."""
     kind, verify = decoder.split("_")
     items, lengths = eval_histories(data)
     rows = np.arange(len(lengths)) if rows is None else rows
@@ -119,7 +116,7 @@ def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = 
         rows = rows[data.new_targets(rows)]
     rows = rows[np.argsort(lengths[rows], kind="stable")]
     dev = model.semantic_ids.device
-    ranks, invalid, beams, bad = [], 0, 0, 0
+    ranks, counts = [], {"beams": 0, "invalid": 0, "bad": 0}
     was_training = model.training
     model.eval()
     for s in range(0, len(rows), batch_size):
@@ -130,14 +127,26 @@ def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = 
         target = torch.from_numpy(data.targets[r]).to(dev)
         hit = res.items == target[:, None]
         ranks.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(target, k)).cpu())
-        invalid += int(res.invalid.sum())
-        beams += res.width * len(r)
-        bad += _bad_ids(res.items, model.cfg.num_items)
+        counts["invalid"] += int(res.invalid.sum())
+        counts["beams"] += res.width * len(r)
+        counts["bad"] += _bad_ids(res.items, model.cfg.num_items)
     model.train(was_training)
-    rk = torch.cat(ranks).numpy() if ranks else np.zeros(0)
+    return rows, (torch.cat(ranks).numpy() if ranks else np.zeros(0, dtype=np.int64)), counts
+
+
+def evaluate_decoder(model: NezhaRetriever, data: SequenceBatch, decoder: str = "nezha_step", k: int = 10,
+                     batch_size: int = 256, rows: np.ndarray | None = None,
+                     beam_size: int | None = None, seen_excluded: bool = False) -> dict[str, float]:
+    """R@5/10, N@5/10 of `data.targets` in the top-k of `decoder` ("nezha_step", "beam_end", ...), the
+    share of final beams naming no item before verification, and of returned ids that name no item.
+
+    `seen_excluded`: each user's earlier items (`data.seen`) are excluded by the decoder itself (the beam widens by
+    up to k for them, as on the serving path), and users whose target is one of them are not counted ("users").
+    """
+    _, rk, counts = decoder_ranks(model, data, decoder, k, batch_size, rows, beam_size, seen_excluded)
     out = {f"r{c}": float((rk < c).mean()) for c in (5, 10) if c <= k}
     out.update({f"n{c}": float(np.where(rk < c, 1 / np.log2(rk + 2.0), 0).mean()) for c in (5, 10) if c <= k})
-    out.update(invalid_rate=invalid / max(beams, 1), returned_invalid=bad)
+    out.update(invalid_rate=counts["invalid"] / max(counts["beams"], 1), returned_invalid=counts["bad"])
     return {**out, "users": len(rk)} if seen_excluded else out
 
 
