@@ -261,6 +261,9 @@ def test_dense_entrypoint_trains_the_configured_recipe_and_saves_a_loadable_arti
     assert manifest.metadata["retrieval"]["dense"]["max_epochs"] == 2 and manifest.metrics["epochs"] == 2
     scores = model.eval().score_all(torch.tensor([[1, 2, 3]]), None, torch.tensor([3]))
     assert scores.shape == (1, 14) and scores[0, 0] == float("-inf")
+    # refitted by default: the weights validation selected are kept beside the refit's
+    selected, _ = load_artifact(next((tmp_path / "out").iterdir()), weights="selected")
+    assert not torch.equal(selected.item_emb.weight, model.item_emb.weight)
 
 
 def test_refit_trains_the_chosen_epochs_on_validation_items_and_tests_the_refit():
@@ -270,6 +273,9 @@ def test_refit_trains_the_chosen_epochs_on_validation_items_and_tests_the_refit(
     result = train_retrieval(model, split, cfg)
     assert result.refit["epochs"] == result.best_epoch in (2, 4)
     assert set(result.refit["selected_test"]) == set(result.test)
+    # the selected weights are kept (for the artifact), not the refit's, and stay out of the result's dict
+    assert not torch.equal(result.selected_state["item_emb.weight"], model.item_emb.weight)
+    assert "selected_state" not in result.to_dict()
     extended = split.train_with_validation()
     assert (extended.lengths == np.minimum(split.train.lengths + 1, split.max_len)).all()
     last = extended.items[np.arange(len(extended)), extended.lengths - 1]
