@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -10,9 +11,20 @@ import time
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, from 20000-32767: below the kernel's ephemeral range (32768-60999), where every bind(0) and
+    outgoing connection of the processes a test starts (Ray's among them) draws its ports, and above Ray's worker
+    ports (10002-19999). A port from bind(0) could be handed to one of them before the test's server binds it
+    (seen: HAProxy failing with "Address already in use" under a loaded `make test`)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767 after 200 tries")
 
 
 class RedisServer:
