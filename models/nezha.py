@@ -224,7 +224,7 @@ class NezhaRetriever(nn.Module):
         """Logits [N, T_level] of `level`'s codes from states x [N, d]; head 0 is the draft head, 1 the LM.
 
         With `item_head` the last level scores the items of each row's prefix (`prefix`: its row in the index, from
-        `prefix_rows` or `prefix_follower`) by their output rows; a code naming no item gets -1e9, finite so that a
+        `prefix_rows`, or beam search's) by their output rows; a code naming no item gets -1e9, finite so that a
         zero soft target times its log-probability stays 0."""
         if self.item_out is None or level < self.levels - 1:
             return (self.draft_out, self.lm_out)[head][level](x)
@@ -235,18 +235,6 @@ class NezhaRetriever(nn.Module):
     def prefix_rows(self, codes: torch.Tensor) -> torch.Tensor | None:
         """The index row of each target's prefix before the last level (what the item head needs), else None."""
         return self.index().prefix_rows(codes[:, :-1]) if self.item_out is not None else None
-
-    def prefix_follower(self, batch: int, device: torch.device):
-        """For decoding: `follow(level, parent, codes)` returns each beam's prefix row after its code at
-        level - 1, following the beams from the root (None without an item head, which alone needs it)."""
-        if self.item_out is None:
-            return lambda level, parent, codes: None
-        index, rows = self.index(), [torch.zeros(batch, dtype=torch.long, device=device)]
-
-        def follow(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-            rows[0] = index.extend(level - 1, rows[0][parent]).gather(1, codes[:, None]).squeeze(1)
-            return rows[0]
-        return follow
 
     # ---- training -----------------------------------------------------------------------------
     def draft_logits(self, h0: torch.Tensor, hs: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
@@ -295,13 +283,12 @@ class NezhaRetriever(nn.Module):
         states = self._at(self._run(hx, lengths, self.placeholders[None]), lengths, self.levels + 1)
         h0, hs = states[:, 0], states[:, 1:]
         state = {"s": h0, "req": torch.arange(len(h0), device=h0.device)}
-        follow = self.prefix_follower(len(h0), h0.device)
 
-        def step(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        def step(level: int, parent: torch.Tensor, codes: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             s = self.draft_rnn[level - 1](self.draft_emb[level - 1](codes), state["s"][parent])
             req = state["req"][parent]
             state["s"], state["req"] = s, req
-            return F.log_softmax(self.level_logits(0, level, hs[req, level] + s, follow(level, parent, codes)), dim=-1)
+            return F.log_softmax(self.level_logits(0, level, hs[req, level] + s, prefix), dim=-1)
 
         return F.log_softmax(self.draft_out[0](hs[:, 0] + h0), dim=-1), step
 
@@ -310,13 +297,12 @@ class NezhaRetriever(nn.Module):
         x = (hx + self.pos_emb(pos)[None]) * (pos[None, :] < lengths[:, None])[..., None].to(hx.dtype)
         out, cache = self.backbone.prefill(x, lengths)
         state = {"cache": cache}
-        follow = self.prefix_follower(len(out), out.device)
 
-        def step(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        def step(level: int, parent: torch.Tensor, codes: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             cache = self.backbone.reorder(state["cache"], parent)
             tok = self.code_emb[level - 1](codes) + self.step_type[level - 1] + self.pos_emb(cache["pos"])
             y, state["cache"] = self.backbone.step(tok[:, None], cache)
-            return F.log_softmax(self.level_logits(1, level, y[:, 0], follow(level, parent, codes)), dim=-1)
+            return F.log_softmax(self.level_logits(1, level, y[:, 0], prefix), dim=-1)
 
         h0 = out[torch.arange(len(out), device=out.device), lengths - 1]
         return F.log_softmax(self.lm_out[0](h0), dim=-1), step

@@ -15,7 +15,7 @@ Excluded items (e.g. already seen) are removed at the last level ("step") or at 
 >>> from models.semantic_ids import SemanticIdIndex
 >>> index = SemanticIdIndex(torch.tensor([[0, 0], [0, 1], [1, 1]]), radices=(2, 2))  # items (0,1), (1,1)
 >>> first = torch.log(torch.tensor([[0.4, 0.6]]))
->>> step = lambda level, parent, codes: torch.log(torch.tensor([[0.3, 0.7], [0.9, 0.1]]))[codes]
+>>> step = lambda level, parent, codes, prefix: torch.log(torch.tensor([[0.3, 0.7], [0.9, 0.1]]))[codes]
 >>> r = beam_search(first, step, index, width=2, k=2, verify="end")
 >>> r.items.tolist(), r.invalid.tolist()        # beam (1,0) scores .54 but names no item
 ([[1, 0]], [1])
@@ -34,7 +34,7 @@ from models.semantic_ids import SemanticIdIndex, radix_products
 
 VERIFY_MODES = ("step", "end")
 
-StepFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+StepFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -57,9 +57,10 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
                 verify: str = "step", exclude: list[set[int]] | None = None) -> BeamResult:
     """Beam search of width `width` over len(index.radices) levels; returns the best k valid items.
 
-    `step(level, parent, codes)` gets, for each current beam (flattened [B·W]), the row of its parent
-    among the previous call's rows (the request index at level 1) and its code at level - 1; it
-    returns log-probabilities [B·W, T_level] and keeps its own per-beam state.
+    `step(level, parent, codes, prefix)` gets, for each current beam (flattened [B·W]), the row of its parent
+    among the previous call's rows (the request index at level 1), its code at level - 1 and its prefix's row in
+    the index (-1 for a prefix that names nothing, with "end"); it returns log-probabilities [B·W, T_level] and
+    keeps its own per-beam state.
 
     Per level only the scores and (with "step") the prefix rows are [B, W, T]; a kept beam's tuple integer
     is built from its parent's after the top-W cut ([B, W]): at batch 32 the [B, W, T] tensors are ~160k
@@ -81,10 +82,10 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
     scores = parent = codes = None
     for level in range(len(radices)):
         if level > 0:
-            logp = step(level, parent, codes).float().view(b, -1, radices[level])
+            logp = step(level, parent, codes, rows.flatten()).float().view(b, -1, radices[level])
             cand_scores = scores[..., None] + logp
+        cand_rows = index.extend(level, rows)  # [B, W, T]: one gather per beam, not one lookup per code
         if verify == "step":
-            cand_rows = index.extend(level, rows)  # [B, W, T]: one gather per beam, not one lookup per code
             ok = cand_rows >= 0
             if level == last and excl is not None:  # at the last level a row is the item's id
                 ok &= ~torch.isin(cand_rows + row_tag[..., None], excl)
@@ -92,8 +93,7 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
         w_prev, t = cand_scores.shape[1], cand_scores.shape[2]
         scores, idx = cand_scores.reshape(b, -1).topk(min(width, w_prev * t), dim=1)
         beam, code = idx // t, idx % t
-        if verify == "step":
-            rows = cand_rows.reshape(b, -1).gather(1, idx)
+        rows = cand_rows.reshape(b, -1).gather(1, idx)
         values = values.gather(1, beam) + code * weights[level]
         parent = (torch.arange(b, device=dev)[:, None] * w_prev + beam).flatten()
         codes = code.flatten()

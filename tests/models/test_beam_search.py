@@ -18,7 +18,7 @@ def _path_model(radices, requests: int, seed: int):
 
     state = {"req": torch.arange(requests), "prefix": torch.zeros(requests, dtype=torch.long)}
 
-    def step(level: int, parent: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def step(level: int, parent: torch.Tensor, codes: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         state["req"] = state["req"][parent]
         state["prefix"] = state["prefix"][parent] * radices[level - 1] + codes + 1
         return logp(level, state["req"], state["prefix"])

@@ -110,7 +110,8 @@ def test_draft_decoding_steps_equal_the_teacher_forced_draft_head(cell, item_hea
         first, step = model._nezha_start(hx, lengths)
         torch.testing.assert_close(first, forced[0])
         for level in (1, 2):  # each step extends the previous call's rows with the true code
-            torch.testing.assert_close(step(level, torch.arange(2), codes[:, level - 1]), forced[level])
+            prefix = model.index().prefix_rows(codes[:, :level])
+            torch.testing.assert_close(step(level, torch.arange(2), codes[:, level - 1], prefix), forced[level])
 
 
 @pytest.mark.parametrize("item_head", [False, True])
@@ -133,7 +134,7 @@ def test_losses_and_lm_teacher_forcing_match_cached_decoding(item_head):
         first, step = model._beam_start(hx, lengths)
         torch.testing.assert_close(first, forced[0])
         for level in (1, 2):
-            lp = step(level, torch.arange(2), codes[:, level - 1])
+            lp = step(level, torch.arange(2), codes[:, level - 1], model.index().prefix_rows(codes[:, :level]))
             torch.testing.assert_close(lp, forced[level], atol=1e-5, rtol=1e-4)
 
 
