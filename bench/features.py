@@ -81,7 +81,9 @@ def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1,
                  rate: float | None = None) -> list[float]:
     """Seconds per `client.get` of 1 user + `n_items` random candidates: `reads` timed reads in all, spread over
     `threads` threads that share one client (as a serving replica's thread pool does) and start together,
-    after 10 untimed warm-up reads per thread (connections, registry, first-use imports).
+    after 10 untimed warm-up reads per thread (connections, registry, first-use imports). Every request is drawn
+    before the threads start: drawing 200 random candidates takes the GIL for ~50 us, a third of what the client
+    itself holds it for, so draws made during the run delayed the reads they were timing (py-spy --gil, 2026-12-05).
 
     Closed loop by default (each thread reads again as soon as it has its answer: a saturation test, where
     latency is mostly the queue). With `rate`, open loop: read k is due at start + k / rate (reads dealt to the
@@ -93,20 +95,24 @@ def read_latency(client, ids: dict, n_items: int, reads: int, threads: int = 1,
 
     barrier, times, lock, numbers = threading.Barrier(threads), [], threading.Lock(), itertools.count()
     start: list[float] = []
+    asks = []
+    for seed in range(threads):
+        rng = np.random.default_rng(seed)
+        asks.append([(int(rng.choice(ids["users"])), rng.choice(ids["items"], n_items, replace=False).tolist())
+                     for _ in range(10 + reads // threads + (seed < reads % threads))])
 
     def reader() -> None:
         with lock:
             seed = next(numbers)
-        rng, mine = np.random.default_rng(seed), []
+        mine = []
         try:
-            for k, timed in enumerate([False] * 10 + [True] * (reads // threads + (seed < reads % threads))):
+            for k, (user, items) in enumerate(asks[seed]):
+                timed = k >= 10
                 if timed and not mine:
                     barrier.wait()  # every thread, even one with no timed read, has warmed up
                     with lock:
                         if not start:
                             start.append(time.perf_counter())
-                user = int(rng.choice(ids["users"]))
-                items = rng.choice(ids["items"], n_items, replace=False).tolist()
                 started = time.perf_counter()
                 if timed and rate:
                     started = start[0] + ((k - 10) * threads + seed) / rate

@@ -150,11 +150,15 @@ class OnlineStoreConfig(Section):
     tls: bool = False
     # The serving client's socket timeout: past it the store counts as unreachable (serving falls back).
     timeout_ms: int = Field(200, gt=0)
-    # Reads one serving client runs at once. Requests that arrive while they run wait, oldest first, and the
-    # next read takes up to `requests_per_read` of them together (`features.merged_reads`); 1 reads one request
-    # at a time. With one GIL, 16 threads that each read at once spend their time handing it over: BENCHMARKS.md.
-    concurrent_reads: int = Field(2, gt=0)
+    # Reader threads of one serving client (reads at once). Requests that arrive while they read wait, oldest
+    # first, and the next read takes up to `requests_per_read` of them together (`features.merged_reads`); 1 reads
+    # one request at a time. One reader thread measured best on 2 cores for both stores (a second one's reads
+    # contend for the GIL with the first's): BENCHMARKS.md, feature store.
+    concurrent_reads: int = Field(1, gt=0)
     requests_per_read: int = Field(32, gt=0)
+    # SQLite: a read of 256 keys or more runs in this many slices at once, each on its own connection (sqlite3
+    # releases the GIL while a query runs), so one reader thread uses two cores; 1 = one query per read.
+    threads_per_read: int = Field(2, gt=0)
 
     @model_validator(mode="after")
     def _redis_connection(self) -> OnlineStoreConfig:

@@ -284,12 +284,22 @@ class SqliteReader:
     (a recursive CTE split cost ~100 us per 200 keys, the positions table ~8 us), and every (request, feature)
     is one primary-key join with no GROUP BY, so no temp B-tree copies the values. The statement text depends
     only on the views and features asked for and stays in the connection's statement cache. One read-only
-    connection per thread: sqlite3 releases the GIL while a query runs, so concurrent readers overlap."""
+    connection per thread: sqlite3 releases the GIL while a query runs, so concurrent readers overlap.
 
-    def __init__(self, path: str, project: str, timeout_s: float):
+    With `threads_per_read` > 1 a read of 256 keys or more runs as that many slices of every request's positions
+    at once, the first on the calling thread and the others on `helpers` threads, each with its own connection;
+    the slices' rows of one (request, feature) are joined (positions come back with the values)."""
+
+    def __init__(self, path: str, project: str, timeout_s: float, threads_per_read: int = 1, helpers: int = 1):
         self.project, self.path, self.timeout_s = project, path, timeout_s
         self._local = threading.local()
         self._connection(1)  # fail at construction, not at the first request, when the store cannot be opened
+        self.threads_per_read = threads_per_read
+        self._helpers = None
+        if threads_per_read > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._helpers = ThreadPoolExecutor(helpers * (threads_per_read - 1), thread_name_prefix="sqlite-read")
 
     def _connection(self, keys: int) -> sqlite3.Connection:
         """This thread's connection, with positions 0..keys-1 in its temp table."""
@@ -314,12 +324,13 @@ class SqliteReader:
 
     def read(self, requests: list[Request]) -> list[dict[str, StoredValues]]:
         """(view, features, keys, key length) -> per request, feature -> its `StoredValues`."""
-        parts, params = [], []
+        parts, params, counts = [], [], []
         for n, (view, features, keys, width) in enumerate(requests):
             if not keys:
                 continue
-            params += [keys, len(keys) // width]
-            key, count = len(params) - 1, len(params)
+            counts.append((len(params) + 1, len(keys) // width))
+            params += [keys, 0, len(keys) // width]
+            key, low, high = len(params) - 2, len(params) - 1, len(params)
             for feature in features:
                 params.append(feature)
                 # Positions come back beside the values, so the row order does not matter.
@@ -327,16 +338,40 @@ class SqliteReader:
                     f"SELECT {n}, ?{len(params)}, group_concat(pos), group_concat(length(coalesce(value, x''))), "
                     f"group_concat(coalesce(value, x''), '') FROM temp.positions CROSS JOIN "
                     f'"{self.project}_{view}" AS stored ON stored.entity_key = substr(?{key}, pos * {width} + 1, '
-                    f"{width}) AND stored.feature_name = ?{len(params)} WHERE pos < ?{count}")
-        rows = []
-        if parts:
-            try:
-                con = self._connection(max(len(keys) // width for _, _, keys, width in requests if keys))
-                rows = con.execute(" UNION ALL ".join(parts), params).fetchall()
-            except sqlite3.Error as err:
-                raise FeatureStoreUnavailable(f"SQLite online store read failed: {err}") from err
-        return _columns(requests, ((n, feature.decode(), pos, lengths, data or b"")
-                                   for n, feature, pos, lengths, data in rows if pos is not None))
+                    f"{width}) AND stored.feature_name = ?{len(params)} WHERE pos >= ?{low} AND pos < ?{high}")
+        if not parts:
+            return _columns(requests, [])
+        sql, most = " UNION ALL ".join(parts), max(count for _, count in counts)
+        shares = self.threads_per_read if self._helpers is not None and sum(c for _, c in counts) >= 256 else 1
+        slices = []
+        for s in range(shares):
+            sliced = list(params)
+            for at, count in counts:
+                sliced[at], sliced[at + 1] = count * s // shares, count * (s + 1) // shares
+            slices.append(sliced)
+        helpers = [self._helpers.submit(self._execute, sql, sliced, most) for sliced in slices[1:]]
+        rows = self._execute(sql, slices[0], most)
+        for helper in helpers:
+            rows += helper.result()
+        return _columns(requests, _joined(rows))
+
+    def _execute(self, sql: str, params: list, most: int) -> list:
+        try:
+            return self._connection(most).execute(sql, params).fetchall()
+        except sqlite3.Error as err:
+            raise FeatureStoreUnavailable(f"SQLite online store read failed: {err}") from err
+
+
+def _joined(rows: list) -> list:
+    """Rows of the same (request, feature) from several slices of its keys, as one row."""
+    merged: dict = {}
+    for n, feature, pos, lengths, data in rows:
+        if pos is None:
+            continue
+        got = merged.get((n, feature))
+        merged[(n, feature)] = (pos, lengths, data or b"") if got is None else \
+            (got[0] + b"," + pos, got[1] + b"," + lengths, got[2] + (data or b""))
+    return [(n, feature.decode(), *value) for (n, feature), value in merged.items()]
 
 
 def _columns(requests: list[Request], found) -> list[dict[str, StoredValues]]:
@@ -418,9 +453,37 @@ class RedisReader:
             raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
         try:
             conn.send_packed_command(commands)
-            return [conn.read_response() for _ in range(replies)]
+            return _replies(conn, replies)
         except self.errors as err:
             conn.disconnect()  # replies may be left unread on it: the next use reconnects
             raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
+        except FeatureStoreUnavailable:  # an error reply: the read's later replies are left unread on it
+            conn.disconnect()
+            raise
         finally:
             pool.release(conn)
+
+
+def _replies(conn, n: int) -> list:
+    """The next n replies on a redis-py connection, parsed by its hiredis reader directly.
+
+    redis-py's `read_response` spends ~3 us of Python per reply around the parser (a 200-candidate read has ~400
+    replies: 20-25% of the client's CPU, BENCHMARKS.md). This reads the parser's private `_reader` and
+    `read_from_socket` (redis-py 8.1, pinned); with another parser it falls back to `read_response`, and a test
+    holds the fast path in use with the pinned version."""
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA
+
+    parser = conn._parser
+    reader = getattr(parser, "_reader", None)
+    if reader is None or not hasattr(parser, "read_from_socket"):
+        return [conn.read_response() for _ in range(n)]
+    out, gets = [], reader.gets
+    while len(out) < n:
+        reply = gets()
+        if reply is NOT_ENOUGH_DATA:
+            parser.read_from_socket()
+        elif isinstance(reply, Exception):  # an error reply (hiredis hands it over as an exception object)
+            raise FeatureStoreUnavailable(f"Redis online store read failed: {reply}")
+        else:
+            out.append(reply)
+    return out

@@ -3,8 +3,9 @@
 Two ways to read, same answer (a test holds them equal):
 - the fast path reads the online store in bulk, as Feast lays it out (`features.feast_layout`): on SQLite
   two queries per request (the candidates' authors are known after the first), each answering one row per
-  feature; on Redis two round trips of pipelined HMGETs; decoding is numpy. Requests from concurrent threads
-  are merged into one such read (`features.merged_reads`, `features.online_store.requests_per_read`);
+  feature, a large read in `features.online_store.threads_per_read` slices at once; on Redis two round trips
+  of pipelined HMGETs; decoding is numpy. Requests from concurrent threads are merged into one such read, made
+  by the client's reader thread (`features.merged_reads`, `features.online_store.requests_per_read`);
 - `fast=False` goes through Feast's `get_online_features`.
 Both read only the packed values (`stats`, `item_author_id`, the sequence arrays), not the 42 named stats.
 
@@ -89,7 +90,8 @@ class OnlineFeatureClient:
         elif online.type == "redis":
             self._reader = RedisReader(online.connection_string or "", self.cfg.features.project, timeout_s)
         else:
-            self._reader = SqliteReader(online.path, self.cfg.features.project, timeout_s)
+            self._reader = SqliteReader(online.path, self.cfg.features.project, timeout_s, online.threads_per_read,
+                                        helpers=online.concurrent_reads)
 
     @property
     def store(self):

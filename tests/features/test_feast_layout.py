@@ -104,3 +104,25 @@ def test_a_malformed_redis_reply_is_refused(monkeypatch):
         monkeypatch.setattr(reader, "_round_trip", lambda commands, n, replies=replies: replies)
         with pytest.raises(FeatureStoreUnavailable, match="malformed"):
             reader.read([("item_stats", ["stats", "item_author_id"], blob, width)])
+
+
+def test_redis_replies_are_parsed_by_hiredis_directly_and_an_error_reply_is_refused(redis_server):
+    """The reader parses replies with the connection's hiredis reader (`feast_layout._replies`), not redis-py's
+    per-reply loop; an error reply fails the read with the server's message, and the next read works."""
+    import redis
+
+    from features.feast_layout import RedisReader
+
+    reader = RedisReader(redis_server.connection_string, "proj", 1.0)
+    conn = reader.client.connection_pool.get_connection()
+    try:
+        assert getattr(conn._parser, "_reader", None) is not None  # the fast path, with the pinned redis-py
+    finally:
+        reader.client.connection_pool.release(conn)
+    blob, width = EntityKeys("item_id").keys([1, 2, 3])
+    redis.Redis(port=redis_server.port).set(blob[width:2 * width] + b"proj", b"not a hash")
+    with pytest.raises(FeatureStoreUnavailable, match="WRONGTYPE"):
+        reader.read([("item_stats", ["stats"], blob, width)])
+    redis.Redis(port=redis_server.port).delete(blob[width:2 * width] + b"proj")
+    (got,) = reader.read([("item_stats", ["stats"], blob, width)])
+    assert got["stats"].present().tolist() == [False, False, False]

@@ -13,7 +13,7 @@ from features.merged_reads import MergedCalls
 
 
 def queue_in_order(merged: MergedCalls, asks: list[int], results: dict) -> list[threading.Thread]:
-    """Start one thread per ask, each queued before the next starts (the running call holds every slot)."""
+    """Start one thread per ask, each queued before the next starts (the running call holds every reader)."""
     threads = []
     for n, ask in enumerate(asks):
         def call(ask=ask):
@@ -28,7 +28,7 @@ def queue_in_order(merged: MergedCalls, asks: list[int], results: dict) -> list[
     return threads
 
 
-def test_requests_waiting_for_a_slot_are_read_together_oldest_first():
+def test_requests_waiting_for_a_reader_are_read_together_oldest_first():
     calls, release = [], threading.Event()
 
     def read_many(asks):
@@ -48,10 +48,10 @@ def test_requests_waiting_for_a_slot_are_read_together_oldest_first():
         t.join(10)
     # The running read took only what was waiting when it began; the rest went in calls of at most 3.
     assert calls == [[0], [1, 2, 3], [4, 5]]
-    assert results == {n: n * 10 for n in range(6)} and merged.free == 1 and merged.calls == 3
+    assert results == {n: n * 10 for n in range(6)} and merged.reading == 0 and merged.calls == 3
 
 
-def test_a_failed_call_fails_only_its_own_requests_and_hands_the_slot_on():
+def test_a_failed_call_fails_only_its_own_requests():
     release = threading.Event()
 
     def read_many(asks):
@@ -64,15 +64,15 @@ def test_a_failed_call_fails_only_its_own_requests_and_hands_the_slot_on():
     merged, results = MergedCalls(read_many, slots=1, most=2), {}
     first = threading.Thread(target=lambda: results.setdefault(0, merged(0)))
     first.start()
-    while merged.free:
+    while not merged.reading:
         time.sleep(0.001)
     threads = queue_in_order(merged, [1, 2, 3], results)
     release.set()
     for t in [first, *threads]:
         t.join(10)
     assert results[0] == 0 and results[3] == -3
-    assert all(isinstance(results[n], RuntimeError) for n in (1, 2)) and merged.free == 1
-    assert merged(4) == -4  # nothing is left holding the slot
+    assert all(isinstance(results[n], RuntimeError) for n in (1, 2)) and merged.reading == 0
+    assert merged(4) == -4  # the reader thread reads on after a failed call
 
 
 def test_a_call_that_answers_the_wrong_number_of_requests_is_an_error():
@@ -111,4 +111,14 @@ def test_under_contention_every_request_gets_its_own_answer_within_the_limits(sl
     for w in workers:
         w.join(30)
     assert not wrong and sum(sizes) == 30 * threads
-    assert peak[0] <= slots and max(sizes) <= most and merged.free == slots
+    assert peak[0] <= slots and max(sizes) <= most and merged.reading == 0
+
+
+def test_an_idle_reader_thread_ends_and_the_next_call_starts_one():
+    merged = MergedCalls(lambda asks: [ask + 1 for ask in asks], slots=2, most=4, idle_s=0.05)
+    assert merged(1) == 2 and merged._readers == 1  # a lone request needs one reader, not both slots
+    deadline = time.monotonic() + 10
+    while merged._readers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert merged._readers == 0
+    assert merged(2) == 3 and merged.calls == 2

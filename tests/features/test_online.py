@@ -89,6 +89,28 @@ def test_one_read_of_many_requests_answers_each_as_a_read_of_its_own(online):
         assert_same(got, client.get(user, items))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_sqlite_read_split_over_connections_answers_as_one_query(feature_lake, tmp_path, threads):
+    """With `threads_per_read`, a read of 256 keys or more runs in slices on several connections at once; each
+    request, merged or alone, gets what the one-query read gets (unknown and repeated ids among the keys)."""
+    cfg = online_config(feature_lake.cfg, tmp_path / "feast", "sqlite")
+    store = materialized_store(cfg, feature_lake.report)
+    split = cfg.model_copy(deep=True)
+    split.features.online_store.threads_per_read = threads
+    one, sliced = OnlineFeatureClient(cfg, store=store), OnlineFeatureClient(split, store=store)
+    assert sliced._reader.threads_per_read == threads
+    asks = [(1, np.arange(1, 301)), (2, np.array([3, 999, 3, 40], np.int64)), (999, np.arange(250, 0, -1)),
+            (7, np.array([], np.int64))]
+    for a, b in zip(one._get_many(asks), sliced._get_many(asks)):
+        assert_same(a, b)
+    assert_same(one.get(1, list(range(1, 400))), sliced.get(1, list(range(1, 400))))
+    users = [*range(600, 0, -1), 7, 5000]
+    expected, got = one.sequences(users), sliced.sequences(users)
+    assert expected.keys() == got.keys() and {1, 2, 7} <= got.keys()
+    for user, (sequence, asof) in expected.items():
+        assert got[user][1] == asof and all(np.array_equal(got[user][0][f], sequence[f]) for f in sequence)
+
+
 def test_unknown_entities_get_defaults_flagged_missing(online):
     cfg, store = online
     got = OnlineFeatureClient(cfg, store=store).get(123456, [1, 654321])
