@@ -274,6 +274,9 @@ def guard_online_store(cfg: PlatformConfig) -> None:
         con.close()
 
 
+# A SQLite read of this many keys or more runs in `threads_per_read` slices at once (fewer: one query, no hand-over).
+SLICED_KEYS = 256
+
 Request = tuple[str, list[str], bytes, int]  # (view, features, n entity keys back to back, key length)
 
 
@@ -286,7 +289,7 @@ class SqliteReader:
     only on the views and features asked for and stays in the connection's statement cache. One read-only
     connection per thread: sqlite3 releases the GIL while a query runs, so concurrent readers overlap.
 
-    With `threads_per_read` > 1 a read of 256 keys or more runs as that many slices of every request's positions
+    With `threads_per_read` > 1 a read of `SLICED_KEYS` or more runs as that many slices of every request's positions
     at once, the first on the calling thread and the others on `helpers` threads, each with its own connection;
     the slices' rows of one (request, feature) are joined (positions come back with the values)."""
 
@@ -342,17 +345,18 @@ class SqliteReader:
         if not parts:
             return _columns(requests, [])
         sql, most = " UNION ALL ".join(parts), max(count for _, count in counts)
-        shares = self.threads_per_read if self._helpers is not None and sum(c for _, c in counts) >= 256 else 1
+        shares = self.threads_per_read if self._helpers is not None and sum(c for _, c in counts) >= SLICED_KEYS \
+            else 1
         slices = []
         for s in range(shares):
             sliced = list(params)
             for at, count in counts:
                 sliced[at], sliced[at + 1] = count * s // shares, count * (s + 1) // shares
             slices.append(sliced)
-        helpers = [self._helpers.submit(self._execute, sql, sliced, most) for sliced in slices[1:]]
+        others = [self._helpers.submit(self._execute, sql, sliced, most) for sliced in slices[1:]]
         rows = self._execute(sql, slices[0], most)
-        for helper in helpers:
-            rows += helper.result()
+        for other in others:
+            rows += other.result()
         return _columns(requests, _joined(rows))
 
     def _execute(self, sql: str, params: list, most: int) -> list:
@@ -440,9 +444,8 @@ class RedisReader:
         for n, features in shapes:
             rows = replies[start:start + n]
             start += n
-            # Checked in C (map): a merged read has ~1,000 rows. hiredis hands an error reply over as an exception.
-            if len(rows) != n or (n and (list(map(type, rows)).count(list) != n
-                                         or set(map(len, rows)) != {len(features)})):
+            if len(rows) != n or not all(isinstance(row, list) and len(row) == len(features) for row in rows):
+                # hiredis hands an error reply over as an exception object
                 error = next((row for row in rows if isinstance(row, Exception)), None)
                 raise FeatureStoreUnavailable(f"Redis online store read failed: {error}" if error is not None else
                                               "the Redis online store returned a malformed bulk read")
