@@ -159,6 +159,9 @@ class OnlineStoreConfig(Section):
     # SQLite: a read of 256 keys or more runs in this many slices at once, each on its own connection (sqlite3
     # releases the GIL while a query runs), so one reader thread uses two cores; 1 = one query per read.
     threads_per_read: int = Field(2, gt=0)
+    # Redis: reads a reader thread keeps in flight at once. While the server answers one read's HMGETs, the
+    # thread decodes another's replies or sends its commands; with 1 the server and the client take turns.
+    reads_in_flight: int = Field(2, gt=0)
 
     @model_validator(mode="after")
     def _redis_connection(self) -> OnlineStoreConfig:

@@ -152,19 +152,22 @@ class StoredValues:
             raise FeatureStoreUnavailable("the online store returned a malformed bulk read")
 
     @classmethod
-    def of(cls, values: list) -> StoredValues:
+    def of(cls, values: list | tuple) -> StoredValues:
         """From one serialized value (or None) per requested entity, as the Redis reader gets them."""
         got = cls(len(values))
-        present = [i for i, v in enumerate(values) if v is not None]
-        if present:
-            kept = [values[i] for i in present]
+        if None in values:  # some entities unknown; usually every one is stored and no Python loop runs
+            present = [i for i, v in enumerate(values) if v is not None]
+            values = [values[i] for i in present]
+            got.positions = np.array(present, np.int64)
+        else:
+            got.positions = np.arange(len(values))
+        if values:
             try:
-                got.data = b"".join(kept)
+                got.data = b"".join(values)
             except TypeError as err:
                 raise FeatureStoreUnavailable("the online store returned a malformed bulk read") from err
-            got.positions = np.array(present, np.int64)
-            got.offsets = np.zeros(len(kept) + 1, np.int64)
-            np.cumsum([len(v) for v in kept], out=got.offsets[1:])
+            got.offsets = np.zeros(len(values) + 1, np.int64)
+            np.cumsum(np.fromiter(map(len, values), np.int64, len(values)), out=got.offsets[1:])
         return got
 
     def present(self) -> np.ndarray:
@@ -359,6 +362,10 @@ class SqliteReader:
             rows += other.result()
         return _columns(requests, _joined(rows))
 
+    def send(self, requests: list[Request]) -> Answered:
+        """`read`, in `RedisReader.send`'s form (an in-process read has no server time to overlap)."""
+        return Answered(self.read(requests))
+
     def _execute(self, sql: str, params: list, most: int) -> list:
         try:
             return self._connection(most).execute(sql, params).fetchall()
@@ -433,26 +440,19 @@ class RedisReader:
 
     def read(self, requests: list[Request]) -> list[dict[str, StoredValues]]:
         """(view, features, keys, key length) -> per request, feature -> its `StoredValues`."""
+        return self.send(requests).receive()
+
+    def send(self, requests: list[Request]) -> SentRead:
+        """Send a read's HMGETs on a connection of its own; `receive()` on the answer reads the replies, so the
+        caller can do other work while the server answers (`features.merged_reads`' depth)."""
         commands, shapes = [], []
         for view, features, entity_keys, width in requests:
             n = len(entity_keys) // width
             if n:
                 commands.append(self._hmgets(view, features, entity_keys, width))
             shapes.append((n, features))
-        replies = self._round_trip(commands, sum(n for n, _ in shapes)) if commands else []
-        out, start = [], 0
-        for n, features in shapes:
-            rows = replies[start:start + n]
-            start += n
-            if len(rows) != n or not all(isinstance(row, list) and len(row) == len(features) for row in rows):
-                # hiredis hands an error reply over as an exception object
-                error = next((row for row in rows if isinstance(row, Exception)), None)
-                raise FeatureStoreUnavailable(f"Redis online store read failed: {error}" if error is not None else
-                                              "the Redis online store returned a malformed bulk read")
-            out.append({f: StoredValues.of([row[j] for row in rows]) for j, f in enumerate(features)})
-        return out
-
-    def _round_trip(self, commands: list[bytes], replies: int) -> list:
+        if not commands:
+            return SentRead(self, None, shapes)
         pool = self.client.connection_pool
         try:
             conn = pool.get_connection()
@@ -460,12 +460,72 @@ class RedisReader:
             raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
         try:
             conn.send_packed_command(commands)
-            return _replies(conn, replies)
         except self.errors as err:
+            conn.disconnect()
+            pool.release(conn)
+            raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
+        return SentRead(self, conn, shapes)
+
+
+class SentRead:
+    """A Redis read whose commands are on the wire: `receive()` parses the replies and frees the connection."""
+
+    def __init__(self, reader: RedisReader, conn, shapes: list[tuple[int, list[str]]]):
+        self.reader, self.conn, self.shapes = reader, conn, shapes
+
+    def receive(self) -> list[dict[str, StoredValues]]:
+        """Per request, feature -> its `StoredValues`. Every reply is read, even after an error reply, so the
+        connection stays usable.
+
+        The replies are turned into columns `REPLIES_AT_ONCE` at a time, not all kept until the end: each is a
+        list, which the garbage collector tracks, and thousands alive at a collection are promoted to the oldest
+        generation, which then fills fast enough to force a full collection every few hundred reads (~250 ms
+        with the GIL held in a process with Ray and Feast loaded; BENCHMARKS.md, feature store)."""
+        conn, self.conn = self.conn, None  # received once
+        out, failure = [], None
+        try:
+            for n, features in self.shapes:
+                columns: list[list] = [[] for _ in features]
+                for start in range(0, n, REPLIES_AT_ONCE):
+                    rows = _replies(conn, min(REPLIES_AT_ONCE, n - start))
+                    failure = failure or _malformed(rows, min(REPLIES_AT_ONCE, n - start), len(features))
+                    if failure is None:
+                        for column, values in zip(columns, zip(*rows)):
+                            column.extend(values)
+                out.append({f: StoredValues.of(column) for f, column in zip(features, columns)})
+        except self.reader.errors as err:
             conn.disconnect()  # replies may be left unread on it: the next use reconnects
             raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
         finally:
-            pool.release(conn)
+            if conn is not None:
+                self.reader.client.connection_pool.release(conn)
+        if failure is not None:
+            raise FeatureStoreUnavailable(failure)
+        return out
+
+
+REPLIES_AT_ONCE = 64
+
+
+def _malformed(rows: list, count: int, width: int) -> str | None:
+    """Why `count` HMGET replies of `width` fields are not that (None when they are). The common case is checked
+    in C (map), not by a Python loop over the replies."""
+    if len(rows) == count and {*map(type, rows)} == {list} and {*map(len, rows)} == {width}:
+        return None
+    error = next((row for row in rows if isinstance(row, Exception)), None)  # hiredis' form of an error reply
+    return f"Redis online store read failed: {error}" if error is not None else \
+        "the Redis online store returned a malformed bulk read"
+
+
+class Answered:
+    """A read made at once (SQLite, Feast's SDK), with `SentRead`'s `receive()`: the online client asks every
+    store the same way."""
+
+    def __init__(self, answer: list[dict[str, StoredValues]]):
+        self.answer = answer
+
+    def receive(self) -> list[dict[str, StoredValues]]:
+        return self.answer
 
 
 def _replies(conn, n: int) -> list:

@@ -6,10 +6,17 @@ read costs ~1 ms of CPU, mostly under the GIL, and 16 in flight on two cores que
 the per-read costs (statement, round trip, decoding set-up) are paid once, and the candidates and authors that
 several requests share are read once.
 
-`MergedCalls(read_many, slots, most)` runs `read_many` on the waiting requests, at most `most` per call, on at most
-`slots` reader threads. A caller whose request is in a call gets its own answer (or the call's exception).
+`MergedCalls(read_many, slots, most, depth)` runs `read_many` on the waiting requests, at most `most` per call, on at
+most `slots` reader threads. A caller whose request is in a call gets its own answer (or the call's exception).
 Freshness is kept: a call only takes requests that were waiting when it started, so no request is answered by
 a read that began before it arrived. Order is kept: requests are taken oldest first.
+
+A call's answers come back as a list, or from a generator (`return answers`) that yields while it waits for a
+store that answers over the network. A reader thread keeps up to `depth` such calls in flight and steps them in
+turn: while the server answers one call, the thread decodes another's answer or sends its request, instead of
+waiting on a socket with the server and the client each idle half the time (Redis: BENCHMARKS.md, feature store).
+Several calls in flight on one thread, not one call on each of several threads: two reader threads contend for
+the GIL, and a thread whose answer has arrived can wait up to the 5 ms switch interval for it.
 
 Why reader threads, not the callers' own threads taking turns (the design until 2026-12-05): a reader thread
 that has answered a call goes straight on to the next one, while a caller handed the turn must first be woken
@@ -27,7 +34,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from types import GeneratorType
 from typing import Generic, TypeVar
 
 Ask = TypeVar("Ask")
@@ -45,13 +53,18 @@ class _Waiting:
         self.done.acquire()
 
 
-class MergedCalls(Generic[Ask, Answer]):
-    """`read_many(asks) -> answers` (same length and order) called for many concurrent callers at once."""
+Steps = Generator[None, None, list]  # yields while the store answers, returns the answers
 
-    def __init__(self, read_many: Callable[[list[Ask]], list[Answer]], slots: int, most: int, idle_s: float = 10.0):
-        if slots < 1 or most < 1:
-            raise ValueError(f"slots and most must be >= 1, got {slots} and {most}")
-        self.read_many, self.slots, self.most, self.idle_s = read_many, slots, most, idle_s
+
+class MergedCalls(Generic[Ask, Answer]):
+    """`read_many(asks) -> answers` (same length and order, or a generator returning them) called for many
+    concurrent callers at once."""
+
+    def __init__(self, read_many: Callable[[list[Ask]], list[Answer] | Steps], slots: int, most: int,
+                 depth: int = 1, idle_s: float = 10.0):
+        if slots < 1 or most < 1 or depth < 1:
+            raise ValueError(f"slots, most and depth must be >= 1, got {slots}, {most} and {depth}")
+        self.read_many, self.slots, self.most, self.depth, self.idle_s = read_many, slots, most, depth, idle_s
         self._cv, self._waiting = threading.Condition(threading.Lock()), deque()
         self._idle = self._readers = 0  # reader threads waiting for work / alive
         self.reading = 0  # calls of read_many in progress
@@ -72,29 +85,69 @@ class MergedCalls(Generic[Ask, Answer]):
         return me.answer
 
     def _read_while_asked(self) -> None:
-        """A reader thread: answer the oldest waiting requests, call after call, until idle for `idle_s`."""
+        """A reader thread: answer the oldest waiting requests, call after call, until idle for `idle_s`; with
+        `depth` > 1, the calls that are generators are stepped in turn, up to `depth` at once."""
+        in_flight: deque[tuple[list[_Waiting], Steps]] = deque()
         while True:
             with self._cv:
-                while not self._waiting:
+                while not self._waiting and not in_flight:
                     self._idle += 1
                     notified = self._cv.wait(self.idle_s)
                     self._idle -= 1
                     if not notified and not self._waiting:
                         self._readers -= 1
                         return
-                batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.most))]
-                self.calls += 1
-                self.reading += 1
-            try:
-                answers = self.read_many([w.ask for w in batch])
-                if len(answers) != len(batch):
-                    raise RuntimeError(f"read_many answered {len(answers)} of {len(batch)} requests")
-                for w, answer in zip(batch, answers):
-                    w.answer = answer
-            except BaseException as err:  # every request of the call gets the failure; the thread reads on
-                for w in batch:
-                    w.error = err
-            with self._cv:
-                self.reading -= 1
-            for w in batch:
-                w.done.release()
+                batch = None
+                if self._waiting and len(in_flight) < self.depth:
+                    batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.most))]
+                    self.calls += 1
+                    self.reading += 1
+            if batch is not None:
+                try:
+                    answers = self.read_many([w.ask for w in batch])
+                except BaseException as err:
+                    self._finish(batch, None, err)
+                    continue
+                if isinstance(answers, GeneratorType):
+                    self._step(batch, answers, in_flight)  # its first step sends its request
+                else:
+                    self._finish(batch, answers, None)
+                continue  # room for another call while this one's request is out?
+            # Step the oldest call in flight: it sent its request longest ago, so its answer is the likeliest to be
+            # there already.
+            self._step(*in_flight.popleft(), in_flight)
+
+    def _step(self, batch: list[_Waiting], steps: Steps, in_flight: deque) -> None:
+        try:
+            next(steps)
+        except StopIteration as done:
+            self._finish(batch, done.value, None)
+        except BaseException as err:
+            self._finish(batch, None, err)
+        else:
+            in_flight.append((batch, steps))
+
+    def _finish(self, batch: list[_Waiting], answers: list | None, error: BaseException | None) -> None:
+        """Hand each request of a call its answer, or every request the call's failure; the thread reads on."""
+        if error is None and len(answers) != len(batch):
+            error = RuntimeError(f"read_many answered {len(answers)} of {len(batch)} requests")
+        for n, w in enumerate(batch):
+            if error is None:
+                w.answer = answers[n]
+            else:
+                w.error = error
+        with self._cv:
+            self.reading -= 1
+        for w in batch:
+            w.done.release()
+
+
+def run_steps(steps: list | Steps) -> list:
+    """The answers of a `read_many` call made directly, without merging: its generator run to the end."""
+    if not isinstance(steps, GeneratorType):
+        return steps
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -5,7 +5,8 @@ Two ways to read, same answer (a test holds them equal):
   two queries per request (the candidates' authors are known after the first), each answering one row per
   feature, a large read in `features.online_store.threads_per_read` slices at once; on Redis two round trips
   of pipelined HMGETs; decoding is numpy. Requests from concurrent threads are merged into one such read, made
-  by the client's reader thread (`features.merged_reads`, `features.online_store.requests_per_read`);
+  by the client's reader thread (`features.merged_reads`, `features.online_store.requests_per_read`), which keeps
+  up to `reads_in_flight` Redis reads on the wire and decodes one while the server answers another;
 - `fast=False` goes through Feast's `get_online_features`.
 Both read only the packed values (`stats`, `item_author_id`, the sequence arrays), not the 42 named stats.
 
@@ -30,16 +31,18 @@ import numpy as np
 
 from config.schema import PlatformConfig
 from features.feast_layout import (
+    Answered,
     EntityKeys,
     FeatureStoreUnavailable,
     PackedDoubles,
     PythonValues,
     RedisReader,
+    SentRead,
     SqliteReader,
     StoredValues,
     decode_value,
 )
-from features.merged_reads import MergedCalls
+from features.merged_reads import MergedCalls, Steps, run_steps
 from features.repo import absolute_paths
 from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, SEQUENCE_VIEW, FeatureStoreSpec, stats_view
 
@@ -81,9 +84,11 @@ class OnlineFeatureClient:
         self._keys = {entity: EntityKeys(key) for entity, key in ENTITY_KEYS.items()}
         online = self.cfg.features.online_store
         # Concurrent requests become one read (`features.merged_reads`). Feast's own path (the benchmarks'
-        # baseline) is called as Feast's users call it: one request per call, not merged.
-        self._merged = MergedCalls(self._get_many, online.concurrent_reads, online.requests_per_read) if fast \
-            else None
+        # baseline) is called as Feast's users call it: one request per call, not merged. SQLite reads are made
+        # in-process, so there is no server time to overlap: one read at a time per reader thread.
+        depth = online.reads_in_flight if online.type == "redis" else 1
+        self._merged = MergedCalls(self._get_many, online.concurrent_reads, online.requests_per_read, depth) \
+            if fast else None
         timeout_s = online.timeout_ms / 1000
         if not fast:
             self._reader = None
@@ -101,12 +106,13 @@ class OnlineFeatureClient:
             self._store = open_store(self.cfg)
         return self._store
 
-    def _read(self, requests: list[tuple[str, str, list[str], np.ndarray]]) -> list[dict[str, StoredValues]]:
-        """(view, entity, features, ids) -> per request, feature -> its values for those ids (`StoredValues`:
-        serialized on the fast path, Python values through Feast; both decode through the same methods)."""
+    def _send(self, requests: list[tuple[str, str, list[str], np.ndarray]]) -> SentRead | Answered:
+        """(view, entity, features, ids) -> its `receive()` gives, per request, feature -> its values for those ids
+        (`StoredValues`: serialized on the fast path, Python values through Feast; both decode through the same
+        methods). Redis reads are only sent here; the others are made at once."""
         if self._reader is None:
-            return self._read_feast(requests)
-        return self._reader.read([(view, features, *self._keys[entity].keys(ids))
+            return Answered(self._read_feast(requests))
+        return self._reader.send([(view, features, *self._keys[entity].keys(ids))
                                   for view, entity, features, ids in requests])
 
     def _read_feast(self, requests: list[tuple[str, str, list[str], np.ndarray]]) -> list[dict[str, StoredValues]]:
@@ -141,23 +147,28 @@ class OnlineFeatureClient:
         if len(items) > MAX_CANDIDATES:
             raise ValueError(f"at most {MAX_CANDIDATES} candidates per call, got {len(items)}")
         if self._merged is None:
-            return self._get_many([(int(user_id), items)])[0]
+            return run_steps(self._get_many([(int(user_id), items)]))[0]
         return self._merged((int(user_id), items))
 
-    def _get_many(self, asks: list[tuple[int, np.ndarray]]) -> list[OnlineFeatures]:
+    def _get_many(self, asks: list[tuple[int, np.ndarray]]) -> Steps:
         """`get` for several (user, candidates) at once: two store reads in all, each user, candidate and author
-        read once however many requests name it."""
+        read once however many requests name it. A generator (`features.merged_reads`) that yields while the
+        store answers, and returns the answers."""
         users = np.unique(np.array([user for user, _ in asks], np.int64))
         items = np.unique(np.concatenate([candidates for _, candidates in asks]))
-        user_values, seq_values, item_values = self._read([
+        sent = self._send([
             (stats_view("user"), "user", ["stats", "asof_ms"], users),
             (SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), users),
             (stats_view("item"), "item", ["stats", "item_author_id"], items),
         ])
+        yield
+        user_values, seq_values, item_values = sent.receive()
         item_stats, item_missing = item_values["stats"].doubles(self._packed, self.empty_stats)
         authors = item_values["item_author_id"].int64s(0)
         unique_authors, author_of = np.unique(authors[authors > 0], return_inverse=True)
-        (author_values,) = self._read([(stats_view("author"), "author", ["stats"], unique_authors)])
+        sent = self._send([(stats_view("author"), "author", ["stats"], unique_authors)])
+        yield
+        (author_values,) = sent.receive()
         by_author, missing_by_author = author_values["stats"].doubles(self._packed, self.empty_stats)
         author_stats = np.tile(self.empty_stats, (len(items), 1))
         author_missing = np.ones(len(items), bool)
@@ -194,7 +205,8 @@ class OnlineFeatureClient:
 
     def sequences(self, user_ids: list[int]) -> dict[int, tuple[dict[str, np.ndarray], int]]:
         """The stored sequence and its asof_ms of each user that has one (for the real-time updater)."""
-        (values,) = self._read([(SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), np.asarray(user_ids, np.int64))])
+        ids = np.asarray(user_ids, np.int64)
+        (values,) = self._send([(SEQUENCE_VIEW, "user", list(SEQUENCE_FEATURES), ids)]).receive()
         return {int(user): (sequence, asof) for user, (sequence, asof, missing)
                 in zip(user_ids, self._sequences(values)) if not missing}
 

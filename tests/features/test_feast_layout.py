@@ -96,14 +96,14 @@ def test_the_redis_readers_pipelined_commands_are_what_redis_py_sends():
 
 
 def test_a_malformed_redis_reply_is_refused(monkeypatch):
-    from features.feast_layout import RedisReader
+    import features.feast_layout as layout
 
-    reader = RedisReader("127.0.0.1:1,db=0", "proj", 0.1)
-    blob, width = EntityKeys("item_id").keys([1, 2])
+    reader = layout.RedisReader("127.0.0.1:1,db=0", "proj", 0.1)
     for replies in ([[b"a", None], b"not a list"], [[b"a", None], [b"b"]], [[b"a", None]]):
-        monkeypatch.setattr(reader, "_round_trip", lambda commands, n, replies=replies: replies)
+        sent = layout.SentRead(reader, None, [(2, ["stats", "item_author_id"])])  # two entities' HMGETs
+        monkeypatch.setattr(layout, "_replies", lambda conn, n, replies=replies: replies)
         with pytest.raises(FeatureStoreUnavailable, match="malformed"):
-            reader.read([("item_stats", ["stats", "item_author_id"], blob, width)])
+            sent.receive()
 
 
 def test_redis_replies_are_parsed_by_hiredis_directly_and_an_error_reply_is_refused(redis_server):
@@ -119,10 +119,12 @@ def test_redis_replies_are_parsed_by_hiredis_directly_and_an_error_reply_is_refu
         assert getattr(conn._parser, "_reader", None) is not None  # the fast path, with the pinned redis-py
     finally:
         reader.client.connection_pool.release(conn)
-    blob, width = EntityKeys("item_id").keys([1, 2, 3])
+    # 600 keys: the replies are read in chunks (`REPLIES_AT_ONCE`); the error is in the first, and the later
+    # chunks are still read off the connection before the read fails.
+    blob, width = EntityKeys("item_id").keys(range(1, 601))
     redis.Redis(port=redis_server.port).set(blob[width:2 * width] + b"proj", b"not a hash")
     with pytest.raises(FeatureStoreUnavailable, match="WRONGTYPE"):
-        reader.read([("item_stats", ["stats"], blob, width)])
+        reader.read([("item_stats", ["stats"], blob, width), ("item_stats", ["stats"], blob[:width], width)])
     redis.Redis(port=redis_server.port).delete(blob[width:2 * width] + b"proj")
     (got,) = reader.read([("item_stats", ["stats"], blob, width)])
-    assert got["stats"].present().tolist() == [False, False, False]
+    assert not got["stats"].present().any() and got["stats"].n == 600

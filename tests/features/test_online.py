@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from features.job import FeatureJob
+from features.merged_reads import run_steps
 from features.online import MAX_CANDIDATES, FeatureStoreUnavailable, OnlineFeatureClient, OnlineFeatures
 from features.realtime import start_from_lake
 from features.spec import STATS_ENTITIES
@@ -84,9 +85,35 @@ def test_one_read_of_many_requests_answers_each_as_a_read_of_its_own(online):
     client = OnlineFeatureClient(cfg, store=store)
     asks = [(1, np.array([3, 1, 2, 3], np.int64)), (2, np.array([2, 999, 40], np.int64)),
             (1, np.array([40], np.int64)), (999, np.array([], np.int64)), (7, np.arange(1, 60))]
-    merged = client._get_many(asks)
+    merged = run_steps(client._get_many(asks))
     for (user, items), got in zip(asks, merged):
         assert_same(got, client.get(user, items))
+
+
+def test_redis_reads_in_flight_at_once_each_get_their_own_answers(feature_lake, tmp_path, redis_server):
+    """A reader thread keeps `reads_in_flight` Redis reads on the wire at once (`features.merged_reads`): each on
+    its own connection, so reads stepped in any order, one sent while another's replies wait, get what a read made
+    alone gets."""
+    import redis as redis_client
+
+    redis_client.Redis(port=redis_server.port).flushall()
+    cfg = online_config(feature_lake.cfg, tmp_path / "feast", "redis", redis_server)
+    store = materialized_store(cfg, feature_lake.report)
+    client = OnlineFeatureClient(cfg, store=store)
+    assert client._merged.depth == cfg.features.online_store.reads_in_flight == 2
+    asks = [[(1, np.arange(1, 40))], [(2, np.array([5, 999, 3], np.int64)), (7, np.arange(20, 60))]]
+    first, second = (client._get_many(a) for a in asks)
+    next(first)  # sent
+    next(second)  # sent while the first's replies wait
+    next(second)  # the second's candidates received, its authors sent
+    next(first)
+    answers = {}
+    for name, steps in (("second", second), ("first", first)):
+        with pytest.raises(StopIteration) as done:
+            next(steps)
+        answers[name] = done.value.value
+    for ask, got in zip(asks[0] + asks[1], answers["first"] + answers["second"]):
+        assert_same(got, client.get(*ask))
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -101,7 +128,7 @@ def test_a_sqlite_read_split_over_connections_answers_as_one_query(feature_lake,
     assert sliced._reader.threads_per_read == threads
     asks = [(1, np.arange(1, 301)), (2, np.array([3, 999, 3, 40], np.int64)), (999, np.arange(250, 0, -1)),
             (7, np.array([], np.int64))]
-    for a, b in zip(one._get_many(asks), sliced._get_many(asks)):
+    for a, b in zip(run_steps(one._get_many(asks)), run_steps(sliced._get_many(asks))):
         assert_same(a, b)
     assert_same(one.get(1, list(range(1, 400))), sliced.get(1, list(range(1, 400))))
     users = [*range(600, 0, -1), 7, 5000]
