@@ -483,26 +483,29 @@ class SentRead:
         generation, which then fills fast enough to force a full collection every few hundred reads (~250 ms
         with the GIL held in a process with Ray and Feast loaded; BENCHMARKS.md, feature store)."""
         conn, self.conn = self.conn, None  # received once
-        out, failure = [], None
+        columns: list[list[list]] = [[[] for _ in features] for _, features in self.shapes]
+        failure = None
         try:
-            for n, features in self.shapes:
-                columns: list[list] = [[] for _ in features]
+            for (n, features), request_columns in zip(self.shapes, columns):
                 for start in range(0, n, REPLIES_AT_ONCE):
                     rows = _replies(conn, min(REPLIES_AT_ONCE, n - start))
                     failure = failure or _malformed(rows, min(REPLIES_AT_ONCE, n - start), len(features))
                     if failure is None:
-                        for column, values in zip(columns, zip(*rows)):
+                        for column, values in zip(request_columns, zip(*rows)):
                             column.extend(values)
-                out.append({f: StoredValues.of(column) for f, column in zip(features, columns)})
-        except self.reader.errors as err:
-            conn.disconnect()  # replies may be left unread on it: the next use reconnects
-            raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
+        except BaseException as err:
+            if conn is not None:
+                conn.disconnect()  # replies may be left unread on it: the next use reconnects
+            if isinstance(err, self.reader.errors):
+                raise FeatureStoreUnavailable(f"Redis online store read failed: {err}") from err
+            raise
         finally:
             if conn is not None:
                 self.reader.client.connection_pool.release(conn)
         if failure is not None:
             raise FeatureStoreUnavailable(failure)
-        return out
+        return [{f: StoredValues.of(column) for f, column in zip(features, request_columns)}
+                for (_, features), request_columns in zip(self.shapes, columns)]
 
 
 REPLIES_AT_ONCE = 64

@@ -128,3 +128,25 @@ def test_redis_replies_are_parsed_by_hiredis_directly_and_an_error_reply_is_refu
     redis.Redis(port=redis_server.port).delete(blob[width:2 * width] + b"proj")
     (got,) = reader.read([("item_stats", ["stats"], blob, width)])
     assert not got["stats"].present().any() and got["stats"].n == 600
+
+
+def test_a_read_that_fails_midway_leaves_no_replies_behind_on_its_connection(redis_server, monkeypatch):
+    """A failure while the replies are read (here a decoding bug, not a Redis error) drops the connection: the
+    replies left unread on it must never answer the next read."""
+    import redis
+
+    import features.feast_layout as layout
+
+    reader = layout.RedisReader(redis_server.connection_string, "proj", 1.0)
+    blob, width = EntityKeys("item_id").keys(range(1, 301))  # several chunks of replies
+    redis.Redis(port=redis_server.port).hset(blob[:width] + b"proj", reader.field("item_stats", "stats"), b"v1")
+
+    def broken(rows, count, width):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(layout, "_malformed", broken)
+    with pytest.raises(RuntimeError, match="decoder bug"):
+        reader.read([("item_stats", ["stats"], blob, width)])
+    monkeypatch.undo()
+    (got,) = reader.read([("item_stats", ["stats"], blob[:width], width)])
+    assert got["stats"].values() == [b"v1"]
