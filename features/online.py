@@ -1,7 +1,7 @@
 """The online feature client serving uses: one call, a user's sequence and stats plus up to 500 candidates' stats.
 
 Two ways to read, same answer (a test holds them equal):
-- the fast path reads the online store in bulk, as Feast lays it out (`features.feast_layout`): on SQLite
+- the fast path reads the online store in bulk, as Feast lays it out (`features.online_readers`): on SQLite
   two queries per request (the candidates' authors are known after the first), each answering one row per
   feature, a large read in `features.online_store.threads_per_read` slices at once; on Redis two round trips
   of pipelined HMGETs; decoding is numpy. Requests from concurrent threads are merged into one such read, made
@@ -31,18 +31,15 @@ import numpy as np
 
 from config.schema import PlatformConfig
 from features.feast_layout import (
-    Answered,
     EntityKeys,
     FeatureStoreUnavailable,
     PackedDoubles,
     PythonValues,
-    RedisReader,
-    SentRead,
-    SqliteReader,
     StoredValues,
     decode_value,
 )
 from features.merged_reads import MergedCalls, Steps, run_steps
+from features.online_readers import Answered, RedisReader, SentRead, SqliteReader
 from features.repo import absolute_paths
 from features.spec import ENTITY_KEYS, SEQUENCE_FIELDS, SEQUENCE_VIEW, FeatureStoreSpec, stats_view
 
