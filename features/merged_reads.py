@@ -142,10 +142,8 @@ class MergedCalls(Generic[Ask, Answer]):
             w.done.release()
 
 
-def run_steps(steps: list | Steps) -> list:
-    """The answers of a `read_many` call made directly, without merging: its generator run to the end."""
-    if not isinstance(steps, GeneratorType):
-        return steps
+def run_steps(steps: Steps) -> list:
+    """The answers of a `read_many` generator called directly, without merging: it run to the end."""
     while True:
         try:
             next(steps)

@@ -229,8 +229,9 @@ class SentRead:
         try:
             for (n, features), request_columns in zip(self.shapes, columns):
                 for start in range(0, n, REPLIES_AT_ONCE):
-                    rows = _replies(conn, min(REPLIES_AT_ONCE, n - start))
-                    failure = failure or _malformed(rows, min(REPLIES_AT_ONCE, n - start), len(features))
+                    count = min(REPLIES_AT_ONCE, n - start)
+                    rows = _replies(conn, count)
+                    failure = failure or _malformed(rows, count, len(features))
                     if failure is None:
                         for column, values in zip(request_columns, zip(*rows)):
                             column.extend(values)
