@@ -45,6 +45,27 @@ def hash_ids(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
         con.unregister("ids")
 
 
+def stable_order(values: np.ndarray) -> np.ndarray:
+    """`np.argsort(values, kind="stable")`, made from numpy's unstable sort (SIMD: 100,000 hashes ~1 ms against
+    ~6 ms) with the rows of equal values, rare among hashes, put back in row order.
+
+    >>> stable_order(np.array([5, 1, 5, 1], np.uint64)).tolist()
+    [1, 3, 0, 2]
+    """
+    order = np.argsort(values)
+    ranked = values[order]
+    tie = ranked[1:] == ranked[:-1]
+    if tie.any():
+        # Equal values sit in runs of the sorted order; re-sorting only the runs' slots by (value, row) keeps every
+        # run in its slots and puts its rows in ascending order.
+        in_run = np.zeros(len(values), dtype=bool)
+        in_run[1:] |= tie
+        in_run[:-1] |= tie
+        rows = order[in_run]
+        order[in_run] = rows[np.lexsort((rows, ranked[in_run]))]
+    return order
+
+
 class SortedHashes:
     """`hash_ids` of rows in row order (`hashes`), the stable order that sorts them (`order`) and the sorted
     values (`values`, i.e. `hashes[order]`).
@@ -59,7 +80,7 @@ class SortedHashes:
 
     def __init__(self, hashes: np.ndarray, order: np.ndarray | None = None, values: np.ndarray | None = None):
         self.hashes = hashes
-        self.order = np.argsort(hashes, kind="stable") if order is None else order
+        self.order = stable_order(hashes) if order is None else order
         self.values = hashes[self.order] if values is None else values
 
     def __getstate__(self) -> dict:  # a parse task sends hashes and order; the values are one gather away

@@ -14,6 +14,7 @@ chunk Arrow cannot read (a malformed line, a wrong type, NaN, non-UTF-8 ...) is 
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import json
 import zlib
@@ -158,6 +159,11 @@ class LineChunk:
     data: bytes  # whole lines (the content's last line may lack its newline)
     oversize: bool = False  # data is the first MAX_LINE_BYTES bytes of one longer line
 
+    @functools.cached_property
+    def starts(self) -> np.ndarray:
+        """Offsets in `data` where its lines start: found once for the parser, the audit and `line_chunks`' count."""
+        return np.zeros(1, np.int64) if self.oversize else line_starts(self.data)
+
 
 def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iterator[LineChunk]:
     """Cut content blocks into chunks of whole lines; memory stays about chunk_bytes whatever the lines.
@@ -183,9 +189,9 @@ def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iter
         cut = buf.rfind(b"\n") + 1
         if cut:
             with memoryview(buf) as view:
-                data = bytes(view[:cut])  # one copy (slicing the bytearray first would make two)
-            yield LineChunk(offset, line, data)
-            offset, line = offset + cut, line + data.count(b"\n")
+                chunk = LineChunk(offset, line, bytes(view[:cut]))  # one copy (slicing the bytearray makes two)
+            yield chunk
+            offset, line = offset + cut, line + len(chunk.starts)  # every line of it ends in a newline
             del buf[:cut]
         if len(buf) > MAX_LINE_BYTES:
             yield LineChunk(offset, line, bytes(buf[:MAX_LINE_BYTES]), oversize=True)
@@ -198,9 +204,7 @@ def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iter
 
 def chunk_line_offsets(chunk: LineChunk) -> np.ndarray:
     """Content offsets of the lines that start in a chunk."""
-    if chunk.oversize:
-        return np.array([chunk.offset], dtype=np.int64)
-    return line_starts(chunk.data) + chunk.offset
+    return chunk.starts + chunk.offset
 
 
 def line_starts(content: bytes) -> np.ndarray:
@@ -355,8 +359,7 @@ def _parse_line_chunk(chunk: LineChunk, bounds: EventTimeBounds, now_ms: int, ou
     if chunk.oversize:
         out.reject(chunk.data, 0, chunk.first_line, OVERSIZE_REASON)
         return 1
-    content = chunk.data
-    starts = line_starts(content)
+    content, starts = chunk.data, chunk.starts
     ends = np.append(starts[1:], len(content)).astype(np.int64)
     i = 0
     while i < len(starts):

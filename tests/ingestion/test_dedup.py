@@ -67,6 +67,20 @@ def test_a_redone_batch_sees_only_earlier_batches(tmp_path):
         assert index.duplicates(column, batch_no, SortedHashes(dedup.hash_ids(column))).tolist() == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 9), max_size=600))
+def test_stable_order_equals_numpys_stable_argsort(values):
+    """Long enough for numpy's unstable sort to leave equal values out of row order (it is stable only below ~16)."""
+    array = np.array(values, np.uint64)
+    assert dedup.stable_order(array).tolist() == np.argsort(array, kind="stable").tolist()
+
+
+def test_stable_order_puts_ties_back_in_row_order_where_the_plain_sort_does_not():
+    array = np.random.default_rng(0).integers(0, 3, 5_000).astype(np.uint64)
+    assert np.argsort(array).tolist() != np.argsort(array, kind="stable").tolist()  # the case the fix-up is for
+    assert dedup.stable_order(array).tolist() == np.argsort(array, kind="stable").tolist()
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 5), max_size=12), max_size=6))
 def test_merged_sorted_parts_equal_one_stable_sort_of_the_whole(parts):
