@@ -11,9 +11,11 @@ histories: a quick, quiet-machine companion to
 `bench/retrieval.py`, whose quality figures need the trained models. Per decoder (verified every step): mean ms
 per `retrieve` call at batch 1 and batch 32 (one torch thread, k=10, beam 20), with every-step verification done
 two ways in the same run: the prefix table, one gather per beam (`SemanticIdIndex.extend`, what the decoders
-use), and the baseline that probes a hash set of valid prefixes once per (beam, code) expansion. Then the NEZHA
-vs beam search ratio for larger backbones (`--sizes`, d_model x blocks), since it grows with a backbone step's
-cost.
+use), and the baseline that probes a hash set of valid prefixes once per (beam, code) expansion. NEZHA's prompt
+pass alone (the backbone over the history and its placeholders) is timed beside them: beam search's time over it
+is the most NEZHA could be faster at this shape if its draft levels and verification cost nothing
+(`bound_if_decoding_were_free_b1/b32`). Then the NEZHA vs beam search ratio, and that bound, for larger
+backbones (`--sizes`, d_model x blocks), since both grow with a backbone step's cost.
 Writes bench/results/decoders.json.
 """
 
@@ -73,23 +75,34 @@ def model_of_shape(items: int, codebook: int, levels: int, seed: int, d_model: i
     return model
 
 
-def time_calls(model: NezhaRetriever, decoder: str, batch: int, requests: int, seed: int) -> float:
-    """Mean ms per `retrieve` call of `batch` random histories (50 items), after 3 warm-up calls."""
+def time_calls(model: NezhaRetriever, call, batch: int, requests: int, seed: int) -> float:
+    """Mean ms of `call(history, lengths)` over `requests` batches of `batch` random 50-item histories, after 3
+    warm-up calls."""
     g = torch.Generator().manual_seed(seed)
     times = []
     for i in range(requests + 3):
         hist = torch.randint(1, model.cfg.num_items + 1, (batch, model.cfg.max_history), generator=g)
         lengths = torch.full((batch,), model.cfg.max_history)
         t0 = time.perf_counter()
-        model.retrieve(hist, lengths, 10, decoder=decoder, verify="step")
+        call(hist, lengths)
         if i >= 3:
             times.append((time.perf_counter() - t0) * 1000)
     return float(np.mean(times))
 
 
-def time_batches(model: NezhaRetriever, decoder: str, requests: int, seed: int) -> dict[str, float]:
+def decoding(model: NezhaRetriever, decoder: str):
+    return lambda hist, lengths: model.retrieve(hist, lengths, 10, decoder=decoder, verify="step")
+
+
+def prompt_pass(model: NezhaRetriever):
+    """NEZHA's backbone pass over the history and its placeholders: what a NEZHA call costs if its draft levels
+    and verification were free (beam search's prefill is the same pass without the placeholders)."""
+    return lambda hist, lengths: model.prompt_states(model.item_tokens(hist), lengths)
+
+
+def time_batches(model: NezhaRetriever, call, requests: int, seed: int) -> dict[str, float]:
     """{"ms_b1", "ms_b32"}: `requests` timed calls at batch 1, a fifth as many (at least 5) at batch 32."""
-    return {f"ms_b{b}": round(time_calls(model, decoder, b, requests if b == 1 else max(requests // 5, 5), seed), 3)
+    return {f"ms_b{b}": round(time_calls(model, call, b, requests if b == 1 else max(requests // 5, 5), seed), 3)
             for b in (1, 32)}
 
 
@@ -118,10 +131,17 @@ def main(argv: list[str] | None = None) -> int:
                  else mock.patch.object(SemanticIdIndex, "extend", SemanticIdIndex.extend))
         with patch, torch.no_grad():
             for decoder in ("nezha", "beam"):
-                rows[f"{decoder}_{check}"] = time_batches(model, decoder, args.requests, args.seed)
+                rows[f"{decoder}_{check}"] = time_batches(model, decoding(model, decoder), args.requests, args.seed)
                 print(f"{decoder:6s} {check:7s} {rows[f'{decoder}_{check}']}", flush=True)
-    speedup = {f"nezha_vs_beam_b{b}": round(rows["beam_table"][f"ms_b{b}"] / rows["nezha_table"][f"ms_b{b}"], 2)
-               for b in (1, 32)}
+    with torch.no_grad():
+        rows["nezha_prompt_pass"] = time_batches(model, prompt_pass(model), args.requests, args.seed)
+    print(f"nezha prompt pass alone {rows['nezha_prompt_pass']}", flush=True)
+    speedup = {}
+    for b in (1, 32):
+        beam = rows["beam_table"][f"ms_b{b}"]
+        speedup[f"nezha_vs_beam_b{b}"] = round(beam / rows["nezha_table"][f"ms_b{b}"], 2)
+        # The most NEZHA could gain at this shape: its own prompt pass is a floor under its time.
+        speedup[f"bound_if_decoding_were_free_b{b}"] = round(beam / rows["nezha_prompt_pass"][f"ms_b{b}"], 2)
     for d in ("nezha", "beam"):
         for b in (1, 32):
             probe, table = rows[f"{d}_probe"][f"ms_b{b}"], rows[f"{d}_table"][f"ms_b{b}"]
@@ -133,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         d, blocks = (int(v) for v in size.split("x"))
         sized = model_of_shape(args.items, args.codebook, args.levels, args.seed, d_model=d, blocks=blocks, **shape)
         row = {"d_model": d, "blocks": blocks, "parameters": sum(p.numel() for p in sized.parameters())}
-        for decoder in ("nezha", "beam"):
-            row.update({f"{decoder}_{k}": v for k, v in time_batches(sized, decoder, args.requests, args.seed).items()})
+        with torch.no_grad():
+            for name, call in (("nezha", decoding(sized, "nezha")), ("beam", decoding(sized, "beam")),
+                               ("prompt", prompt_pass(sized))):
+                row.update({f"{name}_{k}": v for k, v in time_batches(sized, call, args.requests, args.seed).items()})
         for b in (1, 32):
             row[f"speedup_b{b}"] = round(row[f"beam_ms_b{b}"] / row[f"nezha_ms_b{b}"], 2)
+            row[f"bound_b{b}"] = round(row[f"beam_ms_b{b}"] / row[f"prompt_ms_b{b}"], 2)
         scaling.append(row)
         print(f"backbone {size}: {row}", flush=True)
     out = {"command": "python -m bench.decoders " + " ".join(argv if argv is not None else sys.argv[1:]),

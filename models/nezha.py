@@ -214,6 +214,11 @@ class NezhaRetriever(nn.Module):
         idx = lengths[:, None] - 1 + torch.arange(count, device=states.device)[None, :]
         return states.gather(1, idx[..., None].expand(-1, -1, states.shape[-1]))
 
+    def prompt_states(self, hist_x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The prompt pass: the backbone over the history tokens and the placeholders; the states at the last history
+        position and at the placeholders [B, L + 1, d]. NEZHA's whole use of the backbone for a request."""
+        return self._at(self._run(hist_x, lengths, self.placeholders[None]), lengths, self.levels + 1)
+
     def lm_tail(self, codes: torch.Tensor) -> torch.Tensor:
         """Tokens fed to the backbone LM after the history: code t_l of level l, l < L ([..., L-1, d])."""
         return torch.stack([self.code_emb[i](codes[..., i]) + self.step_type[i]
@@ -264,7 +269,7 @@ class NezhaRetriever(nn.Module):
             return (1 - soft_weight) * hard + soft_weight * soft
 
         hx = self.item_tokens(history)
-        states = self._at(self._run(hx, lengths, self.placeholders[None]), lengths, self.levels + 1)
+        states = self.prompt_states(hx, lengths)
         logits = self.draft_logits(states[:, 0], states[:, 1:], codes)
         out = {"nezha": sum(level_loss(lg, i) for i, lg in enumerate(logits))}
         if self.cfg.ar_weight > 0:
@@ -280,7 +285,7 @@ class NezhaRetriever(nn.Module):
 
     # ---- decoding -----------------------------------------------------------------------------
     def _nezha_start(self, hx, lengths):
-        states = self._at(self._run(hx, lengths, self.placeholders[None]), lengths, self.levels + 1)
+        states = self.prompt_states(hx, lengths)
         h0, hs = states[:, 0], states[:, 1:]
         state = {"s": h0, "req": torch.arange(len(h0), device=h0.device)}
 

@@ -261,9 +261,12 @@ def test_decoder_benchmark_runs_at_a_tiny_shape(tmp_path):
     assert decoders.main(["--items", "300", "--codebook", "8", "--levels", "2", "--requests", "2",
                           "--sizes", "16x1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert set(record["decoders"]) == {"nezha_table", "beam_table", "nezha_probe", "beam_probe"}
+    assert set(record["decoders"]) == {"nezha_table", "beam_table", "nezha_probe", "beam_probe", "nezha_prompt_pass"}
+    for b in (1, 32):  # NEZHA is never faster than its own prompt pass, so the bound is above the speed-up
+        assert record["speedups"][f"bound_if_decoding_were_free_b{b}"] > record["speedups"][f"nezha_vs_beam_b{b}"]
     (row,) = record["backbone_scaling"]
     assert row["d_model"] == 16 and row["speedup_b1"] > 0 and row["speedup_b32"] > 0
+    assert row["bound_b1"] > row["speedup_b1"] and row["bound_b32"] > row["speedup_b32"]
 
 
 def test_limits_benchmark_measures_decoding_and_codes_at_a_tiny_shape(tmp_path):
