@@ -45,12 +45,26 @@ class BeamResult:
     width: int  # beams kept at the last level
 
 
-def _exclusion_keys(exclude: list[set[int]] | None, num_items: int) -> torch.Tensor | None:
-    """Row-tagged item ids (row · (num_items + 1) + item id) of the excluded items, or None."""
+def _exclusion_mask(exclude: list[set[int]] | None, batch: int, num_items: int) -> torch.Tensor | None:
+    """[B, num_items + 1] bool: True at the items each request excludes (column 0, padding, never), or None.
+
+    A lookup table, not `torch.isin`: isin sorts the candidates (serving's 200 beams x ~48 items, 0.44 ms of a 2.3 ms
+    decode), where a gather reads one byte per candidate."""
     if not exclude or not any(exclude):
         return None
-    keys = [r * (num_items + 1) + i for r, items_r in enumerate(exclude) for i in items_r if 0 < i <= num_items]
-    return torch.tensor(keys, dtype=torch.long) if keys else None
+    pairs = [(r, i) for r, items_r in enumerate(exclude) for i in items_r if 0 < i <= num_items]
+    if not pairs:
+        return None
+    mask = torch.zeros(batch, num_items + 1, dtype=torch.bool)
+    rows, items = torch.tensor(pairs, dtype=torch.long).T
+    mask[rows, items] = True
+    return mask
+
+
+def _excluded(mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Which of `items` ([B, ...] item ids, -1 or 0 where none) their request excludes."""
+    flat = items.reshape(len(items), -1).clamp(min=0)
+    return mask.to(items.device).gather(1, flat).view_as(items)
 
 
 def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, width: int, k: int,
@@ -73,8 +87,7 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
     last = len(radices) - 1
     b, dev = first_logp.shape[0], first_logp.device
     num_items = len(index.item_values) - 1
-    excl = _exclusion_keys(exclude, num_items)
-    row_tag = torch.arange(b, device=dev)[:, None] * (num_items + 1)
+    excl = _exclusion_mask(exclude, b, num_items)
 
     cand_scores = first_logp.float()[:, None, :]  # [B, 1, T_1]: one empty beam per request
     rows = torch.zeros(b, 1, dtype=torch.long, device=dev)  # each beam's prefix row in index.children
@@ -88,7 +101,7 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
         if verify == "step":
             ok = cand_rows >= 0
             if level == last and excl is not None:  # at the last level a row is the item's id
-                ok &= ~torch.isin(cand_rows + row_tag[..., None], excl)
+                ok &= ~_excluded(excl, cand_rows)
             cand_scores = torch.where(ok, cand_scores, float("-inf"))
         w_prev, t = cand_scores.shape[1], cand_scores.shape[2]
         scores, idx = cand_scores.reshape(b, -1).topk(min(width, w_prev * t), dim=1)
@@ -103,7 +116,7 @@ def beam_search(first_logp: torch.Tensor, step: StepFn, index: SemanticIdIndex, 
     invalid = ((items < 0) & alive).sum(1)
     keep = alive & (items > 0)
     if verify == "end" and excl is not None:
-        keep &= ~torch.isin(items + row_tag, excl)
+        keep &= ~_excluded(excl, items)
     scores = scores.masked_fill(~keep, float("-inf"))
     top, order = scores.topk(min(k, scores.shape[1]), dim=1)
     out_items = items.gather(1, order).masked_fill(~torch.isfinite(top), 0)
