@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from models import nezha_backbone
+from models import nezha, nezha_backbone
 from models.nezha import NezhaConfig, NezhaRetriever, recent
 from models.nezha_backbone import CausalBackbone
 
@@ -169,6 +171,38 @@ def test_item_head_scores_the_prefix_items_by_their_own_rows():
         _model().init_item_head(table)
     with pytest.raises(ValueError, match="at least two levels"):
         NezhaRetriever(NezhaConfig(num_items=3, codebook_sizes=(4,), d_model=8, item_head=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.integers(-1, 11), min_size=1, max_size=40), seed=st.integers(0, 1000))
+def test_item_logits_read_once_per_prefix_equal_the_rows_read_per_beam(rows, seed):
+    """Decoding scores each distinct prefix's items once (beams of different requests share prefixes); the logits
+    must be those of the per-beam path training uses, invalid prefixes (-1) and codes naming no item included."""
+    model = _model(num_items=15, item_head=True)
+    prefix, x = torch.tensor(rows), torch.randn(len(rows), 16, generator=torch.Generator().manual_seed(seed))
+    for head in (0, 1):
+        per_beam = model.level_logits(head, 2, x, prefix).detach()  # grad enabled: the per-beam path
+        shared = nezha._item_logits_per_prefix(model.item_out[head], model.index(), 2, x, prefix)
+        distinct = len(set(rows))
+        if distinct == len(rows) or distinct * max(rows.count(r) for r in rows) > 8 * len(rows):
+            assert shared is None  # nothing shared, or too little for the padding to pay
+        else:
+            torch.testing.assert_close(shared, per_beam)
+        with torch.no_grad():
+            torch.testing.assert_close(model.level_logits(head, 2, x, prefix), per_beam)
+
+
+@pytest.mark.parametrize("decoder", ["nezha", "beam"])
+def test_batched_decoding_gives_the_same_beams_with_prefixes_read_per_beam(decoder, monkeypatch):
+    model = _model(num_items=15, item_head=True)
+    g = torch.Generator().manual_seed(3)
+    hist, lengths = torch.randint(1, 16, (8, 6), generator=g), torch.randint(1, 7, (8,), generator=g)
+    exclude = [set(h[:n].tolist()) for h, n in zip(hist, lengths)]
+    shared = model.decode(hist, lengths, 6, decoder, exclude, beam_size=8)
+    monkeypatch.setattr(nezha, "_item_logits_per_prefix", lambda *args: None)
+    per_beam = model.decode(hist, lengths, 6, decoder, exclude, beam_size=8)
+    assert torch.equal(shared.items, per_beam.items)
+    torch.testing.assert_close(shared.scores, per_beam.scores)
 
 
 @pytest.mark.parametrize("backbone, item_head", [("hstu", False), ("transformer", False), ("hstu", True)])
