@@ -91,14 +91,18 @@ def recent(history: torch.Tensor, lengths: torch.Tensor, m: int) -> tuple[torch.
 
 def _item_logits_per_prefix(table: nn.Embedding, index: SemanticIdIndex, level: int, x: torch.Tensor,
                             prefix: torch.Tensor) -> torch.Tensor | None:
-    """The item head's logits [N, T] with each distinct prefix's item rows read once, or None where beams share too
-    few prefixes for it to pay. A padded slot costs a multiply-add per (code, dimension), reading a row for a beam
-    several times that (dev timing, Beauty's shape): padding up to 8x the beams still pays.
+    """The item head's logits [N, T] with each distinct prefix's item rows read once, or None where it does not pay:
+    prefixes of fewer than 12 items (T; grouping the beams then costs more than the rows it saves: at T = 3 and 6 it
+    was slower, at 12 and above faster, dev timing at serving's 200 candidates), or beams sharing too few prefixes.
+    A padded slot costs a multiply-add per (code, dimension), reading a row for a beam several times that: padding up
+    to 8x the beams still pays.
 
     A request's beams are distinct prefixes, so a prefix is shared only across requests, by B beams at most. Reading
     [N, T, d] rows per beam was most of a batch's decode (serving's 200 candidates at batch 32: 8,000 beams, 78 MB
     of rows); here each prefix's [T, d] rows meet its beams' states in one padded [U, G, d] x [U, d, T] product.
     """
+    if index.radices[level] < 12:
+        return None
     distinct, group = torch.unique(prefix, return_inverse=True)
     n, u = len(prefix), len(distinct)
     if u == n:

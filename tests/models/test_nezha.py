@@ -173,32 +173,54 @@ def test_item_head_scores_the_prefix_items_by_their_own_rows():
         NezhaRetriever(NezhaConfig(num_items=3, codebook_sizes=(4,), d_model=8, item_head=True))
 
 
+def _wide_model() -> NezhaRetriever:
+    """40 items under 4 prefixes of 12 codes: an item head wide enough for decoding to read a prefix's rows once."""
+    torch.manual_seed(0)
+    cfg = NezhaConfig(num_items=40, codebook_sizes=(4, 12), d_model=16, num_blocks=1, num_heads=2, max_history=6,
+                      dropout=0.0, beam_size=5, item_head=True)
+    model = NezhaRetriever(cfg)
+    tuples = torch.tensor(list(itertools.product(range(4), range(12))))
+    pick = tuples[torch.randperm(len(tuples), generator=torch.Generator().manual_seed(0))[:40]]
+    model.set_semantic_ids(torch.cat([torch.zeros(1, 2, dtype=torch.long), pick]))
+    return model.eval()
+
+
 @settings(max_examples=60, deadline=None)
-@given(rows=st.lists(st.integers(-1, 11), min_size=1, max_size=40), seed=st.integers(0, 1000))
+@given(rows=st.lists(st.integers(-1, 3), min_size=1, max_size=40), seed=st.integers(0, 1000))
 def test_item_logits_read_once_per_prefix_equal_the_rows_read_per_beam(rows, seed):
     """Decoding scores each distinct prefix's items once (beams of different requests share prefixes); the logits
     must be those of the per-beam path training uses, invalid prefixes (-1) and codes naming no item included."""
-    model = _model(num_items=15, item_head=True)
+    model = _wide_model()
     prefix, x = torch.tensor(rows), torch.randn(len(rows), 16, generator=torch.Generator().manual_seed(seed))
     for head in (0, 1):
-        per_beam = model.level_logits(head, 2, x, prefix).detach()  # grad enabled: the per-beam path
-        shared = nezha._item_logits_per_prefix(model.item_out[head], model.index(), 2, x, prefix)
+        per_beam = model.level_logits(head, 1, x, prefix).detach()  # grad enabled: the per-beam path
+        shared = nezha._item_logits_per_prefix(model.item_out[head], model.index(), 1, x, prefix)
         distinct = len(set(rows))
         if distinct == len(rows) or distinct * max(rows.count(r) for r in rows) > 8 * len(rows):
             assert shared is None  # nothing shared, or too little for the padding to pay
         else:
             torch.testing.assert_close(shared, per_beam)
         with torch.no_grad():
-            torch.testing.assert_close(model.level_logits(head, 2, x, prefix), per_beam)
+            torch.testing.assert_close(model.level_logits(head, 1, x, prefix), per_beam)
+    narrow = _model(num_items=15, item_head=True)  # prefixes of 2 items: cheaper read per beam
+    assert nezha._item_logits_per_prefix(narrow.item_out[0], narrow.index(), 2, x, torch.zeros(len(rows))) is None
 
 
 @pytest.mark.parametrize("decoder", ["nezha", "beam"])
 def test_batched_decoding_gives_the_same_beams_with_prefixes_read_per_beam(decoder, monkeypatch):
-    model = _model(num_items=15, item_head=True)
+    model = _wide_model()
     g = torch.Generator().manual_seed(3)
-    hist, lengths = torch.randint(1, 16, (8, 6), generator=g), torch.randint(1, 7, (8,), generator=g)
+    hist, lengths = torch.randint(1, 41, (8, 6), generator=g), torch.randint(1, 7, (8,), generator=g)
     exclude = [set(h[:n].tolist()) for h, n in zip(hist, lengths)]
+    real, used = nezha._item_logits_per_prefix, []
+
+    def spy(*args):
+        used.append(real(*args) is not None)
+        return real(*args)
+
+    monkeypatch.setattr(nezha, "_item_logits_per_prefix", spy)
     shared = model.decode(hist, lengths, 6, decoder, exclude, beam_size=8)
+    assert used == [True]  # the 8 requests' beams share the 4 prefixes: read once each
     monkeypatch.setattr(nezha, "_item_logits_per_prefix", lambda *args: None)
     per_beam = model.decode(hist, lengths, 6, decoder, exclude, beam_size=8)
     assert torch.equal(shared.items, per_beam.items)

@@ -261,12 +261,20 @@ def test_decoder_benchmark_runs_at_a_tiny_shape(tmp_path):
     assert decoders.main(["--items", "300", "--codebook", "8", "--levels", "2", "--requests", "2",
                           "--sizes", "16x1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert set(record["decoders"]) == {"nezha_table", "beam_table", "nezha_probe", "beam_probe", "nezha_prompt_pass"}
+    assert set(record["decoders"]) == {f"{d}_{check}" for d in ("nezha", "beam")
+                                       for check in ("table", "probe", "per_beam_rows")} | {"nezha_prompt_pass"}
+    assert record["k"] == 10 and not record["exclude_history"]
     for b in (1, 32):  # NEZHA is never faster than its own prompt pass, so the bound is above the speed-up
         assert record["speedups"][f"bound_if_decoding_were_free_b{b}"] > record["speedups"][f"nezha_vs_beam_b{b}"]
     (row,) = record["backbone_scaling"]
     assert row["d_model"] == 16 and row["speedup_b1"] > 0 and row["speedup_b32"] > 0
     assert row["bound_b1"] > row["speedup_b1"] and row["bound_b32"] > row["speedup_b32"]
+    # serving's shape: more items per request than the beam, each request excluding its history
+    assert decoders.main(["--items", "300", "--codebook", "8", "--levels", "1", "--requests", "2", "--k", "40",
+                          "--exclude-history", "--sizes", "", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["k"] == 40 and record["exclude_history"]
+    assert record["speedups"]["prefix_rows_vs_per_beam_rows_nezha_b32"] > 0
 
 
 def test_limits_benchmark_measures_decoding_and_codes_at_a_tiny_shape(tmp_path):
