@@ -264,11 +264,15 @@ def test_decoder_benchmark_runs_at_a_tiny_shape(tmp_path):
     assert set(record["decoders"]) == {f"{d}_{check}" for d in ("nezha", "beam")
                                        for check in ("table", "probe", "per_beam_rows")} | {"nezha_prompt_pass"}
     assert record["k"] == 10 and not record["exclude_history"]
-    for b in (1, 32):  # NEZHA is never faster than its own prompt pass, so the bound is above the speed-up
-        assert record["speedups"][f"bound_if_decoding_were_free_b{b}"] > record["speedups"][f"nezha_vs_beam_b{b}"]
+    rows, speedups = record["decoders"], record["speedups"]
+    for b in (1, 32):  # the bound is beam search over NEZHA's prompt pass, timed in the same run
+        bound = rows["beam_table"][f"ms_b{b}"] / rows["nezha_prompt_pass"][f"ms_b{b}"]
+        assert speedups[f"bound_if_decoding_were_free_b{b}"] == pytest.approx(bound, abs=0.006)
+    # NEZHA is never faster than its own prompt pass (at batch 1 by a wide margin: timing noise cannot flip it)
+    assert speedups["bound_if_decoding_were_free_b1"] > speedups["nezha_vs_beam_b1"]
     (row,) = record["backbone_scaling"]
     assert row["d_model"] == 16 and row["speedup_b1"] > 0 and row["speedup_b32"] > 0
-    assert row["bound_b1"] > row["speedup_b1"] and row["bound_b32"] > row["speedup_b32"]
+    assert row["bound_b1"] == pytest.approx(row["beam_ms_b1"] / row["prompt_ms_b1"], abs=0.006)
     # serving's shape: more items per request than the beam, each request excluding its history
     assert decoders.main(["--items", "300", "--codebook", "8", "--levels", "1", "--requests", "2", "--k", "40",
                           "--exclude-history", "--sizes", "", "--out", str(out)]) == 0
