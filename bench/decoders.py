@@ -82,20 +82,22 @@ def model_of_shape(items: int, codebook: int, levels: int, seed: int, d_model: i
 
 
 def time_calls(model: NezhaRetriever, calls: dict, batch: int, requests: int, seed: int) -> dict[str, float]:
-    """Mean ms of each of `calls` ({name: (patch factory, call(history, lengths))}) over the same `requests` batches
-    of `batch` random 50-item histories, after 3 warm-up rounds. The calls take turns on each batch, in an order
-    that rotates, so a drift in the machine's speed reaches them all alike."""
+    """Mean ms of each of `calls` ({name: (patch factory, call(history, lengths, seen))}) over the same `requests`
+    batches of `batch` random 50-item histories, after 3 warm-up rounds; `seen` (each history's items as a set) is
+    made before the clock starts. The calls take turns on each batch, in an order that rotates, so a drift in the
+    machine's speed reaches them all alike."""
     g = torch.Generator().manual_seed(seed)
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(requests + 3):
         hist = torch.randint(1, model.cfg.num_items + 1, (batch, model.cfg.max_history), generator=g)
         lengths = torch.full((batch,), model.cfg.max_history)
+        seen = [set(h.tolist()) for h in hist]
         for name in names[i % len(names):] + names[:i % len(names)]:
             patch, call = calls[name]
             with patch():
                 t0 = time.perf_counter()
-                call(hist, lengths)
+                call(hist, lengths, seen)
                 if i >= 3:
                     times[name].append((time.perf_counter() - t0) * 1000)
     return {name: float(np.mean(t)) for name, t in times.items()}
@@ -103,8 +105,8 @@ def time_calls(model: NezhaRetriever, calls: dict, batch: int, requests: int, se
 
 def decoding(model: NezhaRetriever, decoder: str, k: int = 10, exclude_history: bool = False):
     """A `retrieve` call of top-k; with `exclude_history` each request excludes its history, as serving does."""
-    def call(hist, lengths):
-        exclude = [set(h[:n].tolist()) for h, n in zip(hist, lengths)] if exclude_history else None
+    def call(hist, lengths, seen):
+        exclude = seen if exclude_history else None
         return model.retrieve(hist, lengths, k, decoder=decoder, verify="step", exclude=exclude)
     return call
 
@@ -112,7 +114,7 @@ def decoding(model: NezhaRetriever, decoder: str, k: int = 10, exclude_history: 
 def prompt_pass(model: NezhaRetriever):
     """NEZHA's backbone pass over the history and its placeholders: what a NEZHA call costs if its draft levels
     and verification were free (beam search's prefill is the same pass without the placeholders)."""
-    return lambda hist, lengths: model.prompt_states(model.item_tokens(hist), lengths)
+    return lambda hist, lengths, seen: model.prompt_states(model.item_tokens(hist), lengths)
 
 
 def time_batches(model: NezhaRetriever, calls: dict, requests: int, seed: int) -> dict[str, dict[str, float]]:

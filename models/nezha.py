@@ -267,11 +267,12 @@ class NezhaRetriever(nn.Module):
         zero soft target times its log-probability stays 0."""
         if self.item_out is None or level < self.levels - 1:
             return (self.draft_out, self.lm_out)[head][level](x)
+        index = self.index()
         if not torch.is_grad_enabled():  # decoding: beams of different requests share prefixes
-            shared = _item_logits_per_prefix(self.item_out[head], self.index(), level, x, prefix)
+            shared = _item_logits_per_prefix(self.item_out[head], index, level, x, prefix)
             if shared is not None:
                 return shared
-        items = self.index().extend(level, prefix)  # [N, T]: dense item ids, -1 where the code names none
+        items = index.extend(level, prefix)  # [N, T]: dense item ids, -1 where the code names none
         rows = self.item_out[head](items.clamp(min=0))
         return torch.bmm(rows, x[:, :, None]).squeeze(-1).masked_fill(items < 0, -1e9)
 
