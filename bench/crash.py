@@ -4,7 +4,7 @@
     python -m bench.crash --stage samples --events 20000 --trials 3   # a quick look
 
 A trial: a fresh copy of the lake as the stage finds it, one run of the stage SIGKILLed at a time drawn
-uniformly over the duration of the work of an uninterrupted run measured first (from its `phase ray_up` line to
+uniformly over the duration of the work of an uninterrupted run measured first (from its `phase started` line to
 its exit, the shorter of two runs; the kill is timed from the same line), a re-run to
 completion, then the check. Each stage announces its steps as `phase NAME` log lines; the last one printed
 before the kill is the phase the kill landed in. The checks:
@@ -49,15 +49,15 @@ STAGES = {"ingest": ("ray_jobs.ingest", ["--once"]), "features": ("ray_jobs.feat
 @dataclass
 class StageRun:
     code: int | None  # None: killed
-    phase: str  # the last phase the process announced ("before_ray" when none)
-    ray_up_s: float | None  # when it announced `phase ray_up`, from spawn
+    phase: str  # the last phase the process announced ("before_start" when none)
+    started_s: float | None  # when it announced `phase started` (its runtime is up, the work begins), from spawn
     seconds: float  # from spawn to exit or kill
 
 
-def run_stage(module: str, args: list[str], overrides: list[str], kill_after_ray_up: float | None = None,
+def run_stage(module: str, args: list[str], overrides: list[str], kill_after_start: float | None = None,
               kill_after: float | None = None, timeout: float = 900) -> StageRun:
     """Run `python -m module args --set ...` in its own process group and SIGKILL the group `kill_after` s after
-    spawn, or `kill_after_ray_up` s after it announced `phase ray_up` (its Ray is up and the work begins).
+    spawn, or `kill_after_start` s after it announced `phase started` (its Ray, where it uses one, is up).
 
     The new session makes the kill take Ray's own processes down with the driver, like a lost pod.
     """
@@ -67,13 +67,13 @@ def run_stage(module: str, args: list[str], overrides: list[str], kill_after_ray
         started = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         deadline = started + (kill_after if kill_after is not None else timeout)
-        ray_up = None
+        begun = None
         while (code := proc.poll()) is None and time.monotonic() < deadline:
             time.sleep(0.02)
-            if ray_up is None and b"phase ray_up" in Path(log.name).read_bytes():
-                ray_up = time.monotonic() - started
-                if kill_after_ray_up is not None:
-                    deadline = started + ray_up + kill_after_ray_up
+            if begun is None and b"phase started" in Path(log.name).read_bytes():
+                begun = time.monotonic() - started
+                if kill_after_start is not None:
+                    deadline = started + begun + kill_after_start
         if code is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -82,7 +82,7 @@ def run_stage(module: str, args: list[str], overrides: list[str], kill_after_ray
     phases = PHASE.findall(text)
     if code:  # say why (a test shows this on failure)
         print(f"{module} exited {code}:\n{text[-4000:].decode(errors='replace')}", file=sys.stderr)
-    return StageRun(code, phases[-1].decode() if phases else "before_ray", ray_up, seconds)
+    return StageRun(code, phases[-1].decode() if phases else "before_start", begun, seconds)
 
 
 def run_ingest(overrides: list[str], kill_after: float | None = None) -> int | None:
@@ -158,13 +158,13 @@ def trials(stage: str, events: int, n: int, work: Path, seed: int = 5) -> dict:
             shutil.copytree(base_root, root)
         return [*base, f"lake.root={root}"]
 
-    # The work's duration (from `phase ray_up` to exit), the shorter of two uninterrupted runs: a kill drawn
+    # The work's duration (from `phase started` to exit), the shorter of two uninterrupted runs: a kill drawn
     # within it lands in the work even when runs vary. Ray's start-up is not drawn over: a kill there tests nothing.
     works = []
     for name in ("reference", "reference2"):
         run = run_stage(module, args, fresh(name))
-        assert run.code == 0 and run.ray_up_s is not None, f"{module} failed or never announced `phase ray_up`"
-        works.append(run.seconds - run.ray_up_s)
+        assert run.code == 0 and run.started_s is not None, f"{module} failed or never announced `phase started`"
+        works.append(run.seconds - run.started_s)
     duration = min(works)
     reference = [*base, f"lake.root={work / 'reference'}"]  # the first run's lake
     ref_cfg = config.load(None, reference)
@@ -175,10 +175,10 @@ def trials(stage: str, events: int, n: int, work: Path, seed: int = 5) -> dict:
     for trial in range(n):
         overrides = fresh(f"trial{trial}")
         at = rng.uniform(0, duration)
-        killed = run_stage(module, args, overrides, kill_after_ray_up=at)
+        killed = run_stage(module, args, overrides, kill_after_start=at)
         rerun_code = run_stage(module, args, overrides).code
         cfg = config.load(None, overrides)
-        row = {"trial": trial, "kill_after_ray_up_s": round(at, 2), "killed": killed.code is None,
+        row = {"trial": trial, "kill_after_start_s": round(at, 2), "killed": killed.code is None,
                "phase": killed.phase if killed.code is None else "finished", "rerun_exit": rerun_code}
         if stage == "ingest":
             from ingestion.audit import audit_lake

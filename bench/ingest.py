@@ -8,12 +8,16 @@ Prints a table and writes bench/results/ingest.json. Measured in the same run, o
   file and the files read in a thread pool) + one plain `write_deltalake` of what it parsed: no row rules, no
   quarantine, no de-duplication, no GX gate, no exactly-once commits, no lineage columns;
 - baseline `write`: the job's own `events` rows, already in memory, written with one `write_deltalake`;
-- the job `--once`: `IngestJob.run_once()` on a fresh lake with a freshly started Ray (cold workers; Ray's
-  start itself is excluded and reported), GX project set-up and Data Docs included;
-- the job `--follow`: a running `IngestJob.follow()` (warm workers, open lake and GX project) ingesting the
-  same events published into its landing folder at once; timed from the publication until the batch's
-  commits are reported (poll interval 0.1 s included).
-Each figure is the median of `--repeats` runs, with min and max beside it. The kill/re-run trials are
+- the job `--once`: `IngestJob.run_once()` on a fresh lake, in a fresh process whose imports are done (GX's take
+  seconds; the baseline's are done too): nothing warm but the modules. Both ways the job can parse: in its own
+  threads (`ingest.parse_on=threads`, what a job on one machine does) and in Ray tasks on a freshly started local
+  Ray (`ray`, what a job on a cluster does: cold workers; Ray's own start is excluded and reported). GX project
+  set-up and Data Docs included;
+- the job `--follow`: a running `IngestJob.follow()` (warm threads or workers, open lake and GX project) ingesting
+  the same events published into its landing folder at once; timed from the publication until the batch's
+  commits are reported (poll interval 0.1 s included); both ways of parsing.
+The job's runs and the baseline's take turns (threads, Ray, baseline, then again), so drift of the machine falls
+on all of them. Each figure is the median of `--repeats` runs, with min and max beside it. The kill/re-run trials are
 `bench.crash`'s, with the phase each kill landed in.
 """
 
@@ -24,6 +28,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -72,34 +77,47 @@ def parse_write_baseline(landing: Path, out: Path) -> dict:
             "rows": table.num_rows}
 
 
-def once(landing: Path, lake: Path) -> dict:
-    """One `run_once` on a fresh lake with a freshly started Ray."""
+def once(landing: Path, lake: Path, parse_on: str) -> dict:
+    """One `run_once` on a fresh lake, in a fresh process (`_once_in_this_process`)."""
+    shutil.rmtree(lake, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "bench.ingest", "--once-child", str(landing), str(lake), parse_on],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"the --once run ({parse_on}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _once_in_this_process(landing: str, lake: str, parse_on: str) -> None:
+    """Time `run_once` in this process after its imports (and, parsing on Ray, Ray's start); print the result."""
     from ingestion.job import IngestJob
     from ray_jobs.runtime import init_ray
 
-    shutil.rmtree(lake, ignore_errors=True)
-    cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}"])
-    t = time.perf_counter()
-    init_ray(cfg.ray)
-    ray_s = time.perf_counter() - t
+    cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}", f"ingest.parse_on={parse_on}"])
+    ray_s = None
+    if parse_on == "ray":
+        t = time.perf_counter()
+        init_ray(cfg.ray)
+        ray_s = time.perf_counter() - t
     t = time.perf_counter()
     report = IngestJob(cfg).run_once()
     job_s = time.perf_counter() - t
-    ray.shutdown()
-    return {"job_s": job_s, "ray_start_s": ray_s, "valid": report.totals()["valid"],
-            "lines": report.totals()["lines"], "phases": [b.phases for b in report.batches]}
+    print(json.dumps({"job_s": job_s, "ray_start_s": ray_s, "valid": report.totals()["valid"],
+                      "lines": report.totals()["lines"], "phases": [b.phases for b in report.batches]}))
 
 
-def follow(events: int, work: Path, repeats: int) -> dict:
-    """A follow-mode job with warm workers; each repetition publishes `events` new events at once."""
+def follow(events: int, work: Path, repeats: int, parse_on: str) -> dict:
+    """A follow-mode job with warm threads or workers; each repetition publishes `events` new events at once."""
     from ingestion.job import IngestJob
     from ingestion.simulator import simulate
     from ray_jobs.runtime import init_ray
 
-    landing, lake = work / "follow_landing", work / "follow_lake"
-    landing.mkdir()
-    cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}", "ingest.poll_interval_s=0.1"])
-    init_ray(cfg.ray)
+    work = work / f"follow_{parse_on}"
+    landing, lake = work / "landing", work / "lake"
+    landing.mkdir(parents=True)
+    cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}", "ingest.poll_interval_s=0.1",
+                             f"ingest.parse_on={parse_on}"])
+    if parse_on == "ray":
+        init_ray(cfg.ray)
     staged = []
     for rep in range(repeats + 1):  # the first publication warms the workers, the GX project and the key index
         folder = work / f"staged{rep}"
@@ -136,6 +154,7 @@ def follow(events: int, work: Path, repeats: int) -> dict:
     stop.set()
     runner.join()
     ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
     return {"job_s": spread(times), "events_per_publication": events, "batch_phases_s": phases[-1]}
 
 
@@ -145,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--crash-events", type=int, default=10_000, help="simulator events per kill trial")
+    parser.add_argument("--once-child", nargs=3, metavar=("LANDING", "LAKE", "PARSE_ON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.once_child:
+        _once_in_this_process(*args.once_child)
+        return 0
     import ingestion.job  # noqa: F401  (GX's import is seconds: outside every timing)
     from ingestion.simulator import simulate
 
@@ -157,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         sim = simulate(SimulatorConfig(events=args.events, oracle_dir=str(work / "oracle")), landing)
         result["simulator_events_per_s"] = round(sim.get("events", args.events) / (time.perf_counter() - t))
-        runs = [once(landing, work / "lake") for _ in range(args.repeats)]
-        baselines = [parse_write_baseline(landing, work / "baseline") for _ in range(args.repeats)]
+        runs: dict[str, list[dict]] = {"threads": [], "ray": []}
+        baselines = []
+        for _ in range(args.repeats):
+            for parse_on, done in runs.items():
+                done.append(once(landing, work / "lake", parse_on))
+            baselines.append(parse_write_baseline(landing, work / "baseline"))
         events_table = DeltaTable(str(work / "lake" / "events")).to_pyarrow_table()
         writes = []
         for _ in range(args.repeats):
@@ -166,27 +193,36 @@ def main(argv: list[str] | None = None) -> int:
             write_deltalake(str(work / "raw_write"), events_table, partition_by=EVENTS_PARTITION_BY)
             writes.append(time.perf_counter() - t)
             shutil.rmtree(work / "raw_write")
-        job_s = statistics.median(r["job_s"] for r in runs)
         base_s = statistics.median(b["total_s"] for b in baselines)
-        valid = runs[0]["valid"]
+        job_s = statistics.median(r["job_s"] for r in runs["threads"])
+        ray_job_s = statistics.median(r["job_s"] for r in runs["ray"])
+        valid = runs["threads"][0]["valid"]
         result.update({
-            "events": valid, "lines": runs[0]["lines"],
-            "job_s": spread([r["job_s"] for r in runs]), "ray_start_s": spread([r["ray_start_s"] for r in runs]),
-            "batch_phases_s": runs[-1]["phases"],
+            "events": valid, "lines": runs["threads"][0]["lines"],
+            "job_s": spread([r["job_s"] for r in runs["threads"]]),
+            "batch_phases_s": runs["threads"][-1]["phases"],
+            "ray_job_s": spread([r["job_s"] for r in runs["ray"]]),
+            "ray_start_s": spread([r["ray_start_s"] for r in runs["ray"]]),
+            "ray_batch_phases_s": runs["ray"][-1]["phases"],
             "parse_write_s": spread([b["total_s"] for b in baselines]),
             "parse_write_parse_s": spread([b["parse_s"] for b in baselines]),
             "parse_write_reader": baselines[0]["reader"],
             "raw_write_s": spread(writes),
             "events_per_s": round(valid / job_s), "parse_write_events_per_s": round(valid / base_s),
             "ratio_vs_parse_write": round(base_s / job_s, 3),
+            "ray_ratio_vs_parse_write": round(base_s / ray_job_s, 3),
             "ratio_vs_raw": round(statistics.median(writes) / job_s, 3),
         })
-        fol = follow(args.events, work, args.repeats)
-        result.update({"follow_job_s": fol["job_s"], "follow_batch_phases_s": fol["batch_phases_s"],
-                       "follow_ratio_vs_parse_write": round(base_s / fol["job_s"]["median"], 3)})
-        print(f"events={valid:,}: job --once {job_s:.2f}s, --follow {fol['job_s']['median']:.2f}s; "
-              f"Arrow parse + write_deltalake {base_s:.2f}s; ratio once {result['ratio_vs_parse_write']}, "
-              f"follow {result['follow_ratio_vs_parse_write']}", flush=True)
+        for parse_on, prefix in (("threads", "follow"), ("ray", "ray_follow")):
+            fol = follow(args.events, work, args.repeats, parse_on)
+            result.update({f"{prefix}_job_s": fol["job_s"], f"{prefix}_batch_phases_s": fol["batch_phases_s"],
+                           f"{prefix}_ratio_vs_parse_write": round(base_s / fol["job_s"]["median"], 3)})
+        print(f"events={valid:,}: Arrow parse + write_deltalake {base_s:.2f}s; job parsing in threads: --once "
+              f"{job_s:.2f}s (ratio {result['ratio_vs_parse_write']}), "
+              f"--follow {result['follow_job_s']['median']:.2f}s "
+              f"(ratio {result['follow_ratio_vs_parse_write']}); parsing in Ray tasks: --once {ray_job_s:.2f}s "
+              f"(ratio {result['ray_ratio_vs_parse_write']}), --follow {result['ray_follow_job_s']['median']:.2f}s "
+              f"(ratio {result['ray_follow_ratio_vs_parse_write']})", flush=True)
         if args.trials:
             from bench.crash import trials
 
@@ -199,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     result.update({"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "pyarrow": pa.__version__})
-    print(f"| events/s --once | --follow | Arrow parse+write | ratio --once | ratio --follow | crash trials "
-          f"| failed |\n"
-          f"|---|---|---|---|---|---|---|\n| {result['events_per_s']:,} | "
+    print(f"| events/s --once | --follow | Arrow parse+write | ratio --once | ratio --follow | ratios on Ray "
+          f"| crash trials | failed |\n"
+          f"|---|---|---|---|---|---|---|---|\n| {result['events_per_s']:,} | "
           f"{round(result['events'] / result['follow_job_s']['median']):,} | {result['parse_write_events_per_s']:,} | "
           f"{result['ratio_vs_parse_write']} | {result['follow_ratio_vs_parse_write']} | "
+          f"{result['ray_ratio_vs_parse_write']} / {result['ray_follow_ratio_vs_parse_write']} | "
           f"{result.get('crash_trials', 0)} | {result.get('crash_failed', 0)} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -107,6 +107,9 @@ class IngestConfig(Section):
     lease_ttl_s: float = Field(900.0, gt=0, description="a crashed holder's lease expires after this long")
     lease_wait_s: float = Field(60.0, ge=0, description="a second run waits this long for the lease, then fails")
     max_batch_attempts: int = Field(3, ge=1, description="runs that may try one planned batch before it is an error")
+    parse_on: Literal["auto", "threads", "ray"] = Field(
+        "auto", description="where a batch's files are parsed: Ray tasks (spread over a cluster's nodes) or the "
+        "job's own threads (one machine: no Ray, no cold workers); auto = ray when ray.address is set")
     batch_rules: BatchRulesConfig = Field(default_factory=BatchRulesConfig)
     build_data_docs: bool = True
     data_docs_interval_s: float = Field(

@@ -11,6 +11,12 @@ Written files are not part of the table until the driver's one commit names them
 which carries the batch's transaction marker). Files of a batch that is quarantined, rewritten without its
 duplicates or killed before its commit are never referenced: the first two are deleted at once, a kill's are
 left for Delta's `vacuum`, as any Delta writer's are.
+
+Where the tasks run (`ingest.parse_on`, resolved by `parse_on`): in Ray tasks, one per file, when the job joins a
+cluster (`ray.address` set), so a batch spreads over its nodes; in the driver's threads when the job's Ray would
+be this machine alone. There, worker processes add nothing threads lack (the parser releases the GIL in Arrow's
+reader and Parquet writer: 10 files took 0.55 s on 2 threads against 1.0 s on one) and cost a cold import of the
+parser in every worker (~0.26 s of a core each, pandas most of it) plus Ray's own start (2.5 s here).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +38,7 @@ import ray
 from deltalake.transaction import AddAction
 
 import storage
+from config.schema import PlatformConfig
 from ingestion.batch_stats import file_statistics, scalar
 from ingestion.contract import EVENTS_PARTITION_BY, EVENTS_SCHEMA, TS_TYPE, day_strings
 from ingestion.dedup import SortedHashes, hash_ids
@@ -175,3 +184,39 @@ def warm_up_workers() -> None:
     """One no-op task per CPU the cluster has, not waited for; the imports come off a cold batch's parse."""
     for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1)))):
         _loaded.remote()
+
+
+def parse_on(cfg: PlatformConfig) -> str:
+    """Where the ingestion job parses: `ingest.parse_on`, with "auto" meaning "ray" when the job joins a cluster
+    (`ray.address` set) and "threads" (in the driver, no Ray at all) when it would start a local one.
+
+    >>> import config
+    >>> parse_on(config.load(None, [])), parse_on(config.load(None, ["ray.address=auto"]))
+    ('threads', 'ray')
+    """
+    if cfg.ingest.parse_on != "auto":
+        return cfg.ingest.parse_on
+    return "ray" if cfg.ray.address else "threads"
+
+
+class ThreadStager:
+    """Stages a batch's files in this process's threads, one file per thread at a time, results in file order.
+
+    The threads live as long as the stager: each keeps its DuckDB connection (`dedup.hash_ids`) across batches."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ingest-parse")
+
+    def stage(self, names: list[str], options: dict, table_uri: str, batch_no: int) -> list[StagedFile]:
+        return list(self._pool.map(lambda name: stage_file(name, options, table_uri, batch_no), names))
+
+
+class RayStager:
+    """Stages a batch's files in Ray tasks, one per file, results in file order; Ray must be initialised."""
+
+    def __init__(self):
+        warm_up_workers()  # cold workers load the parser while the driver opens the lake and the GX project
+
+    def stage(self, names: list[str], options: dict, table_uri: str, batch_no: int) -> list[StagedFile]:
+        return ray.get([stage_task.remote(name, options, table_uri, batch_no) for name in names])

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.from_args(args)
     logging.getLogger("features").setLevel(logging.INFO)  # its `phase` lines (bench.crash reads them)
     init_ray(cfg.ray)
-    logging.getLogger("features").info("phase ray_up")
+    logging.getLogger("features").info("phase started")
     from features.job import FeatureJob
 
     print_report(FeatureJob(cfg).run(materialize=not args.no_materialize))

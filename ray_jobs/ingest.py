@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config.from_args(args)
-    init_ray(cfg.ray)
-    logging.getLogger("ingestion").info("phase ray_up")
-    from ingestion.job import IngestJob  # after Ray is up: importing GX is slow, keep --help fast
+    from ingestion.job import IngestJob  # after the arguments: importing GX is slow, keep --help fast
+    from ingestion.staging import parse_on
 
+    if parse_on(cfg) == "ray":  # on one machine the job parses in its own threads and needs no Ray
+        init_ray(cfg.ray)
+    logging.getLogger("ingestion").info("phase started")
     job = IngestJob(cfg)
     report = job.follow(args.max_seconds, on_batch=_feature_pusher(cfg) if args.push_features else None) \
         if args.follow else job.run_once()

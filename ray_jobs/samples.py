@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.from_args(args)
     logging.getLogger("features").setLevel(logging.INFO)  # its `phase` lines (bench.crash reads them)
     init_ray(cfg.ray)
-    logging.getLogger("features").info("phase ray_up")
+    logging.getLogger("features").info("phase started")
     from features.samples import SampleBuilder
 
     print_report(SampleBuilder(cfg).run(), cfg)

@@ -50,12 +50,15 @@ def assert_exactly_once(tmp: Path, overrides: list[str], valid_ids: set[str], to
 
 
 @pytest.mark.slow
-def test_kill_at_random_points_then_rerun(tmp_path):
+@pytest.mark.parametrize("parse_on", ["threads", "ray"])
+def test_kill_at_random_points_then_rerun(tmp_path, parse_on):
+    # threads: the job alone; ray: the kill also takes down the Ray workers that parse, as a lost pod would.
     valid_ids, total = build_landing(tmp_path / "landing", files=30, lines_per_file=120, seed=3)
 
     def overrides(lake: str) -> list[str]:
         return [f"lake.root={tmp_path / lake}", f"ingest.landing_dir={tmp_path / 'landing'}",
-                "ingest.max_batch_bytes=20000", "ingest.build_data_docs=false", "ray.num_cpus=2"]
+                "ingest.max_batch_bytes=20000", "ingest.build_data_docs=false", "ray.num_cpus=2",
+                f"ingest.parse_on={parse_on}"]
 
     # How long a whole run takes on this machine right now: kill times are drawn inside it, so the
     # kills land mid-run whether the machine is idle or busy.

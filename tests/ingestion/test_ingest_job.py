@@ -1,4 +1,4 @@
-"""The ingestion job end to end on a local Ray: every line lands once, in the right table."""
+"""The ingestion job end to end, parsing in its threads and in Ray tasks: every line lands once, in the right table."""
 
 from __future__ import annotations
 
@@ -14,16 +14,22 @@ from ingestion.parse import line_starts
 from ray_jobs.ingest import main as ingest_main
 from tests.ingestion.lake_checks import good_event, lake_rows, make_config, unreferenced_data_files, write_lines
 
-pytestmark = pytest.mark.usefixtures("ray_local")
-
 
 @pytest.fixture
 def lake(tmp_path: Path):
     return tmp_path, make_config(tmp_path)
 
 
-def test_bad_inputs_are_quarantined_and_nothing_valid_is_lost(lake):
-    tmp, cfg = lake
+@pytest.fixture(params=["threads", "ray"])
+def lake_parsed_on(request, tmp_path: Path):
+    """A lake whose job parses in its own threads (one machine) or in Ray tasks (what a cluster runs)."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_local")
+    return tmp_path, make_config(tmp_path, f"ingest.parse_on={request.param}")
+
+
+def test_bad_inputs_are_quarantined_and_nothing_valid_is_lost(lake_parsed_on):
+    tmp, cfg = lake_parsed_on
     landing = tmp / "landing"
     good = [good_event(i) for i in range(40)]
     write_lines(landing, "a-001.jsonl", [good[0], b'{"broken', good[1], {**good_event(99), "user_id": -1},
@@ -59,8 +65,8 @@ def test_bad_inputs_are_quarantined_and_nothing_valid_is_lost(lake):
     assert unreferenced_data_files(cfg.lake.events) == []
 
 
-def test_rerun_adds_nothing_and_new_files_are_picked_up(lake):
-    tmp, cfg = lake
+def test_rerun_adds_nothing_and_new_files_are_picked_up(lake_parsed_on):
+    tmp, cfg = lake_parsed_on
     write_lines(tmp / "landing", "a-001.jsonl", [good_event(i) for i in range(50)])
     IngestJob(cfg).run_once()
     again = IngestJob(cfg).run_once()
