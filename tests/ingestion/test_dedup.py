@@ -103,7 +103,10 @@ def test_a_failed_background_merge_is_raised_by_the_next_probe_and_loses_no_run(
         assert not index.duplicates(column, batch_no, keys).any()
         commit(path, batch_no, ids)
         if batch_no == 2:  # the second equal-sized run is merged in the thread: make that fail
-            monkeypatch.setattr(dedup.np, "sort", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+            def no_room() -> None:  # as the merge's sort would fail: before it replaces any run
+                raise MemoryError("no room")
+
+            monkeypatch.setattr(index, "_merge_runs", no_room)
         index.committed(keys, batch_no)
     column = pa.array(["a", "d", "e"])
     with pytest.raises(MemoryError, match="no room"):
