@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import io
 import json
 import zlib
 from collections.abc import Iterable, Iterator
@@ -170,8 +169,11 @@ def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iter
 
     A line that outgrows MAX_LINE_BYTES before its newline comes is yielded (truncated) as an `oversize`
     chunk of its own and the rest of it is skipped: one endless line cannot hold the whole file in memory.
+    A chunk is made by one join of the blocks it spans: growing a buffer and copying it out touched twice the
+    memory, and in a fresh process every page first touched costs a fault.
     """
-    buf = bytearray()
+    pending: list[bytes] = []  # blocks not yielded yet, the first possibly a previous block's tail
+    size = 0
     offset = line = 0
     skipping = False  # inside a line already yielded as oversize
     for block in blocks:
@@ -183,23 +185,27 @@ def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iter
             offset += nl + 1
             block = block[nl + 1:]
             skipping = False
-        buf += block
-        if len(buf) < chunk_bytes:
+        if block:
+            pending.append(block)
+            size += len(block)
+        if size < chunk_bytes:
             continue
-        cut = buf.rfind(b"\n") + 1
-        if cut:
-            with memoryview(buf) as view:
-                chunk = LineChunk(offset, line, bytes(view[:cut]))  # one copy (slicing the bytearray makes two)
+        last = next((i for i in range(len(pending) - 1, -1, -1) if b"\n" in pending[i]), None)
+        if last is not None:
+            cut = pending[last].rfind(b"\n") + 1
+            head, tail = pending[last][:cut], pending[last][cut:]
+            chunk = LineChunk(offset, line, b"".join([*pending[:last], head]) if last else head)
             yield chunk
-            offset, line = offset + cut, line + len(chunk.starts)  # every line of it ends in a newline
-            del buf[:cut]
-        if len(buf) > MAX_LINE_BYTES:
-            yield LineChunk(offset, line, bytes(buf[:MAX_LINE_BYTES]), oversize=True)
-            offset, line = offset + len(buf), line + 1
-            buf.clear()
+            offset, line = offset + len(chunk.data), line + len(chunk.starts)  # every line of it ends in a newline
+            size -= len(chunk.data)
+            pending = [tail, *pending[last + 1:]] if tail else pending[last + 1:]
+        if size > MAX_LINE_BYTES:
+            yield LineChunk(offset, line, b"".join(pending)[:MAX_LINE_BYTES], oversize=True)
+            offset, line = offset + size, line + 1
+            pending, size = [], 0
             skipping = True
-    if buf:
-        yield LineChunk(offset, line, bytes(buf))
+    if pending:
+        yield LineChunk(offset, line, b"".join(pending))
 
 
 def chunk_line_offsets(chunk: LineChunk) -> np.ndarray:
@@ -328,6 +334,20 @@ def _parse_lines_slow(content: bytes, starts: np.ndarray, ends: np.ndarray, firs
         out.add_valid(_rows_to_table(good), starts[at], first_line + at)
 
 
+def _is_utf8(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8, checked by Arrow without copying it.
+
+    >>> _is_utf8("été".encode()), _is_utf8(b"\\xff\\xfe")
+    (True, False)
+    """
+    offsets = pa.py_buffer(np.array([0, len(data)], np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def _parse_chunk(content: bytes, starts: np.ndarray, ends: np.ndarray, first_line: int,
                  bounds: EventTimeBounds, now_ms: int, out: _Collector) -> None:
     lengths = ends - starts
@@ -335,9 +355,11 @@ def _parse_chunk(content: bytes, starts: np.ndarray, ends: np.ndarray, first_lin
         return _parse_lines_slow(content, starts, ends, first_line, bounds, now_ms, out)
     chunk = content[starts[0]:ends[-1]]
     try:
-        chunk.decode("utf-8")  # Arrow's reader lets invalid UTF-8 through inside strings
-        table = pj.read_json(io.BytesIO(chunk), read_options=_JSON_READ, parse_options=_JSON_PARSE)
-    except (UnicodeDecodeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        # Arrow's reader lets invalid UTF-8 through inside strings. Both read the chunk in place (a decoded copy
+        # and a Python file around it cost allocations, and page faults, of their own).
+        table = pj.read_json(pa.BufferReader(chunk), read_options=_JSON_READ, parse_options=_JSON_PARSE) \
+            if _is_utf8(chunk) else None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         table = None
     if table is None or table.num_rows != len(starts):
         return _parse_lines_slow(content, starts, ends, first_line, bounds, now_ms, out)

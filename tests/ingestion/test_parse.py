@@ -126,3 +126,39 @@ def test_fast_vectorised_path_agrees_with_row_rules(batch):
     assert sorted(parsed.valid["line_no"].to_pylist()) == [i for i, r in enumerate(expected) if r is None]
     got = dict(zip(parsed.rejects["line_no"].to_pylist(), parsed.rejects["reason"].to_pylist()))
     assert got == {i: r for i, r in enumerate(expected) if r is not None}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"", b"a", b"bb", b"ccccc", b"d" * 30, b"e" * 90]), max_size=40),
+       st.booleans(), st.lists(st.integers(1, 50), min_size=1, max_size=8), st.integers(8, 120))
+def test_line_chunks_cover_the_content_in_whole_lines(lines, last_has_newline, cuts, chunk_bytes):
+    """Whatever the blocks' boundaries: chunks are whole lines of the content at their offsets, nothing is lost or
+    repeated, and a line longer than MAX_LINE_BYTES (40 here) is cut to its head and skipped past."""
+    from unittest import mock
+
+    import ingestion.parse as parse
+
+    content = b"\n".join(lines) + (b"\n" if last_has_newline and lines else b"")
+    blocks, at = [], 0
+    while at < len(content):  # the content in blocks of the sizes drawn, cycling
+        size = cuts[len(blocks) % len(cuts)]
+        blocks.append(content[at:at + size])
+        at += size
+    with mock.patch.object(parse, "MAX_LINE_BYTES", 40):
+        chunks = list(parse.line_chunks(blocks, chunk_bytes))
+    at = line = 0
+    for i, chunk in enumerate(chunks):
+        assert (chunk.offset, chunk.first_line) == (at, line)
+        if chunk.oversize:
+            assert chunk.data == content[at:at + 40]
+            nl = content.find(b"\n", at)
+            at = len(content) if nl < 0 else nl + 1
+            line += 1
+        else:
+            assert chunk.data == content[at:at + len(chunk.data)] and chunk.data
+            assert chunk.data.endswith(b"\n") or i == len(chunks) - 1
+            assert len(chunk.data) <= max(chunk_bytes, 40) + max(cuts)  # bounded memory
+            at += len(chunk.data)
+            line += len(chunk.starts)
+    assert at == len(content)
+    assert line == content.count(b"\n") + (1 if content and not content.endswith(b"\n") else 0)
