@@ -7,6 +7,8 @@ Prints a table and writes bench/results/ingest.json. Measured in the same run, o
 - baseline `parse_write`: Arrow's JSON reader over the landing files (the faster of one multi-threaded read per
   file and the files read in a thread pool) + one plain `write_deltalake` of what it parsed: no row rules, no
   quarantine, no de-duplication, no GX gate, no exactly-once commits, no lineage columns;
+- the same baseline in fresh processes (`fresh_parse_write`), as `--once` runs: one process per reader, imports
+  done, the faster kept. The warm baseline is the stronger; both are reported, and `--once` is set against both;
 - baseline `write`: the job's own `events` rows, already in memory, written with one `write_deltalake`;
 - the job `--once`: `IngestJob.run_once()` on a fresh lake, in a fresh process whose imports are done (GX's take
   seconds; the baseline's are done too): nothing warm but the modules. Both ways the job can parse: in its own
@@ -47,28 +49,32 @@ from bench.record import RESULTS, machine
 from config.schema import SimulatorConfig
 from ingestion.contract import EVENTS_PARTITION_BY
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def spread(samples: list[float]) -> dict:
     return {"median": round(statistics.median(samples), 3), "min": round(min(samples), 3),
             "max": round(max(samples), 3), "runs": [round(s, 3) for s in samples]}
 
 
-def parse_write_baseline(landing: Path, out: Path) -> dict:
-    """Arrow's JSON reader + one `write_deltalake`; the faster of two ways to read the files.
+def _read_pooled(files: list[str]) -> list[pa.Table]:
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(pj.read_json, files))
 
-    One multi-threaded `read_json` per file, one after another; or the files read by a thread pool of
-    os.cpu_count() threads. (Arrow's dataset scanner over JSON files hangs with pyarrow 26 here.)
-    """
+
+# One multi-threaded `read_json` per file, one after another; or the files read by a thread pool of os.cpu_count().
+READERS = {"read_json per file": lambda files: [pj.read_json(f) for f in files],
+           "read_json, files in a thread pool": _read_pooled}
+
+
+def parse_write(landing: Path, out: Path, reader: str) -> dict:
+    """Arrow's JSON reader (`reader`, one of READERS) + one `write_deltalake`: parse and write, nothing else.
+
+    (Arrow's dataset scanner over JSON files hangs with pyarrow 26 here.)"""
     files = sorted(str(p) for p in landing.iterdir() if p.suffix == ".jsonl")
     t = time.perf_counter()
-    per_file = pa.concat_tables([pj.read_json(f) for f in files])
-    per_file_s = time.perf_counter() - t
-    t = time.perf_counter()
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        pooled = pa.concat_tables(list(pool.map(pj.read_json, files)))
-    pool_s = time.perf_counter() - t
-    table, parse_s, reader = (per_file, per_file_s, "read_json per file") if per_file_s <= pool_s else \
-        (pooled, pool_s, "read_json, files in a thread pool")
+    table = pa.concat_tables(READERS[reader](files))
+    parse_s = time.perf_counter() - t
     t = time.perf_counter()
     write_deltalake(str(out), table)
     write_s = time.perf_counter() - t
@@ -77,11 +83,29 @@ def parse_write_baseline(landing: Path, out: Path) -> dict:
             "rows": table.num_rows}
 
 
+def parse_write_baseline(landing: Path, out: Path) -> dict:
+    """In this (warm) process: the faster of the two readers, each followed by its write."""
+    return min((parse_write(landing, out, reader) for reader in READERS), key=lambda r: r["total_s"])
+
+
+def parse_write_fresh(landing: Path, out: Path) -> dict:
+    """The same in fresh processes, as `--once` runs: one process per reader (so that neither reads in memory the
+    other warmed), the faster kept."""
+    runs = []
+    for reader in READERS:
+        done = subprocess.run([sys.executable, "-m", "bench.ingest", "--baseline-child", str(landing), str(out),
+                               reader], capture_output=True, text=True, cwd=REPO, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"the fresh baseline ({reader}) failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return min(runs, key=lambda r: r["total_s"])
+
+
 def once(landing: Path, lake: Path, parse_on: str) -> dict:
     """One `run_once` on a fresh lake, in a fresh process (`_once_in_this_process`)."""
     shutil.rmtree(lake, ignore_errors=True)
     done = subprocess.run([sys.executable, "-m", "bench.ingest", "--once-child", str(landing), str(lake), parse_on],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=900)
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"the --once run ({parse_on}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -165,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--crash-events", type=int, default=10_000, help="simulator events per kill trial")
     parser.add_argument("--once-child", nargs=3, metavar=("LANDING", "LAKE", "PARSE_ON"), help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-child", nargs=3, metavar=("LANDING", "OUT", "READER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.once_child:
         _once_in_this_process(*args.once_child)
+        return 0
+    if args.baseline_child:
+        landing, out, reader = args.baseline_child
+        print(json.dumps(parse_write(Path(landing), Path(out), reader)))
         return 0
     import ingestion.job  # noqa: F401  (GX's import is seconds: outside every timing)
     from ingestion.simulator import simulate
@@ -181,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         sim = simulate(SimulatorConfig(events=args.events, oracle_dir=str(work / "oracle")), landing)
         result["simulator_events_per_s"] = round(sim.get("events", args.events) / (time.perf_counter() - t))
         runs: dict[str, list[dict]] = {"threads": [], "ray": []}
-        baselines = []
+        baselines, fresh_baselines = [], []
         for _ in range(args.repeats):
             for parse_on, done in runs.items():
                 done.append(once(landing, work / "lake", parse_on))
             baselines.append(parse_write_baseline(landing, work / "baseline"))
+            fresh_baselines.append(parse_write_fresh(landing, work / "baseline"))
         events_table = DeltaTable(str(work / "lake" / "events")).to_pyarrow_table()
         writes = []
         for _ in range(args.repeats):
@@ -207,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             "parse_write_s": spread([b["total_s"] for b in baselines]),
             "parse_write_parse_s": spread([b["parse_s"] for b in baselines]),
             "parse_write_reader": baselines[0]["reader"],
+            "fresh_parse_write_s": spread([b["total_s"] for b in fresh_baselines]),
+            "fresh_parse_write_parse_s": spread([b["parse_s"] for b in fresh_baselines]),
+            "ratio_vs_fresh_parse_write": round(statistics.median(b["total_s"] for b in fresh_baselines) / job_s, 3),
+            "ray_ratio_vs_fresh_parse_write": round(
+                statistics.median(b["total_s"] for b in fresh_baselines) / ray_job_s, 3),
             "raw_write_s": spread(writes),
             "events_per_s": round(valid / job_s), "parse_write_events_per_s": round(valid / base_s),
             "ratio_vs_parse_write": round(base_s / job_s, 3),
@@ -222,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
               f"--follow {result['follow_job_s']['median']:.2f}s "
               f"(ratio {result['follow_ratio_vs_parse_write']}); parsing in Ray tasks: --once {ray_job_s:.2f}s "
               f"(ratio {result['ray_ratio_vs_parse_write']}), --follow {result['ray_follow_job_s']['median']:.2f}s "
-              f"(ratio {result['ray_follow_ratio_vs_parse_write']})", flush=True)
+              f"(ratio {result['ray_follow_ratio_vs_parse_write']}); the baseline in fresh processes "
+              f"{result['fresh_parse_write_s']['median']:.2f}s: --once ratios {result['ratio_vs_fresh_parse_write']} "
+              f"(threads), {result['ray_ratio_vs_fresh_parse_write']} (Ray)", flush=True)
         if args.trials:
             from bench.crash import trials
 
