@@ -19,7 +19,8 @@ class Section(BaseModel):
 
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
-    num_cpus: int | None = None
+    num_cpus: int | None = Field(None, description="CPUs of a local Ray (None: all), and the ingestion job's parse "
+                                 "threads when it runs without Ray (ingest.parse_on)")
     object_store_memory_mb: int = 512
     # Keep every local Ray process on loopback (STACK.md).
     local_ip: str = "127.0.0.1"

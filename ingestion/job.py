@@ -149,7 +149,7 @@ class IngestJob:
         """Create or open the tables and the GX project; under the lease, so concurrent first runs do not race."""
         if self._opened:
             return
-        self.stager = RayStager() if parse_on(self.cfg) == "ray" else ThreadStager()
+        self.stager = RayStager() if parse_on(self.cfg) == "ray" else ThreadStager(self.cfg.ray.num_cpus)
         opts = self.cfg.lake.storage_options
         self.events = open_or_create(self.cfg.lake.events, EVENTS_SCHEMA, EVENTS_PARTITION_BY, opts)
         self.quarantine = open_or_create(self.cfg.lake.quarantine, QUARANTINE_SCHEMA, None, opts)

@@ -202,7 +202,9 @@ def parse_on(cfg: PlatformConfig) -> str:
 class ThreadStager:
     """Stages a batch's files in this process's threads, one file per thread at a time, results in file order.
 
-    The threads live as long as the stager: each keeps its DuckDB connection (`dedup.hash_ids`) across batches."""
+    `threads`: the job's CPUs on this machine (`ray.num_cpus`, the budget a local Ray would get), else every core
+    this process may run on; each thread holds one file's rows at a time. The threads live as long as the stager:
+    each keeps its DuckDB connection (`dedup.hash_ids`) across batches."""
 
     def __init__(self, threads: int | None = None):
         self.threads = threads or len(os.sched_getaffinity(0))
