@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import config
+from ingestion.staging import parse_on
 from k8s import validate
 from tests.deploy.conftest import OVERLAYS, ROOT, find, rendered
 
@@ -63,6 +64,7 @@ def test_profile_configmap_loads_as_cluster_config(overlay, tmp_path, monkeypatc
     monkeypatch.setenv("REDIS_CONNECTION_STRING", "redis:6379,password=from-the-secret")
     cfg = config.load(path)
     assert cfg.profile == "cluster" and cfg.ray.address == "auto"
+    assert parse_on(cfg) == "ray"  # a cluster's ingestion spreads its parse tasks over the nodes
     assert cfg.lake.root.startswith("s3://") and cfg.ingest.landing_dir.startswith("s3://")
     assert cfg.features.online_store.type == "redis"
     assert cfg.features.online_store.connection_string == "redis:6379,password=from-the-secret"
