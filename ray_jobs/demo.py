@@ -2,13 +2,13 @@
 
     python -m ray_jobs.demo [--events 200000] [--malformed-rate 0.002] [--keep] [--keep-serving]
 
-Stages so far: simulate live-stream logs (with a few malformed lines) -> ingest them with Ray Data
-through the Great Expectations gate into Delta -> audit that every line landed exactly once ->
-windowed stats and sequence tokens into Delta and Feast (SQLite online store) -> real-time pushes of
-new events with their freshness -> point-in-time training samples -> one streaming pass of GenRank on
-Ray Train (2 workers, progressive AUC next to the oracle's) -> semantic IDs and the NEZHA retriever ->
-Ray Serve: a few /recommend, /rank and /events requests with their timings, then a clean shutdown
-(`--keep-serving` leaves it up).
+Stages so far: simulate live-stream logs (with a few malformed lines) -> ingest them (parsed in the
+job's threads, as on one machine) through the Great Expectations gate into Delta -> audit that every
+line landed exactly once -> windowed stats and sequence tokens into Delta and Feast (SQLite online
+store) -> real-time pushes of new events with their freshness -> point-in-time training samples -> one
+streaming pass of GenRank on Ray Train (2 workers, progressive AUC next to the oracle's) -> semantic IDs
+and the NEZHA retriever -> Ray Serve: a few /recommend, /rank and /events requests with their timings,
+then a clean shutdown (`--keep-serving` leaves it up).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(summary['files'])} files; CTR {summary['ctr']:.3f}; {summary['requests']:,} requests "
           f"({time.perf_counter() - t:.1f}s)")
 
-    t = stage("2. ingest: parse in Ray tasks -> Great Expectations gate -> Delta (events + events_quarantine)")
+    t = stage("2. ingest: parse (in the job's threads on one machine) -> Great Expectations gate -> Delta "
+              "(events + events_quarantine)")
     init_ray(cfg.ray)
     from ingestion.audit import audit_lake
     from ingestion.job import IngestJob
