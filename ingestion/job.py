@@ -389,6 +389,7 @@ class IngestJob:
         if report.batches and await_docs:
             log.info("phase docs")
             report.docs_path = self.gate.finish_docs()
+        self._gate.result()  # a run with nothing to do: the GX project is still written under this run's lease
         return report
 
     def follow(self, max_seconds: float | None = None, on_batch=None,
