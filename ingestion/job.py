@@ -35,7 +35,6 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
@@ -154,18 +153,10 @@ class IngestJob:
         self.events = open_or_create(self.cfg.lake.events, EVENTS_SCHEMA, EVENTS_PARTITION_BY, opts)
         self.quarantine = open_or_create(self.cfg.lake.quarantine, QUARANTINE_SCHEMA, None, opts)
         self.batches = open_or_create(self.cfg.lake.ingest_batches, BATCHES_SCHEMA, None, opts)
-        # The GX project opens in a thread while the first batch is planned and parsed (~0.07 s of GX's Python on a
-        # cold run; `gate` waits for it). Nothing else uses GX meanwhile.
-        opening = ThreadPoolExecutor(1, thread_name_prefix="gx-open")
-        self._gate = opening.submit(ExpectationGate, self.cfg.lake.gx_root, self.cfg.ingest)
-        opening.shutdown(wait=False)
+        self.gate = ExpectationGate(self.cfg.lake.gx_root, self.cfg.ingest)
         self.key_index = EventKeyIndex(self.events)
         self._known_plans: tuple[int, list[BatchPlan]] | None = None  # (batches table version, its plans)
         self._opened = True
-
-    @property
-    def gate(self) -> ExpectationGate:
-        return self._gate.result()
 
     # -- attempts -------------------------------------------------------------------------
     def _attempts(self, batch_no: int) -> int:
@@ -389,7 +380,6 @@ class IngestJob:
         if report.batches and await_docs:
             log.info("phase docs")
             report.docs_path = self.gate.finish_docs()
-        self._gate.result()  # a run with nothing to do: the GX project is still written under this run's lease
         return report
 
     def follow(self, max_seconds: float | None = None, on_batch=None,
