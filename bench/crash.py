@@ -75,8 +75,8 @@ def run_stage(module: str, args: list[str], overrides: list[str], kill_after_sta
         while (code := proc.poll()) is None and time.monotonic() < deadline:
             time.sleep(0.02)
             text = Path(log.name).read_bytes()
-            if len(PHASE.findall(text)) > announced:
-                announced, last_phase = len(PHASE.findall(text)), time.monotonic() - started
+            if (seen := len(PHASE.findall(text))) > announced:
+                announced, last_phase = seen, time.monotonic() - started
             if begun is None and b"phase started" in text:
                 begun = time.monotonic() - started
                 if kill_after_start is not None:

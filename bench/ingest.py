@@ -88,27 +88,26 @@ def parse_write_baseline(landing: Path, out: Path) -> dict:
     return min((parse_write(landing, out, reader) for reader in READERS), key=lambda r: r["total_s"])
 
 
+def in_fresh_process(flag: str, *args: str) -> dict:
+    """`python -m bench.ingest <flag> <args>` in a new process: the JSON line it prints last."""
+    done = subprocess.run([sys.executable, "-m", "bench.ingest", flag, *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{flag} {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def parse_write_fresh(landing: Path, out: Path) -> dict:
     """The same in fresh processes, as `--once` runs: one process per reader (so that neither reads in memory the
     other warmed), the faster kept."""
-    runs = []
-    for reader in READERS:
-        done = subprocess.run([sys.executable, "-m", "bench.ingest", "--baseline-child", str(landing), str(out),
-                               reader], capture_output=True, text=True, cwd=REPO, timeout=900)
-        if done.returncode != 0:
-            raise RuntimeError(f"the fresh baseline ({reader}) failed:\n{done.stderr[-3000:]}")
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs = [in_fresh_process("--baseline-child", str(landing), str(out), reader) for reader in READERS]
     return min(runs, key=lambda r: r["total_s"])
 
 
 def once(landing: Path, lake: Path, parse_on: str) -> dict:
     """One `run_once` on a fresh lake, in a fresh process (`_once_in_this_process`)."""
     shutil.rmtree(lake, ignore_errors=True)
-    done = subprocess.run([sys.executable, "-m", "bench.ingest", "--once-child", str(landing), str(lake), parse_on],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
-    if done.returncode != 0:
-        raise RuntimeError(f"the --once run ({parse_on}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process("--once-child", str(landing), str(lake), parse_on)
 
 
 def _once_in_this_process(landing: str, lake: str, parse_on: str) -> None:

@@ -190,9 +190,10 @@ def line_chunks(blocks: Iterable[bytes], chunk_bytes: int = CHUNK_BYTES) -> Iter
             size += len(block)
         if size < chunk_bytes:
             continue
-        last = next((i for i in range(len(pending) - 1, -1, -1) if b"\n" in pending[i]), None)
+        # The newest block with a newline, and its last one: one scan per block.
+        last, cut = next(((i, c + 1) for i in range(len(pending) - 1, -1, -1)
+                          if (c := pending[i].rfind(b"\n")) >= 0), (None, 0))
         if last is not None:
-            cut = pending[last].rfind(b"\n") + 1
             head, tail = pending[last][:cut], pending[last][cut:]
             chunk = LineChunk(offset, line, b"".join([*pending[:last], head]) if last else head)
             yield chunk
