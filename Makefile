@@ -21,6 +21,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
+	@# GX's Data Docs templates, compiled once per machine (ingest.gx_template_cache), as pip compiled bytecode.
+	$(BIN)/python -m ingestion.expectations --compile-templates
 	touch $(STAMP)
 
 demo: $(STAMP)

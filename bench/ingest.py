@@ -14,7 +14,10 @@ Prints a table and writes bench/results/ingest.json. Measured in the same run, o
   seconds; the baseline's are done too): nothing warm but the modules. Both ways the job can parse: in its own
   threads (`ingest.parse_on=threads`, what a job on one machine does) and in Ray tasks on a freshly started local
   Ray (`ray`, what a job on a cluster does: cold workers; Ray's own start is excluded and reported). GX project
-  set-up and Data Docs included;
+  set-up and Data Docs included. The Data Docs' templates are compiled ahead, as every installation has them
+  (`make setup` and the image build compile them, as pip compiles bytecode); the benchmark compiles them into
+  their folder first. Beside: threads with no template cache (`ingest.gx_template_cache=null`: the templates
+  compiled in the run, as on a machine where they never were);
 - the job `--follow`: a running `IngestJob.follow()` (warm threads or workers, open lake and GX project) ingesting
   the same events published into its landing folder at once; timed from the publication until the batch's
   commits are reported (poll interval 0.1 s included); both ways of parsing.
@@ -104,20 +107,26 @@ def parse_write_fresh(landing: Path, out: Path) -> dict:
     return min(runs, key=lambda r: r["total_s"])
 
 
-def once(landing: Path, lake: Path, parse_on: str) -> dict:
+# The `--once` variants measured: config overrides beside the lake's and the landing folder's.
+ONCE_RUNS = {"threads": ["ingest.parse_on=threads"], "ray": ["ingest.parse_on=ray"],
+             "threads_templates_uncached": ["ingest.parse_on=threads", "ingest.gx_template_cache=null"]}
+
+
+def once(landing: Path, lake: Path, overrides: list[str]) -> dict:
     """One `run_once` on a fresh lake, in a fresh process (`_once_in_this_process`)."""
     shutil.rmtree(lake, ignore_errors=True)
-    return in_fresh_process("--once-child", str(landing), str(lake), parse_on)
+    return in_fresh_process("--once-child", str(landing), str(lake), *overrides)
 
 
-def _once_in_this_process(landing: str, lake: str, parse_on: str) -> None:
+def _once_in_this_process(landing: str, lake: str, *overrides: str) -> None:
     """Time `run_once` in this process after its imports (and, parsing on Ray, Ray's start); print the result."""
     from ingestion.job import IngestJob
+    from ingestion.staging import parse_on
     from ray_jobs.runtime import init_ray
 
-    cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}", f"ingest.parse_on={parse_on}"])
+    cfg = config.load(None, [f"lake.root={lake}", f"ingest.landing_dir={landing}", *overrides])
     ray_s = None
-    if parse_on == "ray":
+    if parse_on(cfg) == "ray":
         t = time.perf_counter()
         init_ray(cfg.ray)
         ray_s = time.perf_counter() - t
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--crash-events", type=int, default=10_000, help="simulator events per kill trial")
-    parser.add_argument("--once-child", nargs=3, metavar=("LANDING", "LAKE", "PARSE_ON"), help=argparse.SUPPRESS)
+    parser.add_argument("--once-child", nargs="+", metavar="LANDING LAKE OVERRIDE", help=argparse.SUPPRESS)
     parser.add_argument("--baseline-child", nargs=3, metavar=("LANDING", "OUT", "READER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.once_child:
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(parse_write(Path(landing), Path(out), reader)))
         return 0
     import ingestion.job  # noqa: F401  (GX's import is seconds: outside every timing)
+    from ingestion.expectations import compile_templates
     from ingestion.simulator import simulate
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -208,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         sim = simulate(SimulatorConfig(events=args.events, oracle_dir=str(work / "oracle")), landing)
         result["simulator_events_per_s"] = round(sim.get("events", args.events) / (time.perf_counter() - t))
-        runs: dict[str, list[dict]] = {"threads": [], "ray": []}
+        compile_templates(config.load(None, []).ingest.gx_template_cache)  # as `make setup` leaves them
+        runs: dict[str, list[dict]] = {name: [] for name in ONCE_RUNS}
         baselines, fresh_baselines = [], []
         for _ in range(args.repeats):
-            for parse_on, done in runs.items():
-                done.append(once(landing, work / "lake", parse_on))
+            for name, done in runs.items():
+                done.append(once(landing, work / "lake", ONCE_RUNS[name]))
             baselines.append(parse_write_baseline(landing, work / "baseline"))
             fresh_baselines.append(parse_write_fresh(landing, work / "baseline"))
         events_table = DeltaTable(str(work / "lake" / "events")).to_pyarrow_table()
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "job_s": spread([r["job_s"] for r in runs["threads"]]),
             "batch_phases_s": runs["threads"][-1]["phases"],
             "ray_job_s": spread([r["job_s"] for r in runs["ray"]]),
+            "templates_uncached_job_s": spread([r["job_s"] for r in runs["threads_templates_uncached"]]),
             "ray_start_s": spread([r["ray_start_s"] for r in runs["ray"]]),
             "ray_batch_phases_s": runs["ray"][-1]["phases"],
             "parse_write_s": spread([b["total_s"] for b in baselines]),
@@ -245,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             "events_per_s": round(valid / job_s), "parse_write_events_per_s": round(valid / base_s),
             "ratio_vs_parse_write": round(base_s / job_s, 3),
             "ray_ratio_vs_parse_write": round(base_s / ray_job_s, 3),
+            "templates_uncached_ratio_vs_parse_write": round(
+                base_s / statistics.median(r["job_s"] for r in runs["threads_templates_uncached"]), 3),
             "ratio_vs_raw": round(statistics.median(writes) / job_s, 3),
         })
         for parse_on, prefix in (("threads", "follow"), ("ray", "ray_follow")):
@@ -256,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
               f"--follow {result['follow_job_s']['median']:.2f}s "
               f"(ratio {result['follow_ratio_vs_parse_write']}); parsing in Ray tasks: --once {ray_job_s:.2f}s "
               f"(ratio {result['ray_ratio_vs_parse_write']}), --follow {result['ray_follow_job_s']['median']:.2f}s "
-              f"(ratio {result['ray_follow_ratio_vs_parse_write']}); the baseline in fresh processes "
+              f"(ratio {result['ray_follow_ratio_vs_parse_write']}); threads --once with the templates compiled in "
+              f"the run {result['templates_uncached_job_s']['median']:.2f}s "
+              f"(ratio {result['templates_uncached_ratio_vs_parse_write']}); the baseline in fresh processes "
               f"{result['fresh_parse_write_s']['median']:.2f}s: --once ratios {result['ratio_vs_fresh_parse_write']} "
               f"(threads), {result['ray_ratio_vs_fresh_parse_write']} (Ray)", flush=True)
         if args.trials:

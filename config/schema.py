@@ -116,6 +116,11 @@ class IngestConfig(Section):
     data_docs_interval_s: float = Field(
         30.0, ge=0, description="Data Docs are rendered at most this often (validations wait and are rendered "
         "together; always at the end of a run)")
+    gx_template_cache: str | None = Field(
+        "~/.cache/streamrec/gx-templates", description="folder of the Data Docs' Jinja templates compiled to "
+        "bytecode, shared by every run on the machine (as Python's __pycache__ is); null = compile them in every "
+        "process (~0.1 s of a core per run). `python -m ingestion.expectations --compile-templates DIR` fills one "
+        "ahead (the image build does, for a read-only folder)")
     data_docs_index_validations: int = Field(
         200, ge=1, description="the Data Docs index lists this many of the newest batch validations (every "
         "validation keeps its own page); GX reads each listed result at every render")

@@ -7,6 +7,8 @@ import fnmatch
 import re
 import tomllib
 
+import yaml
+
 from tests.deploy.conftest import ROOT
 
 
@@ -116,3 +118,13 @@ def test_writable_home_for_the_non_root_user():
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
     assert re.search(r"HOME=/data\b", text) and re.search(r"TMPDIR=/tmp\b", text)
     assert "--home-dir /data" in text and "chown 1000:1000 /data" in text
+
+
+def test_the_image_compiles_the_data_docs_templates_where_the_cluster_profiles_read_them():
+    """Every pod starts from the image (HOME is an emptyDir): the templates must be compiled into it, readable by
+    uid 1000, at the folder the cluster profiles name (`ingest.gx_template_cache`)."""
+    runs = [arg for op, arg in _instructions() if op == "RUN"]
+    compiled = [m.group(1) for arg in runs if (m := re.search(r"--compile-templates (\S+)", arg))]
+    assert len(compiled) == 1 and any(f"chmod -R a+rX {compiled[0].rsplit('/', 1)[0]}" in arg for arg in runs)
+    for profile in ("k8s/base/profile.yaml", "k8s/overlays/prod/profile.yaml", "config/profiles/cluster.yaml"):
+        assert yaml.safe_load((ROOT / profile).read_text())["ingest"]["gx_template_cache"] == compiled[0], profile

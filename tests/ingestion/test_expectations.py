@@ -3,12 +3,13 @@ null passes when null. Its Data Docs: rendered at most once per interval while a
 
 from __future__ import annotations
 
+import jinja2
 import pyarrow as pa
 
 from config.schema import IngestConfig
 from ingestion.batch_stats import batch_statistics, file_statistics
 from ingestion.contract import EventTimeBounds
-from ingestion.expectations import ExpectationGate, suite
+from ingestion.expectations import ExpectationGate, compile_templates, suite, template_cache
 from ingestion.staging import to_events
 from tests.ingestion.lake_checks import good_event
 
@@ -82,3 +83,35 @@ def test_a_batch_without_rows_fails_its_gate(tmp_path):
     empty = batch_statistics([], 0, cfg)
     result = gate.validate(empty, 1, EventTimeBounds.from_config(cfg), 1_800_000_000_000)
     assert not result.success and any("column=rows," in name for name in result.failed)
+
+
+def test_compiled_templates_serve_every_later_render_without_compiling(tmp_path, monkeypatch):
+    """`compile_templates` (run by `make setup` and the image build) leaves nothing for a run's Data Docs to compile."""
+    folder = tmp_path / "templates"
+    assert compile_templates(str(folder)) >= 20
+    compiled = []
+    compile_once = jinja2.Environment.compile
+    monkeypatch.setattr(jinja2.Environment, "compile",
+                        lambda env, source, name=None, *a, **k: compiled.append(name) or compile_once(
+                            env, source, name, *a, **k))
+    cfg = IngestConfig(gx_template_cache=str(folder))
+    gate = ExpectationGate(str(tmp_path / "gx"), cfg)
+    assert gate.validate(statistics(cfg), 1, EventTimeBounds.from_config(cfg), 1_800_000_000_000).success
+    assert gate.finish_docs() is not None
+    # Only the project's own stylesheet: a file of each project, so a new project compiles it (plain CSS: ~0.1 ms).
+    assert rendered_batches(tmp_path / "gx") == {"ingest-batch-1"} and set(compiled) <= {"data_docs_custom_styles.css"}
+    # Without the cache the same render compiles its templates: the check above sees compiling when it happens.
+    ExpectationGate(str(tmp_path / "gx2"), IngestConfig(gx_template_cache=None)).finish_docs()
+    assert "page.j2" in compiled
+
+
+def test_a_template_cache_that_cannot_be_written_still_renders(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert template_cache(str(blocked / "templates")) is None  # cannot be made: compiled in memory, with a warning
+    assert "cannot be made" in caplog.text
+    folder = tmp_path / "gone"
+    cache = template_cache(str(folder))
+    folder.rmdir()  # as a read-only folder would, every write fails
+    env = jinja2.Environment(loader=jinja2.DictLoader({"page": "{{ 6 * 7 }}"}), bytecode_cache=cache)
+    assert env.get_template("page").render() == "42" and not folder.exists()
