@@ -21,7 +21,8 @@ end share its last row.
 >>> inputs = random_ranking_inputs(batch_size=3, num_candidates=6)
 >>> with torch.no_grad():
 ...     _ = model.position.offsets.copy_(torch.tensor([[0.0, 0.0], [-1.0, 0.0], [-2.0, 0.0], [-3.0, 0.0]]))
-...     (model(inputs) - model.ranker(inputs))[0, :, 0].tolist()
+...     shift = (model(inputs) - model.ranker(inputs))[0, :, 0]
+>>> [round(x, 4) + 0.0 for x in shift.tolist()]  # float32: exact only to rounding (+ 0.0: no "-0.0")
 [0.0, -1.0, -2.0, -3.0, -3.0, -3.0]
 """
 
