@@ -27,6 +27,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -199,8 +200,15 @@ def parse_on(cfg: PlatformConfig) -> str:
     return "ray" if cfg.ray.address else "threads"
 
 
+@dataclass
+class Staging:
+    """A batch's files being staged; `result()` waits for them (in file order) and raises a task's error."""
+    result: Callable[[], list[StagedFile]]
+
+
 class ThreadStager:
     """Stages a batch's files in this process's threads, one file per thread at a time, results in file order.
+    `start` returns at once; the caller works on while the files parse and collects them with `.result()`.
 
     `threads`: the job's CPUs on this machine (`ray.num_cpus`, the budget a local Ray would get), else every core
     this process may run on; each thread holds one file's rows at a time. The threads live as long as the stager:
@@ -210,15 +218,18 @@ class ThreadStager:
         self.threads = threads or len(os.sched_getaffinity(0))
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ingest-parse")
 
-    def stage(self, names: list[str], options: dict, table_uri: str, batch_no: int) -> list[StagedFile]:
-        return list(self._pool.map(lambda name: stage_file(name, options, table_uri, batch_no), names))
+    def start(self, names: list[str], options: dict, table_uri: str, batch_no: int) -> Staging:
+        futures = [self._pool.submit(stage_file, name, options, table_uri, batch_no) for name in names]
+        return Staging(lambda: [f.result() for f in futures])
 
 
 class RayStager:
-    """Stages a batch's files in Ray tasks, one per file, results in file order; Ray must be initialised."""
+    """Stages a batch's files in Ray tasks, one per file, results in file order (as `ThreadStager`); Ray must be
+    initialised."""
 
     def __init__(self):
         warm_up_workers()  # cold workers load the parser while the driver opens the lake and the GX project
 
-    def stage(self, names: list[str], options: dict, table_uri: str, batch_no: int) -> list[StagedFile]:
-        return ray.get([stage_task.remote(name, options, table_uri, batch_no) for name in names])
+    def start(self, names: list[str], options: dict, table_uri: str, batch_no: int) -> Staging:
+        refs = [stage_task.remote(name, options, table_uri, batch_no) for name in names]
+        return Staging(lambda: ray.get(refs))
