@@ -255,6 +255,7 @@ class IngestJob:
 
         log.info("phase parse (batch %d)", plan.batch_no)
         staging = self._start_staging(plan, isolate=attempt >= self.cfg.ingest.max_batch_attempts)
+        self.key_index.prefetch(plan.batch_no)  # the lake's keys are read while the files parse
         if self.gate is None:
             # Here, not with the tables: the project's set-up (~0.07 s of Python, and its suite's Data Docs page in a
             # thread) overlaps the parse instead of coming before it. In the run's own thread, so that nothing of it
@@ -262,8 +263,9 @@ class IngestJob:
             try:
                 self.gate = ExpectationGate(self.cfg.lake.gx_root, self.cfg.ingest)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    staging.result()  # nor do the parse tasks
+                for pending in (staging.result, self.key_index.wait):  # nor do the parse tasks or the index's read
+                    with contextlib.suppress(Exception):
+                        pending()
                 raise
         staged = staging.result()
         lap("parse", "gate")

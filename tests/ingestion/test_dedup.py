@@ -113,3 +113,27 @@ def test_a_failed_background_merge_is_raised_by_the_next_probe_and_loses_no_run(
         index.duplicates(column, 3, SortedHashes(dedup.hash_ids(column)))
     monkeypatch.undo()
     assert index.duplicates(column, 3, SortedHashes(dedup.hash_ids(column))).tolist() == [True, True, False]
+
+
+def test_a_prefetched_index_answers_as_a_probed_one_and_its_error_reaches_the_probe(tmp_path, monkeypatch):
+    path = tmp_path / "events"
+    commit(path, 1, ["a", "b"])
+    commit(path, 2, ["c"])
+    column = pa.array(["c", "x", "a", "x"])
+    keys = SortedHashes(dedup.hash_ids(column))
+    index = EventKeyIndex(DeltaTable(str(path)))
+    index.prefetch(3)  # what the job does as a batch starts parsing
+    assert index.duplicates(column, 3, keys).tolist() == [True, False, True, True]
+    index.prefetch(3)  # nothing left to read: no thread
+    assert index._background is None
+
+    def unreadable(*_, **__):
+        raise OSError("lake unreachable")
+
+    fresh = EventKeyIndex(DeltaTable(str(path)))
+    monkeypatch.setattr(fresh.events, "to_pyarrow_table", unreadable)
+    fresh.prefetch(3)
+    with pytest.raises(OSError, match="lake unreachable"):
+        fresh.duplicates(column, 3, keys)
+    monkeypatch.undo()
+    assert fresh.duplicates(column, 3, keys).tolist() == [True, False, True, True]  # nothing half-read was kept
