@@ -11,7 +11,8 @@ One run handles the landing files it has not seen, in name order, in batches of 
    of `events` and sends back keys and statistics, not rows (`ingestion.staging`). De-duplicate
    event_ids (first occurrence in the lake or in the batch wins; `ingestion.dedup`; a file with
    duplicates has its data files written again without them), run the Great Expectations gate on the
-   batch's statistics (`ingestion.expectations`).
+   batch's statistics (`ingestion.expectations`). While the files parse, the run's own thread opens the GX
+   project (first batch only) and a thread reads the lake's keys the index lacks.
 3. Commit the data files to `events` (none when the gate failed), then append rejects to
    `events_quarantine`. Each commit carries the Delta application transaction (app, batch_no) in its
    own atomic commit and is skipped when the table already holds that batch (see `ingestion.lake`).
