@@ -228,7 +228,7 @@ class RayStager:
     initialised."""
 
     def __init__(self):
-        warm_up_workers()  # cold workers load the parser while the driver opens the lake and the GX project
+        warm_up_workers()  # cold workers load the parser while the driver opens the lake and plans the batch
 
     def start(self, names: list[str], options: dict, table_uri: str, batch_no: int) -> Staging:
         refs = [stage_task.remote(name, options, table_uri, batch_no) for name in names]
