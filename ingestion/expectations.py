@@ -340,8 +340,9 @@ def compile_templates(folder: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile the Data Docs templates ahead of the ingestion job's runs.")
-    parser.add_argument("--compile-templates", metavar="DIR", default=IngestConfig().gx_template_cache,
-                        help="the folder to fill (ingest.gx_template_cache; default: %(default)s)")
+    default = IngestConfig().gx_template_cache
+    parser.add_argument("--compile-templates", metavar="DIR", nargs="?", const=default, default=default,
+                        help="the folder to fill (default, also with no DIR: ingest.gx_template_cache's, %(default)s)")
     args = parser.parse_args(argv)
     count = compile_templates(args.compile_templates)
     print(f"{count} compiled templates in {Path(args.compile_templates).expanduser()}")

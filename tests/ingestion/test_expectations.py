@@ -9,7 +9,7 @@ import pyarrow as pa
 from config.schema import IngestConfig
 from ingestion.batch_stats import batch_statistics, file_statistics
 from ingestion.contract import EventTimeBounds
-from ingestion.expectations import ExpectationGate, compile_templates, suite, template_cache
+from ingestion.expectations import ExpectationGate, compile_templates, main, suite, template_cache
 from ingestion.staging import to_events
 from tests.ingestion.lake_checks import good_event
 
@@ -115,3 +115,13 @@ def test_a_template_cache_that_cannot_be_written_still_renders(tmp_path, caplog)
     folder.rmdir()  # as a read-only folder would, every write fails
     env = jinja2.Environment(loader=jinja2.DictLoader({"page": "{{ 6 * 7 }}"}), bytecode_cache=cache)
     assert env.get_template("page").render() == "42" and not folder.exists()
+
+
+def test_the_setup_command_fills_the_default_folder_with_or_without_a_folder_named(tmp_path, monkeypatch, capsys):
+    """`make setup` runs `python -m ingestion.expectations --compile-templates` with no folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default folder is under ~
+    for argv in (["--compile-templates"], []):
+        assert main(argv) == 0
+    assert "compiled templates in " + str(tmp_path / ".cache" / "streamrec" / "gx-templates") in capsys.readouterr().out
+    assert main(["--compile-templates", str(tmp_path / "elsewhere")]) == 0
+    assert list((tmp_path / "elsewhere").glob("*.cache"))
