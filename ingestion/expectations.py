@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -113,7 +114,7 @@ class TemplateCache(FileSystemBytecodeCache):
     An entry is found by the template's path and used only when the hash of the template's source matches, so a
     changed template (a GX upgrade) is compiled again. A folder that cannot be written (a read-only image layer)
     still serves what it holds; a template missing from it is compiled in memory, as without a cache. Entries are
-    code the job runs: the folder must be writable only by the user running the job (the default is in that
+    code the job runs: `template_cache` refuses a folder another user could write (the default is in the job's
     user's home, made 0700; the image's belongs to root and is read-only).
 
     >>> folder = tempfile.mkdtemp()
@@ -131,15 +132,21 @@ class TemplateCache(FileSystemBytecodeCache):
 
 
 def template_cache(folder: str | None) -> TemplateCache | None:
-    """The cache in `folder` (`ingest.gx_template_cache`; `~` expanded, made when missing), or None when off or
-    when the folder cannot be made (then the templates are compiled in memory, with a warning)."""
+    """The cache in `folder` (`ingest.gx_template_cache`; `~` expanded, made when missing), or None when off, when
+    the folder cannot be made, or when someone else could have written its code: a folder owned by another user than
+    this one or root, or writable by group or others (then the templates are compiled in memory, with a warning)."""
     if not folder:
         return None
     path = Path(folder).expanduser()
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner, mode = path.stat().st_uid, path.stat().st_mode
     except OSError as err:
         log.warning("GX template cache %s cannot be made (%s): Data Docs templates are compiled in memory", path, err)
+        return None
+    if owner not in (os.getuid(), 0) or mode & (stat.S_IWGRP | stat.S_IWOTH):
+        log.warning("GX template cache %s is owned by uid %d or writable by others (mode %o): not trusted, Data Docs "
+                    "templates are compiled in memory", path, owner, stat.S_IMODE(mode))
         return None
     return TemplateCache(str(path))
 

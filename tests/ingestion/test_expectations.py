@@ -3,6 +3,8 @@ null passes when null. Its Data Docs: rendered at most once per interval while a
 
 from __future__ import annotations
 
+import os
+
 import jinja2
 import pyarrow as pa
 
@@ -125,3 +127,16 @@ def test_the_setup_command_fills_the_default_folder_with_or_without_a_folder_nam
     assert "compiled templates in " + str(tmp_path / ".cache" / "streamrec" / "gx-templates") in capsys.readouterr().out
     assert main(["--compile-templates", str(tmp_path / "elsewhere")]) == 0
     assert list((tmp_path / "elsewhere").glob("*.cache"))
+
+
+def test_a_template_cache_others_could_write_is_not_trusted(tmp_path, caplog):
+    """Its entries are code the job runs: a folder open to other users is refused (compiled in memory instead)."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # mkdir's mode is cut by the umask
+    assert template_cache(str(shared)) is None and "not trusted" in caplog.text
+    shared.chmod(0o755)  # the image's folder: root's, read-only to the job's user
+    assert template_cache(str(shared)) is not None
+    if os.getuid() == 0:  # only root can give a folder away
+        os.chown(shared, 12345, 12345)
+        assert template_cache(str(shared)) is None
