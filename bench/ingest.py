@@ -21,9 +21,10 @@ Prints a table and writes bench/results/ingest.json. Measured in the same run, o
 - the job `--follow`: a running `IngestJob.follow()` (warm threads or workers, open lake and GX project) ingesting
   the same events published into its landing folder at once; timed from the publication until the batch's
   commits are reported (poll interval 0.1 s included); both ways of parsing.
-The job's runs and the baseline's take turns (threads, Ray, baseline, then again), so drift of the machine falls
-on all of them. Each figure is the median of `--repeats` runs, with min and max beside it. The kill/re-run trials are
-`bench.crash`'s, with the phase each kill landed in.
+The job's runs and the baseline's take turns (the `--once` variants in an order that rotates at each repetition,
+then the baselines, then again), so drift of the machine falls on all of them. Each figure is the median of
+`--repeats` runs, with min and max beside it. The kill/re-run trials are `bench.crash`'s, with the phase each kill
+landed in.
 """
 
 from __future__ import annotations
@@ -221,9 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         compile_templates(config.load(None, []).ingest.gx_template_cache)  # as `make setup` leaves them
         runs: dict[str, list[dict]] = {name: [] for name in ONCE_RUNS}
         baselines, fresh_baselines = [], []
-        for _ in range(args.repeats):
-            for name, done in runs.items():
-                done.append(once(landing, work / "lake", ONCE_RUNS[name]))
+        names = list(ONCE_RUNS)
+        for rep in range(args.repeats):
+            # The order rotates, so that no variant always runs in the same place: a place's effect was as large as
+            # a variant's here (the run right after the baselines was the slow one).
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                runs[name].append(once(landing, work / "lake", ONCE_RUNS[name]))
             baselines.append(parse_write_baseline(landing, work / "baseline"))
             fresh_baselines.append(parse_write_fresh(landing, work / "baseline"))
         events_table = DeltaTable(str(work / "lake" / "events")).to_pyarrow_table()
