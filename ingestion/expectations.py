@@ -140,13 +140,13 @@ def template_cache(folder: str | None) -> TemplateCache | None:
     path = Path(folder).expanduser()
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        owner, mode = path.stat().st_uid, path.stat().st_mode
+        status = path.stat()
     except OSError as err:
         log.warning("GX template cache %s cannot be made (%s): Data Docs templates are compiled in memory", path, err)
         return None
-    if owner not in (os.getuid(), 0) or mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if status.st_uid not in (os.getuid(), 0) or status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         log.warning("GX template cache %s is owned by uid %d or writable by others (mode %o): not trusted, Data Docs "
-                    "templates are compiled in memory", path, owner, stat.S_IMODE(mode))
+                    "templates are compiled in memory", path, status.st_uid, stat.S_IMODE(status.st_mode))
         return None
     return TemplateCache(str(path))
 
@@ -203,8 +203,9 @@ class ExpectationGate:
         self._docs_error: BaseException | None = None
         self._last_render = -float("inf")  # time.monotonic() of the last render's start
         if cfg.build_data_docs:
-            # The suite's page, rendered while the first batch parses: it also makes the site builders and compiles
-            # their templates, which the first validation's render would otherwise wait for (~0.15 s).
+            # The suite's page, rendered while the first batch parses: it also makes the site builders and loads their
+            # templates (compiles them, without a template cache), which the first validation's render would
+            # otherwise wait for.
             self._render([ExpectationSuiteIdentifier(name=SUITE)])
 
     def _open(self, gx_root: str) -> None:
